@@ -1,0 +1,45 @@
+"""Configuration of the token mixers: softmax attention and the linear mixers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AttentionConfig:
+    """Softmax-attention options (the `N` / `*` layers of a pattern, and the heads default for linear mixers)."""
+
+    num_heads: int = 4
+    num_kv_heads: int = 0          # 0: same as num_heads (multi-head); fewer: grouped-query attention
+    head_dim: int = 0              # 0: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False         # Qwen2 uses a bias on q/k/v
+    sliding_window: int = 0        # 0: full causal attention (Mixtral may use a window)
+
+
+@dataclass
+class MixerConfig:
+    """Options of the linear token mixers (the `L` / `M` layers).
+
+    Option names follow the original Linear-MoE / fla names. Every field has a default that gives
+    the paper's formulation for the chosen mixer; 0 / "" mean "the mixer's own default".
+    """
+
+    num_heads: int = 0             # 0: AttentionConfig.num_heads
+    num_kv_heads: int = 0          # 0: num_heads
+    head_dim: int = 0              # 0: derived from hidden_size, num_heads and expand_k
+    expand_k: float = 1.0
+    expand_v: float = 1.0
+    feature_map: str = ""          # identity | elu | relu | swish | taylor | ...
+    gate_fn: str = "swish"         # activation of the output gate
+    output_norm: str = "rmsnorm"   # rmsnorm | groupnorm | none
+    use_output_gate: bool = True
+    use_short_conv: bool = True
+    conv_size: int = 4
+    mode: str = "auto"             # chunk | fused_recurrent | auto
+    chunk_size: int = 64
+    gate_logit_normalizer: float = 16.0
+    num_slots: int = 64            # GSA
+    num_memories: int = 4          # MoM
+    topk_memories: int = 2         # MoM
+    state_size: int = 64           # Mamba2 (d_state)
+    backend: str = ""              # "" / auto | torch | fla | triton
