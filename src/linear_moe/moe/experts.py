@@ -1,0 +1,128 @@
+"""Routed experts as grouped GEMMs over tokens sorted by expert.
+
+Weights are stacked ``[E, out, in]`` (each slice is an HF ``nn.Linear.weight``), so expert parallelism
+shards dim 0. The fast path is ``torch._grouped_mm`` (one kernel for all experts, no host sync); the
+fallback loops over experts, which needs the per-expert counts on the host (one sync on GPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_probe_cache: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs for this device type and dtype (probed once on a tiny problem).
+
+    Support differs by build: torch 2.13 runs it on CPU for fp32/bf16/fp16; on CUDA it needs a recent
+    GPU and dtype. Probing is the only reliable check.
+    """
+    key = (device.type, dtype)
+    if key not in _probe_cache:
+        ok = hasattr(torch, "_grouped_mm") and dtype in _GROUPED_MM_DTYPES
+        if ok:
+            try:
+                a = torch.randn(16, 16, device=device, dtype=dtype)
+                b = torch.randn(2, 16, 16, device=device, dtype=dtype)
+                offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+                got = torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+                want = torch.cat([a[:8] @ b[0].T, a[8:] @ b[1].T])
+                ok = bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _probe_cache[key] = ok
+    return _probe_cache[key]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # _grouped_mm wants 16-byte aligned strides and base pointers.
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s, d in zip(t.stride(), t.shape) if s != 1)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: ``_grouped_mm``'s backward
+    rejects expanded (stride-0) gradients such as the one ``y.sum().backward()`` produces."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Per-group ``x_g @ weight[g].T`` for rows already sorted by group.
+
+    x [n, in], weight [G, out, in], counts [G] (int, sums to n; may hold zeros) -> [n, out].
+    ``backend``: ``auto`` (``_grouped_mm`` where it runs, else loop), ``grouped_mm`` (error if it can't
+    run), ``loop`` (Python loop over groups; moves ``counts`` to the host).
+    """
+    if x.shape[0] == 0:
+        return x @ weight[0].T  # keeps the graph (zero grads) for a rank that received no tokens
+    wt = weight.transpose(-2, -1)
+    use_grouped = backend == "grouped_mm" or (
+        backend == "auto" and _grouped_mm_runs(x.device, x.dtype) and weight.dtype == x.dtype)
+    if use_grouped:
+        x = x.contiguous()
+        if not (_aligned(x) and _aligned(wt)):
+            if backend == "grouped_mm":
+                raise ValueError(f"grouped_mm needs 16-byte aligned rows: in={x.shape[1]}, out={weight.shape[1]}, dtype={x.dtype}")
+        else:
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            return torch._grouped_mm(x, wt, offs=offs)
+    elif backend not in ("auto", "loop"):
+        raise ValueError(f"expert backend {backend!r} is not one of: auto, grouped_mm, loop")
+    chunks = x.split(counts.tolist())  # host sync on GPU; the fallback only
+    return torch.cat([c @ wt[g] for g, c in enumerate(chunks)])
+
+
+class GroupedExperts(nn.Module):
+    """``E`` SwiGLU experts stored as stacked weights.
+
+    gate_proj [E, H, C], up_proj [E, H, C], down_proj [E, C, H] (C = hidden_size, H = intermediate_size).
+    ``forward(x [n, C] sorted by expert, counts [E]) -> [n, C]``.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.backend = backend
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        for w in (self.gate_proj, self.up_proj, self.down_proj):
+            if std is None:  # nn.Linear's default bound, per expert
+                bound = 1 / math.sqrt(w.shape[-1])
+                nn.init.uniform_(w, -bound, bound)
+            else:
+                nn.init.normal_(w, std=std)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        gate = grouped_linear(x, self.gate_proj, counts, self.backend)
+        up = grouped_linear(x, self.up_proj, counts, self.backend)
+        return _ContiguousGrad.apply(grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.backend))
+
+    def shard(self, rank: int, world: int) -> "GroupedExperts":
+        """A copy holding only experts ``[rank * E / world, (rank + 1) * E / world)`` (for expert parallelism)."""
+        if self.num_experts % world != 0:
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by the expert-parallel size {world}")
+        n = self.num_experts // world
+        local = GroupedExperts(n, self.hidden_size, self.intermediate_size, self.backend).to(self.gate_proj.device, self.gate_proj.dtype)
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(local, name).copy_(getattr(self, name)[rank * n:(rank + 1) * n])
+        return local
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"

@@ -1,0 +1,143 @@
+"""The MoE channel mixer: router -> sort by expert (-> all-to-all) -> grouped experts -> weighted combine,
+plus optional shared experts. ``MoELayer(hidden, cfg)(x) -> (y, aux)``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import MoEConfig
+from .dispatch import expert_parallel_apply, sort_by_expert
+from .experts import GroupedExperts
+from .mlp import SwiGLUMLP
+from .router import Router, load_balancing_loss, router_z_loss
+
+
+@dataclass
+class MoEAux:
+    """Side outputs of one MoE forward.
+
+    loss                 scalar, ``aux_loss_coef * balance_loss + z_loss_coef * z_loss``: add it to the LM loss
+    balance_loss, z_loss scalars, unscaled (with autograd), for reporting
+    balance_loss_scaled, z_loss_scaled   their contributions to ``loss``
+    tokens_per_expert    [E] float, detached: routing choices per expert from this rank's tokens (before dropping)
+    dropped_fraction     scalar, detached: share of routing choices dropped by the capacity limit
+    """
+
+    loss: torch.Tensor
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    balance_loss_scaled: torch.Tensor
+    z_loss_scaled: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+
+class MoELayer(nn.Module):
+    """Mixture of SwiGLU experts with top-k routing.
+
+    ``forward(x [batch, time, hidden] or [tokens, hidden]) -> (y same shape, MoEAux)``; the last stats are
+    also kept detached in ``self.last_stats``. A ``[tokens, hidden]`` input counts as one sequence for
+    ``seq_aux_loss``.
+
+    Expert parallelism: ``enable_expert_parallel(group)`` keeps only this rank's slice of the experts
+    and exchanges tokens with all-to-all. Router and shared expert stay replicated: their gradients
+    (like all non-expert ones) must be averaged over every rank that saw different tokens, the ep group
+    included; the expert gradients already hold the sum over the ep group's tokens, and whoever applies
+    data parallelism averages them over the experts' own data-parallel group (same expert slice).
+    """
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.hidden_size = cfg, hidden_size
+        self.router = Router(hidden_size, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_hidden_size, cfg.expert_backend)
+        shared = cfg.shared_hidden_size()
+        self.shared_expert = SwiGLUMLP(hidden_size, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+        self.ep_group = None
+        self.ep_rank, self.ep_size = 0, 1
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def enable_expert_parallel(self, group: dist.ProcessGroup | None) -> "MoELayer":
+        """Shard the routed experts over ``group`` (all ranks must hold the same full weights now)."""
+        world = dist.get_world_size(group)
+        self.cfg.validate(ep_size=world)
+        if self.ep_size != 1:
+            raise ValueError("expert parallelism is already enabled on this layer")
+        self.ep_group, self.ep_rank, self.ep_size = group, dist.get_rank(group), world
+        self.experts = self.experts.shard(self.ep_rank, world)
+        return self
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for ``num_tokens`` local tokens, or None when dropless."""
+        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        if factor == 0:
+            return None
+        return math.ceil(factor * num_tokens * self.cfg.top_k / self.cfg.num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"MoELayer expects x of shape [batch, time, {self.hidden_size}] or [tokens, {self.hidden_size}], got {tuple(x.shape)}")
+        seq_len = x.shape[1] if x.dim() == 3 else x.shape[0]
+        flat = x.reshape(-1, self.hidden_size)
+        cfg, k = self.cfg, self.cfg.top_k
+
+        r = self.router(flat)
+        order, counts, dropped = sort_by_expert(r.topk_idx, cfg.num_experts, self.capacity(flat.shape[0]))
+        token = order // k
+        x_sorted = flat[token]
+        if self.ep_group is None:
+            y_sorted = self.experts(x_sorted, counts)
+        else:
+            y_sorted = expert_parallel_apply(x_sorted, counts, self.ep_group, self.experts)
+        weight = r.topk_weight.reshape(-1)[order].to(y_sorted.dtype)
+        y = torch.zeros_like(flat).index_add_(0, token, y_sorted * weight.unsqueeze(-1))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(flat))
+            y = y + shared
+
+        balance = load_balancing_loss(r.probs, r.topk_idx, cfg.num_experts, seq_len if cfg.seq_aux_loss else None)
+        z = router_z_loss(r.logits)
+        balance_scaled, z_scaled = cfg.aux_loss_coef * balance, cfg.z_loss_coef * z
+        tokens_per_expert = torch.bincount(r.topk_idx.reshape(-1), minlength=cfg.num_experts).float()
+        dropped_fraction = dropped.float() / r.topk_idx.numel()
+        aux = MoEAux(balance_scaled + z_scaled, balance, z, balance_scaled, z_scaled, tokens_per_expert, dropped_fraction)
+        self.last_stats = {"tokens_per_expert": tokens_per_expert, "dropped_fraction": dropped_fraction,
+                           "balance_loss": balance.detach(), "z_loss": z.detach()}
+        return y.view_as(x), aux
+
+    def update_bias(self, group: dist.ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing step for a ``sigmoid_bias`` router (no-op otherwise); see ``Router.update_bias``."""
+        self.router.update_bias(group)
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        self.router.reset_parameters(std)
+        self.experts.reset_parameters(std)
+        if self.shared_expert is not None and std is not None:
+            self.shared_expert.reset_parameters(std)
+        if self.shared_expert_gate is not None and std is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, std=std)
+
+
+def build_channel_mixer(kind: str, hidden_size: int, cfg: MoEConfig, intermediate_size: int) -> nn.Module:
+    """``kind`` ``E``: ``MoELayer(hidden_size, cfg)`` (returns ``(y, aux)``); ``D``: ``SwiGLUMLP(hidden_size,
+    intermediate_size)`` (returns ``y``)."""
+    if kind == "E":
+        return MoELayer(hidden_size, cfg)
+    if kind == "D":
+        return SwiGLUMLP(hidden_size, intermediate_size)
+    raise ValueError(f"channel mixer kind {kind!r} is not one of: E (MoE), D (dense SwiGLU)")
+
+
+def update_moe_biases(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Call after ``optimizer.step()``: applies the aux-loss-free bias step in every ``MoELayer`` of ``model``."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.update_bias(group)
