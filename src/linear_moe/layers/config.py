@@ -43,3 +43,5 @@ class MixerConfig:
     topk_memories: int = 2         # MoM
     state_size: int = 64           # Mamba2 (d_state)
     backend: str = ""              # "" / auto | torch | fla | triton
+    shared_memory: bool = False    # MoM: add one always-on memory beside the routed ones
+    memory_aux_loss_coef: float = 0.01  # MoM: weight of the memory load-balancing loss (in mixer.aux_loss)
