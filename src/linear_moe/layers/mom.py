@@ -1,0 +1,189 @@
+"""Mixture-of-Memories (MoM; Du et al. 2025, "MoM: Linear Sequence Modeling with Mixture-of-Memories").
+
+A router sends each token to ``k`` of ``M`` memories; each memory is a linear-attention state
+(GLA or Gated DeltaNet) with its own key / value / gate projections, written only by its routed
+tokens. The token reads every memory it was routed to with the shared query, and the reads are mixed
+by the (renormalised top-k) routing weights; an optional shared memory is written and read by every
+token with weight 1:
+
+    p_t = softmax(W_r x_t),   R_t = top-k(p_t),   w_t[m] = p_t[m] / Σ_{j∈R_t} p_t[j]  (m ∈ R_t, else 0)
+    S^m_t = update_m(S^m_{t-1}, x_t)  if m ∈ R_t  else  S^m_{t-1}
+    o_t = Σ_m w_t[m] read(q_t, S^m_t)  (+ read(q_t, S^shared_t))
+    y_t = W_o (RMSNorm(o_t) ⊙ swish(W_g x_t))
+
+Routing as masking: all memories run over the whole sequence as extra heads of one op call; a token
+not routed to memory m gets decay 1 and a zero key (and β = 0 for the delta rule), which leaves that
+memory unchanged. Short convolutions run over the token sequence (before routing).
+
+Load balancing: in training, ``forward`` sets ``self.aux_loss`` (a scalar tensor, already multiplied
+by ``MixerConfig.memory_aux_loss_coef``) to the switch-style loss ``coef · M · Σ_m f_m P_m`` with
+``f_m`` the fraction of routing slots given to memory m and ``P_m`` its mean router probability
+(1·coef when perfectly balanced). The model adds it to the training loss. Outside training it is None.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import delta_rule, gla
+from .config import AttentionConfig, MixerConfig
+from .gsa import CausalConvs, num_heads_of, op_mode, split_dim
+from .registry import register_mixer
+
+GATE_LORA_RANK = 16  # GLA's low-rank forget-gate projection
+
+
+def route(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits ``[B, T, M]`` → (weights ``[B, T, M]`` (zero off the top-k), routed mask ``[B, T, M]``,
+    probabilities ``[B, T, M]``), all float32."""
+    probs = logits.float().softmax(-1)
+    top_p, top_i = probs.topk(topk, dim=-1)
+    weights = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+    routed = torch.zeros_like(probs).scatter(-1, top_i, 1.0)
+    return weights, routed, probs
+
+
+def load_balancing_loss(routed: torch.Tensor, probs: torch.Tensor, topk: int) -> torch.Tensor:
+    """Switch-style balance loss ``M · Σ_m f_m P_m`` from routed mask and probabilities ``[B, T, M]``."""
+    M = probs.shape[-1]
+    fraction = routed.reshape(-1, M).sum(0) / (routed.reshape(-1, M).shape[0] * topk)
+    return M * (fraction * probs.reshape(-1, M).mean(0)).sum()
+
+
+class _MixtureOfMemories(nn.Module):
+    """Routing, projections, mixing and output shared by the GLA and Gated-DeltaNet memories.
+
+    State: ``{"memories": [B, (M+S)*H, K, V]}`` (S = 1 with a shared memory, memory-major heads) plus
+    ``conv_q [B, H*K, W-1]``, ``conv_k [B, (M+S)*H*K, W-1]``, ``conv_v [B, (M+S)*H*V, W-1]``.
+    """
+
+    name = ""
+
+    def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig):
+        super().__init__()
+        name = self.name
+        self.num_heads = H = num_heads_of(mixer, attention, name)
+        self.head_k_dim = K = mixer.head_dim or split_dim(int(hidden_size * mixer.expand_k), H, "key dim", name)
+        self.head_v_dim = V = split_dim(int(hidden_size * mixer.expand_v), H, "value dim", name)
+        if mixer.num_memories < 1:
+            raise ValueError(f"{name}: num_memories={mixer.num_memories} must be >= 1")
+        if not 1 <= mixer.topk_memories <= mixer.num_memories:
+            raise ValueError(f"{name}: topk_memories={mixer.topk_memories} must be in 1..num_memories={mixer.num_memories}")
+        if mixer.memory_aux_loss_coef < 0:
+            raise ValueError(f"{name}: memory_aux_loss_coef={mixer.memory_aux_loss_coef} must be >= 0")
+        self.num_memories, self.topk = mixer.num_memories, mixer.topk_memories
+        self.num_shared = int(mixer.shared_memory)
+        self.aux_loss_coef = mixer.memory_aux_loss_coef
+        self.mode = op_mode(mixer.mode, name)
+        self.chunk_size = mixer.chunk_size
+        self.backend = mixer.backend or None
+        E = self.num_memories + self.num_shared  # memories with their own state; the shared one is last
+
+        self.router = nn.Linear(hidden_size, self.num_memories, bias=False)
+        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.k_proj = nn.Linear(hidden_size, E * H * K, bias=False)
+        self.v_proj = nn.Linear(hidden_size, E * H * V, bias=False)
+        self.convs = (CausalConvs({"q": H * K, "k": E * H * K, "v": E * H * V}, mixer.conv_size, "silu", name)
+                      if mixer.use_short_conv else None)
+        self.use_output_gate = mixer.use_output_gate
+        self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
+        self.norm = nn.RMSNorm(V, eps=1e-5)
+        self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def recur(self, x, q, k, v, routed, state, cu_seqlens):
+        """Run all memories: q ``[B,T,E*H,K]``, k ``[B,T,E,H,K]``, v ``[B,T,E*H,V]``, routed ``[B,T,E]``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, cu_seqlens: torch.Tensor | None = None):
+        """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state dict); sets ``self.aux_loss``."""
+        B, T, _ = x.shape
+        H, K, V, E = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_memories + self.num_shared
+        weights, routed, probs = route(self.router(x), self.topk)
+        self.aux_loss = (self.aux_loss_coef * load_balancing_loss(routed, probs, self.topk)
+                         if self.training else None)
+        if self.num_shared:
+            ones = routed.new_ones(B, T, 1)
+            weights, routed = torch.cat([weights, ones], -1), torch.cat([routed, ones], -1)
+
+        new_state: dict = {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.convs is not None:
+            q = self.convs("q", q, state, new_state, cu_seqlens)
+            k = self.convs("k", k, state, new_state, cu_seqlens)
+            v = self.convs("v", v, state, new_state, cu_seqlens)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q = q.view(B, T, 1, H, K).expand(B, T, E, H, K)
+        o, new_state["memories"] = self.recur(
+            x, q, k.view(B, T, E, H, K), v.view(B, T, E * H, V), routed, state, cu_seqlens)
+        o = (o.view(B, T, E, H, V) * weights.to(o.dtype)[..., None, None]).sum(2)
+        o = self.norm(o)
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(x).view(B, T, H, V))
+        return self.o_proj(o.reshape(B, T, H * V)), new_state
+
+    def _op_kwargs(self, state, cu_seqlens) -> dict:
+        return dict(scale=self.head_k_dim ** -0.5, initial_state=None if state is None else state["memories"],
+                    output_final_state=True, cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size,
+                    backend=self.backend)
+
+
+@register_mixer("mom_gla")
+class MoMGLA(_MixtureOfMemories):
+    """MoM with GLA memories: each memory's forget gate is ``logsigmoid(low-rank(x)) / gate_logit_normalizer``
+    per key channel. Reads num_heads, head_dim / expand_k, expand_v, num_memories, topk_memories,
+    shared_memory, memory_aux_loss_coef, gate_logit_normalizer, use_short_conv, conv_size, use_output_gate,
+    mode, chunk_size, backend."""
+
+    name = "mom_gla"
+
+    def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
+        super().__init__(hidden_size, mixer, attention)
+        if mixer.gate_logit_normalizer <= 0:
+            raise ValueError(f"mom_gla: gate_logit_normalizer={mixer.gate_logit_normalizer} must be > 0")
+        self.gate_logit_normalizer = mixer.gate_logit_normalizer
+        E = self.num_memories + self.num_shared
+        self.gate_down = nn.Linear(hidden_size, GATE_LORA_RANK, bias=False)
+        self.gate_up = nn.Linear(GATE_LORA_RANK, E * self.num_heads * self.head_k_dim, bias=True)
+
+    def recur(self, x, q, k, v, routed, state, cu_seqlens):
+        B, T, E, H, K = k.shape
+        log_decay = F.logsigmoid(self.gate_up(self.gate_down(x)).float()) / self.gate_logit_normalizer
+        mask = routed[..., None, None]  # [B, T, E, 1, 1]
+        log_decay = log_decay.view(B, T, E, H, K) * mask
+        k = k * mask.to(k.dtype)
+        return gla(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, log_decay.view(B, T, E * H, K),
+                   **self._op_kwargs(state, cu_seqlens))
+
+
+@register_mixer("mom_gated_deltanet")
+class MoMGatedDeltaNet(_MixtureOfMemories):
+    """MoM with Gated DeltaNet memories (as in the paper's main model): per memory β = σ(W_b x) and
+    log decay ``-exp(A_log) · softplus(W_a x + dt_bias)`` per head (``A_log``, ``dt_bias`` shared by the
+    memories); q and k are L2-normalised per head. Reads the same fields as ``mom_gla`` except the gate normaliser."""
+
+    name = "mom_gated_deltanet"
+
+    def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
+        super().__init__(hidden_size, mixer, attention)
+        E, H = self.num_memories + self.num_shared, self.num_heads
+        self.b_proj = nn.Linear(hidden_size, E * H, bias=False)
+        self.a_proj = nn.Linear(hidden_size, E * H, bias=False)
+        # Mamba-2 style decay parametrisation: A ~ U(0, 16) per head, dt ~ logU(1e-3, 1e-1) through softplus.
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1e-3, 16).log())
+        dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def recur(self, x, q, k, v, routed, state, cu_seqlens):
+        B, T, E, H, K = k.shape
+        mask = routed[..., None]  # [B, T, E, 1]
+        beta = torch.sigmoid(self.b_proj(x).float()).view(B, T, E, H) * mask
+        log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float().view(B, T, E, H) + self.dt_bias.float())
+        log_decay = log_decay * mask
+        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6) * mask[..., None].to(k.dtype)
+        return delta_rule(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, beta.view(B, T, E * H).to(v.dtype),
+                          log_decay.view(B, T, E * H), **self._op_kwargs(state, cu_seqlens))
