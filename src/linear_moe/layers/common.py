@@ -1,0 +1,221 @@
+"""Pieces every linear token mixer shares, written once.
+
+* option checks: :func:`choose` (one clear ``ValueError``), :func:`op_mode`, :func:`op_backend`,
+  :func:`resolve_heads`;
+* head split / merge and :func:`repeat_heads` (grouped key/value heads);
+* :func:`l2_norm` and :class:`RMSNorm` (fp32 compute, output in the input dtype);
+* :class:`OutputNormGate`: per-head output norm (``rmsnorm`` | ``groupnorm`` | ``none``) times an
+  activated output gate, the last step before ``o_proj`` in GLA, RetNet, Gated DeltaNet, Mamba2, ...;
+* :class:`ShortConvolution`: the causal depthwise convolution (weight ``[C, W]``) over ``ops.short_conv``,
+  with its decode state;
+* :func:`init_weights`: the parameter init every mixer applies in its constructor.
+
+Shapes follow the ops: ``[batch, time, heads, dim]``; recurrent states ``[batch, heads, k_dim, v_dim]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops  # attribute access at call time: the ops land in parallel with the layers
+from .config import AttentionConfig, MixerConfig
+
+# ---- option checks --------------------------------------------------------------------------------
+
+# MixerConfig.mode (Linear-MoE / fla names) -> the ops' ``mode`` argument.
+_MODES = {"auto": "auto", "chunk": "chunk", "fused_chunk": "chunk",
+          "recurrent": "recurrent", "fused_recurrent": "recurrent"}
+_BACKENDS = {"": None, "auto": None, "torch": "torch", "fla": "fla", "triton": "triton"}
+
+
+def choose(value: str, allowed: Iterable[str], what: str, mixer: str = "") -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise a ``ValueError`` naming both."""
+    allowed = list(allowed)
+    if value not in allowed:
+        prefix = f"{mixer}: " if mixer else ""
+        raise ValueError(f"{prefix}{what}={value!r} is not supported; choose one of: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def op_mode(mode: str, mixer: str = "") -> str:
+    """Map ``MixerConfig.mode`` (auto | chunk | fused_chunk | recurrent | fused_recurrent) to the ops' mode."""
+    return _MODES[choose(mode, _MODES, "mode", mixer)]
+
+
+def op_backend(backend: str, mixer: str = "") -> str | None:
+    """Map ``MixerConfig.backend`` ("" | auto | torch | fla | triton) to the ops' ``backend`` (None = auto)."""
+    return _BACKENDS[choose(backend, _BACKENDS, "backend", mixer)]
+
+
+def resolve_heads(hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, name: str = "") -> tuple[int, int]:
+    """``(num_heads, num_kv_heads)`` from the mixer config (0 = the attention config's / same as heads).
+
+    Raises when a count is < 1 or ``num_kv_heads`` does not divide ``num_heads``.
+    """
+    heads = mixer.num_heads or attention.num_heads
+    kv_heads = mixer.num_kv_heads or heads
+    prefix = f"{name}: " if name else ""
+    if heads < 1:
+        raise ValueError(f"{prefix}num_heads={heads} must be >= 1")
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{prefix}num_kv_heads={kv_heads} must be >= 1 and divide num_heads={heads}")
+    if hidden_size < 1:
+        raise ValueError(f"{prefix}hidden_size={hidden_size} must be >= 1")
+    return heads, kv_heads
+
+
+def per_head(total: float, heads: int, what: str, name: str = "") -> int:
+    """``int(total) // heads``, raising when ``heads`` does not divide it (e.g. ``hidden * expand_k``)."""
+    total_i = int(total)
+    if total_i != total or total_i < heads or total_i % heads:
+        prefix = f"{name}: " if name else ""
+        raise ValueError(f"{prefix}{what}={total} must be a positive integer multiple of num_heads={heads}")
+    return total_i // heads
+
+
+# ---- heads -----------------------------------------------------------------------------------------
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[batch, time, heads * dim]`` → ``[batch, time, heads, dim]`` (a view)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads))
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, time, heads, dim]`` → ``[batch, time, heads * dim]``."""
+    return x.flatten(-2)
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[batch, time, kv_heads, dim]`` → ``[batch, time, kv_heads * groups, dim]``; head ``h`` reads kv head ``h // groups``."""
+    if groups == 1:
+        return x
+    return x.repeat_interleave(groups, dim=2)
+
+
+# ---- norms and activations -------------------------------------------------------------------------
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x²) + eps)`` over the last dim, computed in fp32, returned in ``x.dtype``."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "gelu": F.gelu,
+    "relu": F.relu, "identity": lambda x: x, "none": lambda x: x,
+}
+
+
+def activation(name: str, mixer: str = "", what: str = "gate_fn") -> Callable[[torch.Tensor], torch.Tensor]:
+    """An activation by name: swish | silu | sigmoid | gelu | relu | identity | none."""
+    return _ACTIVATIONS[choose(name, _ACTIVATIONS, what, mixer)]
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dim; fp32 compute, output in the input dtype.
+
+    x ``[..., dim]`` → ``[..., dim]``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+class OutputNormGate(nn.Module):
+    """Per-head output norm, then the output gate: ``norm(o) * gate_fn(g)``.
+
+    ``norm``: ``rmsnorm`` (per head, weight ``[head_dim]`` shared by heads, as fla's gated RMSNorm),
+    ``groupnorm`` (per-head LayerNorm: mean and variance over the head dim, weight and bias
+    ``[head_dim]``; RetNet's GroupNorm with one group per head) or ``none``.
+    ``gate_fn``: swish | silu | sigmoid | gelu | relu | identity | none; ``gate=None`` in forward
+    skips the gate (a mixer built with ``use_output_gate=False``).
+
+    forward(o ``[batch, time, heads, head_dim]``, gate ``[batch, time, heads * head_dim]`` or the
+    same shape as ``o``, or None) → ``[batch, time, heads, head_dim]`` in ``o.dtype``; fp32 compute.
+    """
+
+    NORMS = ("rmsnorm", "groupnorm", "none")
+
+    def __init__(self, head_dim: int, norm: str = "rmsnorm", gate_fn: str = "swish", eps: float = 1e-5, mixer: str = ""):
+        super().__init__()
+        self.norm = choose(norm, self.NORMS, "output_norm", mixer)
+        self.gate_fn_name = gate_fn
+        self.gate_fn = activation(gate_fn, mixer)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim)) if norm != "none" else None
+        self.bias = nn.Parameter(torch.zeros(head_dim)) if norm == "groupnorm" else None
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        y = o.float()
+        if self.norm == "rmsnorm":
+            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        elif self.norm == "groupnorm":
+            y = F.layer_norm(y, y.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        if gate is not None:
+            y = y * self.gate_fn(gate.float().reshape(o.shape))
+        return y.to(o.dtype)
+
+
+# ---- short convolution -----------------------------------------------------------------------------
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise convolution over time (the "short conv" of DeltaNet, Mamba2, ...).
+
+    Parameters: ``weight [channels, kernel_size]`` (kernel_size 2..4), optional ``bias [channels]``.
+    forward(x ``[batch, time, channels]``, state ``[batch, channels, kernel_size - 1]`` or None,
+    cu_seqlens) → (y ``[batch, time, channels]``, new state of the same shape, or ``[N, C, W-1]``
+    for N packed documents). The state is the last ``W - 1`` inputs; a document starts from zeros.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = False,
+                 mixer: str = ""):
+        super().__init__()
+        if not 2 <= kernel_size <= 4:
+            raise ValueError(f"{mixer + ': ' if mixer else ''}conv_size={kernel_size} must be in 2..4")
+        if activation not in ("silu", None):
+            raise ValueError(f"{mixer + ': ' if mixer else ''}short conv activation={activation!r}; choose 'silu' or None")
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        # nn.Conv1d's default init for a depthwise conv: fan_in = kernel_size.
+        bound = 1.0 / math.sqrt(kernel_size)
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.short_conv(x, self.weight, self.bias, activation=self.activation, initial_state=state,
+                          output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+# ---- init ------------------------------------------------------------------------------------------
+
+def init_weights(module: nn.Module, std: float | None = None, skip: tuple[type, ...] = (ShortConvolution,)) -> None:
+    """Initialise every ``nn.Linear`` below ``module``: weights ~ N(0, std²) (default ``dim_in ** -0.5``), biases 0.
+
+    Norm weights, short convs and mixer-specific parameters (decay ``A_log``, ``dt_bias``, ...) keep the
+    init their own constructors gave them.
+    """
+    for sub in module.modules():
+        if isinstance(sub, skip):
+            continue
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, 0.0, std if std is not None else sub.in_features ** -0.5)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+
+
+def state_get(state: dict | None, key: str) -> torch.Tensor | None:
+    """``state[key]`` or None (at sequence start, or when the key is absent)."""
+    return None if state is None else state.get(key)

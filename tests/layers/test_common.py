@@ -1,0 +1,116 @@
+"""Shared layer pieces (common.py, feature_maps.py) against float64 references."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_moe.layers.common import (
+    OutputNormGate, RMSNorm, ShortConvolution, choose, l2_norm, merge_heads, op_backend, op_mode,
+    repeat_heads, split_heads,
+)
+from linear_moe.layers.feature_maps import FEATURE_MAPS, feature_map
+
+
+def _gen():
+    g = torch.Generator().manual_seed(torch.seed() % (2**31))
+    return g
+
+
+def test_rmsnorm_and_l2_norm():
+    g = _gen()
+    x = torch.randn(2, 3, 8, generator=g)
+    norm = RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+    xd = x.double()
+    ref = xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * norm.weight.double()
+    torch.testing.assert_close(norm(x).double(), ref, rtol=1e-5, atol=1e-6)
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
+    ref = xd / (xd.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(l2_norm(x).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "groupnorm", "none"])
+@pytest.mark.parametrize("gate_fn", ["swish", "sigmoid"])
+def test_output_norm_gate(norm, gate_fn):
+    g = _gen()
+    B, T, H, D = 2, 3, 2, 4
+    o, gate = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, H * D, generator=g)
+    mod = OutputNormGate(D, norm=norm, gate_fn=gate_fn)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    od, gd = o.double(), gate.double().view(B, T, H, D)
+    if norm == "rmsnorm":
+        od = od / (od.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * mod.weight.double()
+    elif norm == "groupnorm":
+        mu, var = od.mean(-1, keepdim=True), od.var(-1, unbiased=False, keepdim=True)
+        od = (od - mu) / (var + 1e-5).sqrt() * mod.weight.double() + mod.bias.double()
+    act = gd * torch.sigmoid(gd) if gate_fn == "swish" else torch.sigmoid(gd)
+    torch.testing.assert_close(mod(o, gate).double(), od * act, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mod(o, None).double(), od, rtol=1e-5, atol=1e-6)
+
+
+def test_heads_helpers():
+    x = torch.randn(2, 3, 12)
+    h = split_heads(x, 3)
+    assert h.shape == (2, 3, 3, 4)
+    assert torch.equal(merge_heads(h), x)
+    r = repeat_heads(h, 2)
+    assert r.shape == (2, 3, 6, 4) and torch.equal(r[:, :, 3], h[:, :, 1])
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="mode='fast'.*'chunk'"):
+        op_mode("fast", "gla")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        op_backend("cuda")
+    assert op_mode("fused_recurrent") == "recurrent" and op_backend("") is None
+    with pytest.raises(ValueError, match="output_norm='layernorm'.*'groupnorm'"):
+        OutputNormGate(4, norm="layernorm")
+    with pytest.raises(ValueError, match="gate_fn='tanhh'"):
+        OutputNormGate(4, gate_fn="tanhh")
+    with pytest.raises(ValueError, match="conv_size=7"):
+        ShortConvolution(8, 7)
+    with pytest.raises(ValueError, match="feature_map='cosine'.*taylor"):
+        feature_map("cosine", 4)
+    assert choose("a", ["a"], "x") == "a"
+
+
+def _kernel_ref(name, q, k, fm):
+    """φ(q)·φ(k) written from each paper's formula in float64."""
+    d = q.shape[-1]
+    qk = (q * k).sum(-1)
+    if name == "taylor":
+        return 1 + qk / d**0.5 + qk**2 / (2 * d)
+    if name == "rebased":
+        def ln(x):
+            return (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        gam, bet = fm.gamma.double(), fm.beta.double()
+        return (((gam * ln(q) + bet) * (gam * ln(k) + bet)).sum(-1)) ** 2
+    if name == "hedgehog":
+        W = fm.weight.double()
+        fq, fk = torch.cat([q @ W, -q @ W], -1).softmax(-1), torch.cat([k @ W, -k @ W], -1).softmax(-1)
+        return (fq * fk).sum(-1)
+    if name == "t2r":
+        W, b = fm.weight.double(), fm.bias.double()
+        return (F.relu(q @ W + b) * F.relu(k @ W + b)).sum(-1)
+    elementwise = {"identity": lambda x: x, "elu": lambda x: F.elu(x) + 1, "relu": F.relu,
+                   "swish": F.silu, "silu": F.silu}[name]
+    return (elementwise(q) * elementwise(k)).sum(-1)
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MAPS))
+def test_feature_map_kernels(name):
+    g = _gen()
+    d = 4
+    fm = feature_map(name, d)
+    with torch.no_grad():
+        for p in fm.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    q, k = torch.randn(5, d, generator=g), torch.randn(5, d, generator=g)
+    fq, fk = fm(q), fm(k)
+    assert fq.shape == (5, fm.out_dim)
+    torch.testing.assert_close((fq * fk).sum(-1).double(), _kernel_ref(name, q.double(), k.double(), fm),
+                               rtol=1e-4, atol=1e-5)
