@@ -16,7 +16,7 @@ def reference_route(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Ten
     """Route one token: ``logits [E]`` -> (chosen experts as a list, best first; weights [k] tensor)."""
     e = logits.shape[0]
     scores = torch.sigmoid(logits) if cfg.router == "sigmoid_bias" else torch.softmax(logits, dim=0)
-    select = [float(s) for s in scores]
+    select = [float(s) for s in scores.detach()]
     if cfg.router == "sigmoid_bias" and expert_bias is not None:
         select = [s + float(b) for s, b in zip(select, expert_bias)]
     allowed = list(range(e))
