@@ -1,0 +1,85 @@
+"""Training batches from a flat token file: random windows, reproducible by (seed, step).
+
+``TokenBatcher.batch(step)`` draws its window starts from a generator seeded with
+``(seed, step)`` alone, so the batch at step ``s`` is the same whether the run got there in one go
+or was resumed from a checkpoint at ``s``: the loader has no state to save.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .token_cache import DatasetInfo, open_tokens
+
+
+class TokenBatcher:
+    """Batches of ``seq_len`` next-token pairs from ``bin_path`` (a memory-mapped ``train.bin``).
+
+    ``val_path`` defaults to a ``val.bin`` beside ``bin_path``. With ``world_size > 1`` every rank
+    draws the same global batch of ``batch_size * world_size`` windows and keeps its own slice, so
+    the data seen does not depend on how many ranks share it.
+    """
+
+    def __init__(self, bin_path: str | Path, seq_len: int, batch_size: int, seed: int = 0, *,
+                 val_path: str | Path | None = None, rank: int = 0, world_size: int = 1,
+                 dtype: str | None = None):
+        if seq_len < 1:
+            raise DataError(f"seq_len={seq_len} must be >= 1")
+        if batch_size < 1:
+            raise DataError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.bin_path = Path(bin_path)
+        self.tokens = open_tokens(self.bin_path, dtype)
+        if self.tokens.size < seq_len + 1:
+            raise DataError(f"token file {str(self.bin_path)!r} has {self.tokens.size} tokens, "
+                            f"fewer than seq_len + 1 = {seq_len + 1}")
+        if val_path is None and (self.bin_path.parent / "val.bin").is_file():
+            val_path = self.bin_path.parent / "val.bin"
+        self.val_path = Path(val_path) if val_path is not None else None
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
+
+    @classmethod
+    def from_info(cls, info: DatasetInfo, seq_len: int, batch_size: int, seed: int = 0,
+                  **kwargs) -> "TokenBatcher":
+        return cls(info.train_path, seq_len, batch_size, seed, val_path=info.val_path, **kwargs)
+
+    @staticmethod
+    def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+        # Fancy-index the memmap with a [B, length] index grid: one gather, no Python loop.
+        idx = starts[:, None] + np.arange(length)[None, :]
+        return torch.from_numpy(tokens[idx].astype(np.int64))
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)``, both LongTensor ``[batch, seq_len]``; labels are inputs shifted by one."""
+        if step < 0:
+            raise DataError(f"step={step} must be >= 0")
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, self.tokens.size - self.seq_len, size=self.batch_size * self.world_size)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        w = self._windows(self.tokens, starts, self.seq_len + 1)
+        return w[:, :-1], w[:, 1:]
+
+    def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``n_batches`` batches of consecutive, non-overlapping windows from the validation split.
+
+        Deterministic; wraps around to the start when the split is shorter than the request, so a
+        tiny validation split still yields full batches. Ranks take interleaved windows.
+        """
+        if self.val_path is None:
+            raise DataError(f"no validation split: no val.bin beside {str(self.bin_path)!r} and no val_path given")
+        val = open_tokens(self.val_path, self.dtype)
+        span = self.seq_len + 1
+        n_windows = (val.size - 1) // self.seq_len  # windows overlap by one token: labels of one = inputs of next
+        if n_windows < 1:
+            raise DataError(f"validation file {str(self.val_path)!r} has {val.size} tokens, fewer than seq_len + 1 = {span}")
+        per_step = self.batch_size * self.world_size
+        for b in range(n_batches):
+            k = np.arange(b * per_step, (b + 1) * per_step)[self.rank::self.world_size] % n_windows
+            w = self._windows(val, k * self.seq_len, span)
+            yield w[:, :-1], w[:, 1:]
