@@ -1,0 +1,188 @@
+"""Kernel backends for the linear-attention primitives, and the rule that picks one.
+
+The public ops (`linear_moe.ops.gla`, `delta_rule`, `short_conv`) always have a pure-PyTorch
+form (backend "torch"). On CUDA a faster backend can take over:
+
+- "fla": flash-linear-attention's (fla-core 0.6.0) Triton kernels, wrapped by `backends/fla.py`
+  to our layouts and conventions. On Hopper with Triton >= 3.4 and < 3.7.1 fla's own gated
+  backward step (`chunk_bwd_dqkwg`, fla issue #640) is replaced by ours from
+  `backends/triton/`, plugged into fla's backend dispatch, so gated primitives train there too.
+- "triton": reserved for linear-moe's own fused chunk kernels. Not built yet: forcing it raises.
+
+`resolve_backend` is the single place that decides. It never imports Triton or fla at module
+import time, so this package imports on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import import_module, metadata
+from types import ModuleType
+
+import torch
+
+ENV_VAR = "LINEAR_MOE_KERNEL_BACKEND"
+BACKENDS = ("torch", "fla", "triton")
+OPS = ("gla", "delta_rule", "short_conv")
+DECAY_KINDS = ("none", "constant", "scalar", "vector")
+
+# fla's chunk kernels keep a [K, V] state tile per program; larger heads are not supported there.
+FLA_MAX_HEAD_DIM = 256
+
+
+# --- environment probes (small functions so tests can monkeypatch them) -----------------------
+
+def _version_tuple(text: str) -> tuple[int, int, int]:
+    """"3.6.0+git1234" -> (3, 6, 0); missing parts count as 0."""
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def _package_version(dist_name: str) -> str | None:
+    try:
+        return metadata.version(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def triton_version() -> str | None:
+    """Installed Triton version, or None when Triton is not installed."""
+    return _package_version("triton")
+
+
+def fla_version() -> str | None:
+    """Installed fla-core version, or None when fla is not installed."""
+    return _package_version("fla-core") or _package_version("flash-linear-attention")
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device, or None for other devices / no CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def fla_dispatch_disabled() -> bool:
+    """fla bypasses its backend registry when this is set, so our fix could not be plugged in."""
+    return os.environ.get("FLA_DISABLE_BACKEND_DISPATCH") == "1"
+
+
+# --- known-bad combinations ---------------------------------------------------------------------
+
+def hopper_dqkwg_bug(capability: tuple[int, int] | None, triton: str | None) -> bool:
+    """True where fla's `chunk_bwd_dqkwg` is miscompiled (fla #640): sm_90, 3.4.0 <= Triton < 3.7.1.
+
+    The bad pattern is a `tl.trans` of a matmul result that still sits in the Hopper wgmma
+    accumulator layout, fed into another `tl.dot`; Triton 3.7.1 fixed the code generation.
+    """
+    if capability is None or capability[0] != 9 or triton is None:
+        return False
+    return (3, 4, 0) <= _version_tuple(triton) < (3, 7, 1)
+
+
+def _uses_dqkwg_gated(op_name: str, decay: str) -> bool:
+    # fla routes scalar-gated linear attention (chunk_simple_gla) and gated delta rule through
+    # chunk_bwd_dqkwg with a gate; vector gates (chunk_gla, rwkv6) use their own kernels.
+    return (op_name == "gla" and decay == "scalar") or (op_name == "delta_rule" and decay != "none")
+
+
+def why_not(name: str, op_name: str, device: torch.device, dtype: torch.dtype | None,
+            **features) -> str | None:
+    """Why backend `name` cannot run `op_name` here, or None when it can.
+
+    features (all optional): decay in DECAY_KINDS, bonus, normalize, requires_grad,
+    k_dim, v_dim, cu_seqlens (bool).
+    """
+    if name == "torch":
+        return None
+    if name == "triton":
+        return ("linear-moe's own fused Triton chunk kernels are not built yet "
+                "(ops/backends/triton/ only holds the gated backward step used by backend 'fla')")
+    # name == "fla"
+    if device.type != "cuda":
+        return f"fla needs a CUDA device, got device {str(device)!r}"
+    if not torch.cuda.is_available():
+        return "fla needs CUDA, but torch.cuda.is_available() is False"
+    if fla_version() is None:
+        return "fla-core is not installed (pip install fla-core==0.6.0)"
+    if triton_version() is None:
+        return "triton is not installed"
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"fla supports float32/float16/bfloat16 inputs, got {dtype}"
+    for key in ("k_dim", "v_dim"):
+        dim = features.get(key)
+        if dim is not None and dim > FLA_MAX_HEAD_DIM:
+            return f"fla supports head dims up to {FLA_MAX_HEAD_DIM}, got {key}={dim}"
+    decay = features.get("decay", "none")
+    if (features.get("requires_grad", True) and _uses_dqkwg_gated(op_name, decay)
+            and hopper_dqkwg_bug(cuda_capability(device), triton_version())
+            and fla_dispatch_disabled()):
+        return ("known-bad: fla's gated chunk backward is miscompiled on Hopper with Triton "
+                f"{triton_version()} (fla issue #640), and FLA_DISABLE_BACKEND_DISPATCH=1 stops "
+                "linear-moe from plugging in its fixed kernel")
+    return None
+
+
+def _check_choice(value: str | None, where: str) -> str | None:
+    if value is None or value == "auto" or value == "":
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{where}={value!r} is not a kernel backend; allowed: "
+                         f"None, 'auto', {', '.join(repr(b) for b in BACKENDS)}")
+    return value
+
+
+def resolve_backend(op_name: str, backend: str | None = None, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None, **features) -> str:
+    """Pick the kernel backend for one call of a public op.
+
+    Args:
+        op_name: one of OPS ("gla", "delta_rule", "short_conv").
+        backend: None/"auto" chooses; "torch" | "fla" | "triton" forces one. When None/"auto",
+            the env var LINEAR_MOE_KERNEL_BACKEND (if set) forces one instead.
+        device, dtype: of the inputs.
+        features: what the call needs (decay kind, bonus, normalize, requires_grad, k_dim,
+            v_dim, cu_seqlens); see `why_not`.
+    Returns:
+        the backend name. A forced backend that cannot run raises RuntimeError naming why;
+        "auto" picks "fla" on CUDA when it can run this call, else "torch".
+    """
+    if op_name not in OPS:
+        raise ValueError(f"op_name={op_name!r} is unknown; allowed: {', '.join(OPS)}")
+    decay = features.get("decay", "none")
+    if decay not in DECAY_KINDS:
+        raise ValueError(f"decay={decay!r} is unknown; allowed: {', '.join(DECAY_KINDS)}")
+    device = torch.device(device)
+    forced = _check_choice(backend, "backend")
+    if forced is None:
+        forced = _check_choice(os.environ.get(ENV_VAR), ENV_VAR)
+    if forced is not None:
+        reason = why_not(forced, op_name, device, dtype, **features)
+        if reason is not None:
+            raise RuntimeError(f"kernel backend {forced!r} cannot run {op_name}: {reason}")
+        return forced
+    if device.type != "cuda":
+        return "torch"
+    if why_not("fla", op_name, device, dtype, **features) is None:
+        return "fla"
+    return "torch"
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module holding backend `name`'s op functions (`gla`, `delta_rule`, `short_conv`),
+    each taking the public op's arguments. Imports fla/Triton only now."""
+    if name == "fla":
+        return import_module("linear_moe.ops.backends.fla")
+    if name in BACKENDS:
+        raise ValueError(f"backend {name!r} has no kernel module: 'torch' lives beside the public "
+                         "ops and 'triton' is not built yet")
+    raise ValueError(f"backend={name!r} is unknown; allowed: 'fla'")
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "OPS", "get_backend", "hopper_dqkwg_bug", "resolve_backend",
+           "why_not"]
