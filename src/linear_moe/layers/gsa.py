@@ -18,58 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import gla, short_conv
+from .. import ops  # attribute access at call time (see common.py)
+from .common import RMSNorm, ShortConvolution, init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
 from .config import AttentionConfig, MixerConfig
+from .feature_maps import feature_map
 from .registry import register_mixer
 
-_FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
-_MODES = {"auto": "auto", "chunk": "chunk", "recurrent": "recurrent", "fused_recurrent": "recurrent"}
-
-
-def op_mode(mode: str, mixer: str) -> str:
-    """Map a ``MixerConfig.mode`` to the op's ``mode`` argument, or raise naming the allowed values."""
-    if mode not in _MODES:
-        raise ValueError(f"{mixer}: mode={mode!r} is not supported; choose one of {sorted(_MODES)}")
-    return _MODES[mode]
-
-
-def num_heads_of(mixer: MixerConfig, attention: AttentionConfig, name: str) -> int:
-    heads = mixer.num_heads or attention.num_heads
-    if heads <= 0:
-        raise ValueError(f"{name}: num_heads={heads} must be >= 1")
-    return heads
-
-
-def split_dim(total: int, heads: int, what: str, name: str) -> int:
-    """``total // heads``, raising when ``heads`` does not divide ``total``."""
-    if total <= 0 or total % heads:
-        raise ValueError(f"{name}: {what}={total} must be a positive multiple of num_heads={heads}")
-    return total // heads
-
-
-class CausalConvs(nn.Module):
-    """Depthwise causal convolutions of several projections, each with its own state entry.
-
-    ``forward(name, x [B, T, C], state, new_state, cu_seqlens)`` reads ``state[f"conv_{name}"]``
-    (``[B, C, W-1]``, or ``[N, C, W-1]`` with packed documents) and writes the continuation into ``new_state``.
-    """
-
-    def __init__(self, channels: dict[str, int], kernel_size: int, activation: str | None = "silu", mixer: str = ""):
-        super().__init__()
-        if not 2 <= kernel_size <= 4:
-            raise ValueError(f"{mixer}: conv_size={kernel_size} must be in 2..4")
-        self.activation = activation
-        self.weight = nn.ParameterDict({
-            n: nn.Parameter(torch.randn(c, kernel_size) / kernel_size ** 0.5) for n, c in channels.items()
-        })
-
-    def forward(self, name: str, x: torch.Tensor, state: dict | None, new_state: dict, cu_seqlens=None) -> torch.Tensor:
-        key = f"conv_{name}"
-        y, new_state[key] = short_conv(
-            x, self.weight[name], None, activation=self.activation,
-            initial_state=None if state is None else state[key], output_final_state=True, cu_seqlens=cu_seqlens,
-        )
-        return y
+FEATURE_MAPS = ("swish", "relu", "identity")
 
 
 @register_mixer("gsa")
@@ -87,33 +42,35 @@ class GatedSlotAttention(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = "gsa"
-        self.num_heads = H = num_heads_of(mixer, attention, name)
-        self.head_k_dim = mixer.head_dim or split_dim(int(hidden_size * mixer.expand_k), H, "key dim", name)
-        self.head_v_dim = split_dim(int(hidden_size * mixer.expand_v), H, "value dim", name)
+        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
+        if kv_heads != H:
+            raise ValueError(f"gsa: num_kv_heads={kv_heads} is not supported; GSA uses num_kv_heads = num_heads = {H}")
         if mixer.num_slots < 1:
-            raise ValueError(f"{name}: num_slots={mixer.num_slots} must be >= 1")
-        self.num_slots = mixer.num_slots
-        fmap = mixer.feature_map or "swish"
-        if fmap not in _FEATURE_MAPS:
-            raise ValueError(f"{name}: feature_map={fmap!r} is not supported; choose one of {sorted(_FEATURE_MAPS)}")
-        self.feature_map = _FEATURE_MAPS[fmap]
+            raise ValueError(f"gsa: num_slots={mixer.num_slots} must be >= 1")
         if mixer.gate_logit_normalizer <= 0:
-            raise ValueError(f"{name}: gate_logit_normalizer={mixer.gate_logit_normalizer} must be > 0")
+            raise ValueError(f"gsa: gate_logit_normalizer={mixer.gate_logit_normalizer} must be > 0")
+        if mixer.feature_map not in ("",) + FEATURE_MAPS:
+            raise ValueError(f"gsa: feature_map={mixer.feature_map!r} is not supported; choose one of: {', '.join(FEATURE_MAPS)}")
+        self.num_heads, self.num_slots = H, mixer.num_slots
+        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
+        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        self.feature_map = feature_map(mixer.feature_map or "swish", K, name)
         self.gate_logit_normalizer = mixer.gate_logit_normalizer
-        self.mode = op_mode(mixer.mode, name)
-        self.chunk_size = mixer.chunk_size
-        self.backend = mixer.backend or None
+        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
         self.scale = 1.0  # the paper reads the slots with unscaled q·k (then softmax over slots)
 
-        key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
-        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
         self.f_proj = nn.Linear(hidden_size, H * self.num_slots, bias=False)
-        self.convs = (CausalConvs({"q": key_dim, "k": key_dim, "v": value_dim}, mixer.conv_size, "silu", name)
-                      if mixer.use_short_conv else None)
-        self.norm = nn.RMSNorm(value_dim, eps=1e-5)
-        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+        self.use_short_conv = mixer.use_short_conv
+        if self.use_short_conv:
+            self.q_conv = ShortConvolution(H * K, mixer.conv_size, "silu", mixer=name)
+            self.k_conv = ShortConvolution(H * K, mixer.conv_size, "silu", mixer=name)
+            self.v_conv = ShortConvolution(H * V, mixer.conv_size, "silu", mixer=name)
+        self.norm = RMSNorm(H * V, eps=1e-5)
+        self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, cu_seqlens: torch.Tensor | None = None):
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state dict)."""
@@ -121,31 +78,28 @@ class GatedSlotAttention(nn.Module):
         H, K, V, M = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_slots
         new_state: dict = {}
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.convs is not None:
-            q = self.convs("q", q, state, new_state, cu_seqlens)
-            k = self.convs("k", k, state, new_state, cu_seqlens)
-            v = self.convs("v", v, state, new_state, cu_seqlens)
+        if self.use_short_conv:
+            q, new_state["conv_q"] = self.q_conv(q, state_get(state, "conv_q"), cu_seqlens)
+            k, new_state["conv_k"] = self.k_conv(k, state_get(state, "conv_k"), cu_seqlens)
+            v, new_state["conv_v"] = self.v_conv(v, state_get(state, "conv_v"), cu_seqlens)
         q = self.feature_map(q.view(B, T, H, K))
         k = self.feature_map(k.view(B, T, H, K))
         v = F.silu(v.view(B, T, H, V))
         log_f = F.logsigmoid(self.f_proj(x).float().view(B, T, H, M)) / self.gate_logit_normalizer
-        s = -torch.expm1(log_f)  # 1 - a_t, exact for a_t close to 1
+        s = -torch.expm1(log_f)  # 1 - a_t, without cancellation when a_t is close to 1
+        run = dict(output_final_state=True, cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size,
+                   backend=self.backend)
 
         # Pass 1: one head per (head, slot) with scalar decay; its 1-dim "value" is the slot write weight.
-        rep = lambda t: t.unsqueeze(3).expand(B, T, H, M, K).reshape(B, T, H * M, K)  # noqa: E731
-        scores, new_state["slot_keys"] = gla(
-            rep(q), rep(k), s.reshape(B, T, H * M, 1).to(q.dtype), log_f.reshape(B, T, H * M),
-            scale=self.scale, initial_state=None if state is None else state["slot_keys"],
-            output_final_state=True, cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size,
-            backend=self.backend,
+        per_slot = lambda t: t.unsqueeze(3).expand(B, T, H, M, K).reshape(B, T, H * M, K)  # noqa: E731
+        scores, new_state["slot_keys"] = ops.gla(
+            per_slot(q), per_slot(k), s.reshape(B, T, H * M, 1).to(q.dtype), log_f.reshape(B, T, H * M),
+            scale=self.scale, initial_state=state_get(state, "slot_keys"), **run,
         )
         p = scores.view(B, T, H, M).float().softmax(-1)
-        # Pass 2: plain GLA over the slots, read with the softmax weights.
-        o, new_state["slot_values"] = gla(
-            p.to(v.dtype), s.to(v.dtype), v, log_f, scale=1.0,
-            initial_state=None if state is None else state["slot_values"],
-            output_final_state=True, cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size,
-            backend=self.backend,
+        # Pass 2: a plain GLA over the slots (key = write weight), read with the softmax weights.
+        o, new_state["slot_values"] = ops.gla(
+            p.to(v.dtype), s.to(v.dtype), v, log_f, scale=1.0, initial_state=state_get(state, "slot_values"), **run,
         )
         y = self.o_proj(self.norm(F.silu(o.reshape(B, T, H * V))))
         return y, new_state

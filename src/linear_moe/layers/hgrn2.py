@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import gla
+from .. import ops  # attribute access at call time (see common.py)
+from .common import RMSNorm, ShortConvolution, init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
 from .config import AttentionConfig, MixerConfig
-from .gsa import CausalConvs, num_heads_of, op_mode, split_dim
 from .registry import register_mixer
 
 
@@ -38,28 +38,33 @@ class HGRN2(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = "hgrn2"
-        self.num_heads = H = num_heads_of(mixer, attention, name)
-        self.head_k_dim = mixer.head_dim or split_dim(int(hidden_size * mixer.expand_k), H, "key dim", name)
-        self.head_v_dim = split_dim(int(hidden_size * mixer.expand_v), H, "value dim", name)
+        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
+        if kv_heads != H:
+            raise ValueError(f"hgrn2: num_kv_heads={kv_heads} is not supported; use num_kv_heads = num_heads = {H}")
         if not 0 <= layer_idx < num_layers:
-            raise ValueError(f"{name}: layer_idx={layer_idx} must be in [0, num_layers={num_layers})")
-        self.mode = op_mode(mixer.mode, name)
-        self.chunk_size = mixer.chunk_size
-        self.backend = mixer.backend or None
+            raise ValueError(f"hgrn2: layer_idx={layer_idx} must be in [0, num_layers={num_layers})")
+        self.num_heads = H
+        self.head_k_dim = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
+        self.head_v_dim = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
         key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
 
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.f_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.i_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.convs = (CausalConvs({"q": key_dim, "f": key_dim, "i": value_dim}, mixer.conv_size, None, name)
-                      if mixer.use_short_conv else None)
+        self.use_short_conv = mixer.use_short_conv
+        if self.use_short_conv:
+            self.q_conv = ShortConvolution(key_dim, mixer.conv_size, None, mixer=name)
+            self.f_conv = ShortConvolution(key_dim, mixer.conv_size, None, mixer=name)
+            self.i_conv = ShortConvolution(value_dim, mixer.conv_size, None, mixer=name)
         if layer_idx > 0:
             start = layer_idx / num_layers
             self.lower_bound_logit = nn.Parameter(torch.full((key_dim,), math.log(start / (1 - start))))
         else:
             self.register_parameter("lower_bound_logit", None)
-        self.norm = nn.RMSNorm(value_dim, eps=1e-5)
+        self.norm = RMSNorm(value_dim, eps=1e-5)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+        init_weights(self)
 
     def log_forget(self, f: torch.Tensor) -> torch.Tensor:
         """log f_t from the forget logits ``[..., key_dim]``, in float32."""
@@ -76,15 +81,15 @@ class HGRN2(nn.Module):
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         new_state: dict = {}
         q, f, i = self.q_proj(x), self.f_proj(x), self.i_proj(x)
-        if self.convs is not None:
-            q = self.convs("q", q, state, new_state, cu_seqlens)
-            f = self.convs("f", f, state, new_state, cu_seqlens)
-            i = self.convs("i", i, state, new_state, cu_seqlens)
+        if self.use_short_conv:
+            q, new_state["conv_q"] = self.q_conv(q, state_get(state, "conv_q"), cu_seqlens)
+            f, new_state["conv_f"] = self.f_conv(f, state_get(state, "conv_f"), cu_seqlens)
+            i, new_state["conv_i"] = self.i_conv(i, state_get(state, "conv_i"), cu_seqlens)
         log_f = self.log_forget(f).view(B, T, H, K)
         k = -torch.expm1(log_f)  # 1 - f_t
-        o, new_state["hidden"] = gla(
+        o, new_state["hidden"] = ops.gla(
             F.silu(q).view(B, T, H, K), k.to(x.dtype), i.view(B, T, H, V), log_f, scale=1.0,
-            initial_state=None if state is None else state["hidden"], output_final_state=True,
+            initial_state=state_get(state, "hidden"), output_final_state=True,
             cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size, backend=self.backend,
         )
         return self.o_proj(self.norm(o.reshape(B, T, H * V))), new_state

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import delta_rule, gla
+from .. import ops  # attribute access at call time (see common.py)
+from .common import (
+    OutputNormGate, ShortConvolution, init_weights, l2_norm, op_backend, op_mode, per_head, resolve_heads, state_get,
+)
 from .config import AttentionConfig, MixerConfig
-from .gsa import CausalConvs, num_heads_of, op_mode, split_dim
 from .registry import register_mixer
 
 GATE_LORA_RANK = 16  # GLA's low-rank forget-gate projection
@@ -65,9 +67,12 @@ class _MixtureOfMemories(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig):
         super().__init__()
         name = self.name
-        self.num_heads = H = num_heads_of(mixer, attention, name)
-        self.head_k_dim = K = mixer.head_dim or split_dim(int(hidden_size * mixer.expand_k), H, "key dim", name)
-        self.head_v_dim = V = split_dim(int(hidden_size * mixer.expand_v), H, "value dim", name)
+        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
+        if kv_heads != H:
+            raise ValueError(f"{name}: num_kv_heads={kv_heads} is not supported; use num_kv_heads = num_heads = {H}")
+        self.num_heads = H
+        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
+        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
         if mixer.num_memories < 1:
             raise ValueError(f"{name}: num_memories={mixer.num_memories} must be >= 1")
         if not 1 <= mixer.topk_memories <= mixer.num_memories:
@@ -77,20 +82,20 @@ class _MixtureOfMemories(nn.Module):
         self.num_memories, self.topk = mixer.num_memories, mixer.topk_memories
         self.num_shared = int(mixer.shared_memory)
         self.aux_loss_coef = mixer.memory_aux_loss_coef
-        self.mode = op_mode(mixer.mode, name)
-        self.chunk_size = mixer.chunk_size
-        self.backend = mixer.backend or None
+        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
         E = self.num_memories + self.num_shared  # memories with their own state; the shared one is last
 
         self.router = nn.Linear(hidden_size, self.num_memories, bias=False)
         self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
         self.k_proj = nn.Linear(hidden_size, E * H * K, bias=False)
         self.v_proj = nn.Linear(hidden_size, E * H * V, bias=False)
-        self.convs = (CausalConvs({"q": H * K, "k": E * H * K, "v": E * H * V}, mixer.conv_size, "silu", name)
-                      if mixer.use_short_conv else None)
-        self.use_output_gate = mixer.use_output_gate
+        self.use_short_conv = mixer.use_short_conv
+        if self.use_short_conv:
+            self.q_conv = ShortConvolution(H * K, mixer.conv_size, "silu", mixer=name)
+            self.k_conv = ShortConvolution(E * H * K, mixer.conv_size, "silu", mixer=name)
+            self.v_conv = ShortConvolution(E * H * V, mixer.conv_size, "silu", mixer=name)
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
-        self.norm = nn.RMSNorm(V, eps=1e-5)
+        self.out_norm = OutputNormGate(V, mixer.output_norm, mixer.gate_fn, mixer=name)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         self.aux_loss: torch.Tensor | None = None
 
@@ -111,23 +116,21 @@ class _MixtureOfMemories(nn.Module):
 
         new_state: dict = {}
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.convs is not None:
-            q = self.convs("q", q, state, new_state, cu_seqlens)
-            k = self.convs("k", k, state, new_state, cu_seqlens)
-            v = self.convs("v", v, state, new_state, cu_seqlens)
+        if self.use_short_conv:
+            q, new_state["conv_q"] = self.q_conv(q, state_get(state, "conv_q"), cu_seqlens)
+            k, new_state["conv_k"] = self.k_conv(k, state_get(state, "conv_k"), cu_seqlens)
+            v, new_state["conv_v"] = self.v_conv(v, state_get(state, "conv_v"), cu_seqlens)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = q.view(B, T, 1, H, K).expand(B, T, E, H, K)
         o, new_state["memories"] = self.recur(
             x, q, k.view(B, T, E, H, K), v.view(B, T, E * H, V), routed, state, cu_seqlens)
         o = (o.view(B, T, E, H, V) * weights.to(o.dtype)[..., None, None]).sum(2)
-        o = self.norm(o)
-        if self.g_proj is not None:
-            o = o * F.silu(self.g_proj(x).view(B, T, H, V))
+        o = self.out_norm(o, None if self.g_proj is None else self.g_proj(x))
         return self.o_proj(o.reshape(B, T, H * V)), new_state
 
     def _op_kwargs(self, state, cu_seqlens) -> dict:
-        return dict(scale=self.head_k_dim ** -0.5, initial_state=None if state is None else state["memories"],
+        return dict(scale=self.head_k_dim ** -0.5, initial_state=state_get(state, "memories"),
                     output_final_state=True, cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size,
                     backend=self.backend)
 
@@ -149,6 +152,7 @@ class MoMGLA(_MixtureOfMemories):
         E = self.num_memories + self.num_shared
         self.gate_down = nn.Linear(hidden_size, GATE_LORA_RANK, bias=False)
         self.gate_up = nn.Linear(GATE_LORA_RANK, E * self.num_heads * self.head_k_dim, bias=True)
+        init_weights(self)
 
     def recur(self, x, q, k, v, routed, state, cu_seqlens):
         B, T, E, H, K = k.shape
@@ -156,7 +160,7 @@ class MoMGLA(_MixtureOfMemories):
         mask = routed[..., None, None]  # [B, T, E, 1, 1]
         log_decay = log_decay.view(B, T, E, H, K) * mask
         k = k * mask.to(k.dtype)
-        return gla(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, log_decay.view(B, T, E * H, K),
+        return ops.gla(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, log_decay.view(B, T, E * H, K),
                    **self._op_kwargs(state, cu_seqlens))
 
 
@@ -177,6 +181,7 @@ class MoMGatedDeltaNet(_MixtureOfMemories):
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1e-3, 16).log())
         dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_weights(self)
 
     def recur(self, x, q, k, v, routed, state, cu_seqlens):
         B, T, E, H, K = k.shape
@@ -184,6 +189,6 @@ class MoMGatedDeltaNet(_MixtureOfMemories):
         beta = torch.sigmoid(self.b_proj(x).float()).view(B, T, E, H) * mask
         log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float().view(B, T, E, H) + self.dt_bias.float())
         log_decay = log_decay * mask
-        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6) * mask[..., None].to(k.dtype)
-        return delta_rule(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, beta.view(B, T, E * H).to(v.dtype),
+        q, k = l2_norm(q), l2_norm(k) * mask[..., None].to(k.dtype)
+        return ops.delta_rule(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, beta.view(B, T, E * H).to(v.dtype),
                           log_decay.view(B, T, E * H), **self._op_kwargs(state, cu_seqlens))

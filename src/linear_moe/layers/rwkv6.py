@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import gla
+from .. import ops  # attribute access at call time (see common.py)
+from .common import init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
 from .config import AttentionConfig, MixerConfig
-from .gsa import num_heads_of, op_mode, split_dim
 from .registry import register_mixer
 
 MIX_LORA_RANK = 32     # TIME_MIX_EXTRA_DIM of the reference RWKV-6
@@ -53,12 +53,13 @@ class RWKV6TimeMix(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = "rwkv6"
-        self.num_heads = H = num_heads_of(mixer, attention, name)
-        self.head_k_dim = mixer.head_dim or split_dim(int(hidden_size * mixer.expand_k), H, "key dim", name)
-        self.head_v_dim = split_dim(int(hidden_size * mixer.expand_v), H, "value dim", name)
-        self.mode = op_mode(mixer.mode, name)
-        self.chunk_size = mixer.chunk_size
-        self.backend = mixer.backend or None
+        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
+        if kv_heads != H:
+            raise ValueError(f"rwkv6: num_kv_heads={kv_heads} is not supported; use num_kv_heads = num_heads = {H}")
+        self.num_heads = H
+        self.head_k_dim = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
+        self.head_v_dim = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
         C, key_dim, value_dim = hidden_size, H * self.head_k_dim, H * self.head_v_dim
 
         self.mix_x = nn.Parameter(torch.zeros(C))
@@ -76,6 +77,7 @@ class RWKV6TimeMix(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(value_dim))
         self.norm_bias = nn.Parameter(torch.zeros(value_dim))
         self.o_proj = nn.Linear(value_dim, C, bias=False)
+        init_weights(self)
         self._init_like_reference(layer_idx, num_layers)
 
     @torch.no_grad()
@@ -101,7 +103,7 @@ class RWKV6TimeMix(nn.Module):
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state dict)."""
         B, T, C = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        shifted, last = token_shift(x, None if state is None else state["shift"], cu_seqlens)
+        shifted, last = token_shift(x, state_get(state, "shift"), cu_seqlens)
         delta = shifted - x
         lora = torch.tanh((x + delta * self.mix_x) @ self.mix_w1).view(B, T, 5, -1)
         mix = torch.einsum("btfr,frc->btfc", lora, self.mix_w2) + self.mix_bias
@@ -113,9 +115,8 @@ class RWKV6TimeMix(nn.Module):
         g = F.silu(self.g_proj(xg))
         w = self.decay_base + torch.tanh(xw @ self.decay_w1) @ self.decay_w2
         log_decay = -torch.exp(w.float()).view(B, T, H, K)
-        o, wkv = gla(
-            r, k, v, log_decay, bonus=self.bonus, scale=1.0,
-            initial_state=None if state is None else state["wkv"], output_final_state=True,
+        o, wkv = ops.gla(
+            r, k, v, log_decay, bonus=self.bonus, scale=1.0, initial_state=state_get(state, "wkv"), output_final_state=True,
             cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size, backend=self.backend,
         )
         # GroupNorm with one group per head = LayerNorm over each head's channels, then a per-channel affine.
