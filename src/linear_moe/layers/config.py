@@ -45,3 +45,5 @@ class MixerConfig:
     backend: str = ""              # "" / auto | torch | fla | triton
     shared_memory: bool = False    # MoM: add one always-on memory beside the routed ones
     memory_aux_loss_coef: float = 0.01  # MoM: weight of the memory load-balancing loss (in mixer.aux_loss)
+    normalize: bool = False        # linear_attention / lasp2: divide by φ(q)·Σφ(k) (Katharopoulos); off = output norm only
+    gate_low_rank_dim: int = 16    # GLA: rank of the data-dependent forget-gate projection
