@@ -64,11 +64,14 @@ class MoELayer(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def enable_expert_parallel(self, group: dist.ProcessGroup | None) -> "MoELayer":
-        """Shard the routed experts over ``group`` (all ranks must hold the same full weights now)."""
+        """Shard the routed experts over ``group`` (None: the default group); all ranks must hold the same
+        full weights when this is called. A group of size 1 changes nothing."""
         world = dist.get_world_size(group)
         self.cfg.validate(ep_size=world)
         if self.ep_size != 1:
             raise ValueError("expert parallelism is already enabled on this layer")
+        if world == 1:
+            return self
         self.ep_group, self.ep_rank, self.ep_size = group, dist.get_rank(group), world
         self.experts = self.experts.shard(self.ep_rank, world)
         return self
@@ -91,7 +94,7 @@ class MoELayer(nn.Module):
         order, counts, dropped = sort_by_expert(r.topk_idx, cfg.num_experts, self.capacity(flat.shape[0]))
         token = order // k
         x_sorted = flat[token]
-        if self.ep_group is None:
+        if self.ep_size == 1:
             y_sorted = self.experts(x_sorted, counts)
         else:
             y_sorted = expert_parallel_apply(x_sorted, counts, self.ep_group, self.experts)
