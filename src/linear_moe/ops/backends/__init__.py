@@ -36,7 +36,11 @@ def _version_tuple(text: str) -> tuple[int, int, int]:
     """"3.6.0+git1234" -> (3, 6, 0); missing parts count as 0."""
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
+        digits = ""
+        for ch in piece:  # leading digits only: "0rc1" -> 0
+            if not ch.isdigit():
+                break
+            digits += ch
         parts.append(int(digits) if digits else 0)
     while len(parts) < 3:
         parts.append(0)

@@ -1,0 +1,158 @@
+"""Backend "fla": our op API mapped onto fla-core 0.6.0's Triton kernels.
+
+Conventions bridged here (ours -> fla):
+- layouts are the same (`[batch, time, heads, dim]`, states `[N, heads, k_dim, v_dim]`); fla
+  takes natural-log gates, like our `log_decay`, and converts to log2 inside.
+- `log_decay` None -> chunk_simple_gla without gate; `[H]` -> chunk_simple_gla(g_gamma);
+  `[B,T,H]` -> chunk_simple_gla(g); `[B,T,H,K]` -> chunk_gla; any decay with `bonus` ->
+  chunk_rwkv6 (decay broadcast to `[B,T,H,K]`). delta_rule -> chunk_(gated_)delta_rule.
+  mode "recurrent" (or one token) uses the fused_recurrent_* kernels.
+- `normalize`: a ones column is appended to v (so the state carries z), output divided by it.
+- short_conv: fla's state is the last W inputs `[N, C, W]`, ours the last W-1 `[N, C, W-1]`.
+
+On Hopper with Triton >= 3.4, < 3.7.1 fla's gated backward step is miscompiled (fla #640) and
+fla raises; `install_dqkwg_fix` registers our Triton version into fla's backend dispatch first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from linear_moe.ops.backends import cuda_capability, hopper_dqkwg_bug, triton_version
+
+_fix = {"installed": False, "enabled": False}
+
+
+def install_dqkwg_fix(device: torch.device | None = None) -> bool:
+    """Register our `chunk_bwd_dqkwg` into fla's dispatch (once). Enabled where fla's own is
+    known-bad; `use_our_dqkwg` switches it for comparisons. Returns whether it is enabled."""
+    if not _fix["installed"]:
+        import fla.ops.common.chunk_o  # noqa: F401  (creates fla's 'common' registry)
+        from fla.backends import BaseBackend, register
+
+        from linear_moe.ops.backends.triton.dqkwg import chunk_bwd_dqkwg
+
+        class LinearMoeDqkwg(BaseBackend):
+            backend_type = "linear_moe_triton"
+            priority = 0  # ahead of fla's own candidates (tilelang is 5)
+
+            def is_enabled(self) -> bool:
+                return _fix["enabled"]
+
+            def chunk_bwd_dqkwg(self, *args, **kwargs):
+                return chunk_bwd_dqkwg(*args, **kwargs)
+
+        register("common")(LinearMoeDqkwg)
+        device = device or torch.device("cuda", torch.cuda.current_device())
+        _fix["enabled"] = hopper_dqkwg_bug(cuda_capability(device), triton_version())
+        _fix["installed"] = True
+    return _fix["enabled"]
+
+
+def use_our_dqkwg(enabled: bool) -> None:
+    """Force our backward step on (True) or fla's own (False), e.g. to benchmark both."""
+    install_dqkwg_fix()
+    _fix["enabled"] = enabled
+
+
+def _prepare(q, initial_state, cu_seqlens):
+    install_dqkwg_fix(q.device)
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1, got q of shape {tuple(q.shape)}")
+    state = initial_state.float().contiguous() if initial_state is not None else None
+    cu = cu_seqlens.long() if cu_seqlens is not None else None
+    return state, cu
+
+
+def _recurrent(mode: str, T: int) -> bool:
+    if mode not in ("auto", "chunk", "recurrent"):
+        raise ValueError(f"mode={mode!r} is unknown; allowed: 'auto', 'chunk', 'recurrent'")
+    return mode == "recurrent" or (mode == "auto" and T == 1)
+
+
+def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, initial_state=None,
+        output_final_state=False, cu_seqlens=None, mode="auto", chunk_size=64, backend=None):
+    """Gated linear attention on fla kernels; same contract as `linear_moe.ops.gla`.
+
+    q, k `[B,T,H,K]`, v `[B,T,H,V]`, log_decay None | `[H]` | `[B,T,H]` | `[B,T,H,K]`,
+    bonus `[H,K]`. Returns (o `[B,T,H,V]` in q.dtype, final state `[N,H,K,V(+1)]` fp32 or None).
+    """
+    B, T, H, K = q.shape
+    state, cu = _prepare(q, initial_state, cu_seqlens)
+    scale = K ** -0.5 if scale is None else scale
+    if normalize:  # z_t rides along as an extra value column; contract: no scale on q . S
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        scale = 1.0
+    recurrent = _recurrent(mode, T)
+    common = dict(scale=scale, initial_state=state, output_final_state=output_final_state,
+                  cu_seqlens=cu)
+    g = log_decay.float() if log_decay is not None else None
+    if bonus is not None:
+        from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+        w = torch.zeros_like(q, dtype=torch.float32) if g is None else g
+        if w.dim() == 1:
+            w = w[None, None, :, None].expand(B, T, H, K)
+        elif w.dim() == 3:
+            w = w[..., None].expand(B, T, H, K)
+        fn = fused_recurrent_rwkv6 if recurrent else chunk_rwkv6
+        o, s = fn(q, k, v, w.contiguous(), bonus.to(q.dtype), **common)
+    elif g is not None and g.dim() == 4:
+        from fla.ops.gla import chunk_gla, fused_recurrent_gla
+        if recurrent:
+            o, s = fused_recurrent_gla(q, k, v, gk=g, **common)
+        else:
+            o, s = chunk_gla(q, k, v, g, **common)
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+        fn = fused_recurrent_simple_gla if recurrent else chunk_simple_gla
+        gates = {} if g is None else ({"g_gamma": g} if g.dim() == 1 else {"g": g})
+        o, s = fn(q, k, v, **gates, **common)
+    if normalize:
+        o = o[..., :-1].float() / (o[..., -1:].float() + 1e-6)
+    return o.to(q.dtype), (s.float() if output_final_state else None)
+
+
+def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
+               output_final_state=False, cu_seqlens=None, mode="auto", chunk_size=64,
+               backend=None):
+    """(Gated) delta rule on fla kernels; same contract as `linear_moe.ops.delta_rule`.
+
+    q, k `[B,T,H,K]` (k already L2-normalised by the layer), v `[B,T,H,V]`, beta `[B,T,H]`,
+    log_decay None | `[B,T,H]`. Returns (o in q.dtype, final state fp32 or None).
+    """
+    T = q.shape[1]
+    state, cu = _prepare(q, initial_state, cu_seqlens)
+    common = dict(scale=scale, initial_state=state, output_final_state=output_final_state,
+                  cu_seqlens=cu)
+    beta = beta.to(q.dtype)
+    recurrent = _recurrent(mode, T)
+    if log_decay is None:
+        from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+        fn = fused_recurrent_delta_rule if recurrent else chunk_delta_rule
+        o, s = fn(q, k, v, beta, **common)
+    else:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        if recurrent:
+            o, s = fused_recurrent_gated_delta_rule(q, k, v, g=log_decay.float(), beta=beta, **common)
+        else:
+            o, s = chunk_gated_delta_rule(q, k, v, log_decay.float(), beta, **common)
+    return o.to(q.dtype), (s.float() if output_final_state else None)
+
+
+def short_conv(x, weight, bias=None, *, activation="silu", initial_state=None,
+               output_final_state=False, cu_seqlens=None):
+    """Causal depthwise conv on fla's Triton kernel; same contract as `linear_moe.ops.short_conv`.
+
+    x `[B,T,C]`, weight `[C,W]`, bias `[C]`; state `[N,C,W-1]` (ours) <-> `[N,C,W]` (fla).
+    """
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    if activation not in ("silu", None):
+        raise ValueError(f"activation={activation!r} is unknown; allowed: 'silu', None")
+    state = None
+    if initial_state is not None:  # fla keeps one more (oldest) input, never read: pad it
+        state = F.pad(initial_state, (1, 0)).to(x.dtype).contiguous()
+    y, s = causal_conv1d(x, weight, bias, initial_state=state, output_final_state=output_final_state,
+                         activation=activation, cu_seqlens=cu_seqlens)
+    return y, (s[..., 1:].float() if output_final_state else None)
