@@ -1,0 +1,184 @@
+"""``linear-moe``: the command line. Each verb maps to one module; errors are one line and exit 2.
+
+    linear-moe train [--config FILE] [--preset NAME] [--resume [PATH]] [--dry-run] [--section.field VALUE ...]
+    linear-moe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
+    linear-moe presets | mixers | config [--preset NAME] [--section.field VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+USAGE_OVERRIDES = "overrides: --section.field VALUE, e.g. --model.hidden_size 512 --train.max_steps 100"
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate ``--a.b value`` / ``--a.b=value`` config overrides from ordinary flags."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(_fail(f"config override {arg} needs a value ({USAGE_OVERRIDES})"))
+                value = argv[i + 1]
+                i += 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _fail(message: str) -> int:
+    print(f"linear-moe: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="linear-moe", description="Model, train and run Linear-MoE language models.",
+                                epilog=USAGE_OVERRIDES)
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    t = sub.add_parser("train", help="train a model (no arguments: the tiny preset on the bundled corpus)", epilog=USAGE_OVERRIDES)
+    t.add_argument("--config", help="TOML file with [model], [train], [parallel], [data] tables")
+    t.add_argument("--preset", help="named model preset (see `linear-moe presets`)")
+    t.add_argument("--resume", nargs="?", const="latest", help="resume a run directory or checkpoint (no value: the newest run)")
+    t.add_argument("--dry-run", action="store_true", help="print the configuration and model size, then exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or config print")
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    g.add_argument("--prompt", default="The ", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    c = sub.add_parser("config", help="print the resolved configuration as TOML", epilog=USAGE_OVERRIDES)
+    c.add_argument("--config")
+    c.add_argument("--preset")
+    sub.add_parser("presets", help="list model presets with their parameter counts")
+    sub.add_parser("mixers", help="list the token mixers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = split_overrides(argv)
+    args = _parser().parse_args(rest)
+    verb = args.verb or "train"
+    if args.verb is None:
+        args = _parser().parse_args(["train", *rest])
+    from .config import ConfigError
+    from .data import DataError
+    from .train.checkpoint import CheckpointError
+
+    try:
+        return _VERBS[verb](args, overrides)
+    except (ConfigError, CheckpointError, DataError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+def _train(args, overrides) -> int:
+    from .config import build_job_config
+    from .train.checkpoint import resolve_checkpoint
+    from .train.trainer import latest_run, train
+
+    resume = args.resume
+    config_file = args.config
+    if resume is not None:
+        if resume == "latest":
+            job0 = build_job_config(args.preset, config_file, overrides)
+            resume = latest_run(job0.train.output_dir)
+        ckpt = resolve_checkpoint(resume)
+        config_file = config_file or ckpt / "config.toml"
+    job = build_job_config(args.preset, config_file, overrides).validate()
+    if args.dry_run:
+        return _dry_run(job)
+    train(job, resume=resume, quiet=args.quiet)
+    return 0
+
+
+def _dry_run(job) -> int:
+    import torch
+
+    from .model.causal_lm import LinearMoEForCausalLM
+
+    print(job.to_toml())
+    with torch.device("meta"):
+        model = LinearMoEForCausalLM(job.model)
+    print(f"# {model.num_parameters() / 1e6:.2f}M parameters, {model.num_active_parameters() / 1e6:.2f}M active per token")
+    print(f"# layers: {job.model.resolved_layer_pattern()} (token mixers), {job.model.resolved_ffn_pattern()} (E = MoE, D = dense)")
+    return 0
+
+
+def _generate(args, overrides) -> int:
+    import torch
+
+    from .config import build_job_config
+    from .data import load_tokenizer
+    from .model.causal_lm import LinearMoEForCausalLM
+    from .train.checkpoint import load_checkpoint, resolve_checkpoint
+    from .train.trainer import pick_device
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    job = build_job_config(config_file=ckpt / "config.toml", overrides=overrides)
+    device = pick_device(args.device)
+    model = LinearMoEForCausalLM(job.model)
+    load_checkpoint(ckpt, model)
+    model.to(device).eval()
+    tok = load_tokenizer(ckpt / "tokenizer.json")
+    ids = tok.encode(args.prompt)
+    if not ids:
+        return _fail("the prompt encodes to no tokens; give a non-empty --prompt")
+    x = torch.tensor([ids] * args.num_samples, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         eos_id=tok.eos_id, generator=gen)
+    dt = time.perf_counter() - t0
+    new = (out.shape[1] - x.shape[1]) * out.shape[0]
+    for row in out.tolist():
+        print(tok.decode(row))
+        print("---")
+    print(f"# {new} tokens in {dt:.2f}s ({new / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _config(args, overrides) -> int:
+    from .config import build_job_config
+
+    print(build_job_config(args.preset, args.config, overrides).validate().to_toml())
+    return 0
+
+
+def _presets(args, overrides) -> int:
+    import torch
+
+    from .model.causal_lm import LinearMoEForCausalLM
+    from .model.presets import PRESETS
+
+    for name, make in PRESETS.items():
+        with torch.device("meta"):
+            model = LinearMoEForCausalLM(make())
+        print(f"{name:10s} {model.num_parameters() / 1e6:10.1f}M total {model.num_active_parameters() / 1e6:10.1f}M active")
+    return 0
+
+
+def _mixers(args, overrides) -> int:
+    from .layers.registry import available_mixers
+
+    print("\n".join(available_mixers()))
+    return 0
+
+
+_VERBS = {"train": _train, "generate": _generate, "config": _config, "presets": _presets, "mixers": _mixers}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Causal softmax attention over `[batch, time, heads, dim]`, on PyTorch's fused SDPA kernels.
+
+Keys/values may have fewer heads than queries (grouped-query attention); packed sequences
+(`cu_seqlens`) and sliding windows become a boolean mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_cu_seqlens, check_rank
+
+# SDPA is a builtin without an introspectable signature; `enable_gqa` arrived in torch 2.5.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def attention_mask(time: int, cu_seqlens: Tensor | None = None, sliding_window: int = 0,
+                   device: torch.device | str = "cpu") -> Tensor:
+    """Boolean `[T, T]` mask, True where query i may attend key j: j <= i, same sequence, and
+    i - j < sliding_window when the window is > 0."""
+    i = torch.arange(time, device=device)
+    allowed = i.unsqueeze(1) >= i.unsqueeze(0)
+    if sliding_window > 0:
+        allowed &= (i.unsqueeze(1) - i.unsqueeze(0)) < sliding_window
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(device)
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        allowed &= seq.unsqueeze(1) == seq.unsqueeze(0)
+    return allowed
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None,
+                     sliding_window: int = 0, scale: float | None = None) -> Tensor:
+    """Causal softmax attention.
+
+    Args:
+        q: `[B, T, H, D]`; k: `[B, T, Hkv, D]`; v: `[B, T, Hkv, Dv]` with H a multiple of Hkv (GQA).
+        cu_seqlens: int `[N+1]` packed-sequence boundaries (B == 1): no attention across them.
+        sliding_window: > 0 lets each query see only its `sliding_window` most recent keys
+            (itself included); 0 means unlimited.
+        scale: default `D ** -0.5`.
+    Returns:
+        `[B, T, H, Dv]` in q.dtype.
+    """
+    check_rank("q", q, 4, "[B, T, H, D]")
+    check_rank("k", k, 4, "[B, T, Hkv, D]")
+    check_rank("v", v, 4, "[B, T, Hkv, Dv]")
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape != (B, T, Hkv, D) or v.shape[:3] != (B, T, Hkv):
+        raise ValueError(f"k must be [B, T, Hkv, D] and v [B, T, Hkv, Dv] matching q {tuple(q.shape)}, "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if not isinstance(sliding_window, int) or sliding_window < 0:
+        raise ValueError(f"sliding_window={sliding_window!r} must be an int >= 0 (0 = no window)")
+    check_cu_seqlens(cu_seqlens, B, T)
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))  # SDPA wants [B, H, T, D]
+    gqa = {}
+    if H != Hkv:
+        if _SDPA_HAS_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            k_, v_ = (x.repeat_interleave(H // Hkv, dim=1) for x in (k_, v_))
+    if cu_seqlens is None and sliding_window == 0:
+        out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale, **gqa)
+    else:
+        mask = attention_mask(T, cu_seqlens, sliding_window, q.device)
+        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale, **gqa)
+    return out.transpose(1, 2)
