@@ -1,0 +1,87 @@
+"""Input checks, mode choice and backend dispatch shared by the public ops.
+
+Every bad input raises one ValueError naming the bad value and what is allowed, so a layer author
+sees at once which argument is wrong.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MODES = ("auto", "recurrent", "chunk")
+# `mode="auto"` runs step by step when every sequence is at most this long (decoding, short prompts):
+# the chunked form's padding to a whole chunk and its matmuls do not pay off there.
+AUTO_RECURRENT_MAX_LEN = 16
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs; fp64 stays fp64 (lets tests run the ops in double)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_rank(name: str, x: Tensor, rank: int, layout: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got shape {tuple(x.shape)}")
+
+
+def check_shape(name: str, x: Tensor | None, expected: tuple[int, ...], layout: str) -> None:
+    if x is None:
+        return
+    if not isinstance(x, Tensor) or tuple(x.shape) != tuple(expected):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {got}")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(repr(m) for m in MODES)}")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (64 is the default)")
+
+
+def check_cu_seqlens(cu_seqlens: Tensor | None, batch: int, time: int) -> int | None:
+    """Validate varlen boundaries; return the number of sequences N (None without cu_seqlens)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        got = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1] with N >= 1, got {got}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens packs sequences along time and needs batch size 1, got batch={batch}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != time or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at time={time}, got {cu}")
+    return len(cu) - 1
+
+
+def max_seqlen(cu_seqlens: Tensor | None, time: int) -> int:
+    if cu_seqlens is None:
+        return time
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+def pick_mode(mode: str, cu_seqlens: Tensor | None, time: int) -> str:
+    if mode != "auto":
+        return mode
+    return "recurrent" if max_seqlen(cu_seqlens, time) <= AUTO_RECURRENT_MAX_LEN else "chunk"
+
+
+def resolve(op_name: str, backend: str | None, x: Tensor, **features) -> str:
+    """The backend that runs this call ("torch" unless a faster one can and is allowed to)."""
+    # Imported here: the backends package must never be a hard import-time dependency of the ops.
+    from .backends import resolve_backend
+
+    return resolve_backend(op_name, backend, x.device, x.dtype, **features)
+
+
+def run_backend(name: str, op_name: str, *args, **kwargs):
+    from .backends import get_backend
+
+    return getattr(get_backend(name), op_name)(*args, **kwargs)

@@ -1,0 +1,64 @@
+"""Moving packed variable-length sequences (`cu_seqlens`) in and out of padded layouts.
+
+Packed input is `[1, T, ...]` with sequence n on `cu_seqlens[n]:cu_seqlens[n+1]`. Two layouts help:
+
+* `to_batch`: `[N, Lmax, ...]`, each sequence in its own row, zero-padded at the end. The
+  step-by-step forms use it: the loop runs Lmax steps for all sequences at once.
+* `to_chunks`: `[1, Tp, ...]`, each sequence starting on a chunk boundary and padded to whole
+  chunks. The chunked forms use it: no chunk straddles two sequences, so only the state scan
+  needs to know where sequences begin (waste is under one chunk per sequence).
+
+Zero padding is harmless to every recurrence here because padded steps carry k = v = 0,
+beta = 0 and log-decay 0: the state passes through them unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Packing:
+    """Where each packed token goes in the padded layout."""
+
+    positions: Tensor  # [T] flat destination index of each token
+    padded_len: int  # rows * row_len of the padded layout
+    lengths: list[int]  # tokens per sequence
+    starts: list[int]  # start of each sequence in the padded layout (to_chunks only)
+
+
+def _seq_ids_and_offsets(cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
+    offset = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][seq_id]
+    return lengths, seq_id, offset
+
+
+def batch_packing(cu_seqlens: Tensor) -> tuple[Packing, int]:
+    """Packing for `[N, Lmax]`; also returns Lmax (at least 1, so shapes stay valid)."""
+    lengths, seq_id, offset = _seq_ids_and_offsets(cu_seqlens)
+    row = max(int(lengths.max()), 1)
+    n = len(lengths)
+    return Packing(seq_id * row + offset, n * row, lengths.tolist(), [i * row for i in range(n)]), row
+
+
+def chunk_packing(cu_seqlens: Tensor, chunk_size: int) -> Packing:
+    """Packing for `[1, Tp]` where every sequence starts on a multiple of `chunk_size`."""
+    lengths, seq_id, offset = _seq_ids_and_offsets(cu_seqlens)
+    padded = (lengths + chunk_size - 1) // chunk_size * chunk_size
+    starts = torch.cumsum(padded, 0) - padded
+    return Packing(starts[seq_id] + offset, int(padded.sum()), lengths.tolist(), starts.tolist())
+
+
+def scatter(x: Tensor, packing: Packing) -> Tensor:
+    """`[1, T, *rest]` -> `[padded_len, *rest]` with zeros in the gaps (differentiable)."""
+    out = x.new_zeros((packing.padded_len, *x.shape[2:]))
+    return out.index_copy(0, packing.positions, x[0])
+
+
+def gather(y: Tensor, packing: Packing) -> Tensor:
+    """`[padded_len, *rest]` -> `[1, T, *rest]`: the inverse of `scatter`."""
+    return y[packing.positions].unsqueeze(0)
