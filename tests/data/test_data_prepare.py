@@ -1,0 +1,92 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from linear_moe.data import DataError, iter_documents, load_tokenizer
+from linear_moe.data.indexed import IndexedDataset
+from linear_moe.data.prepare import prepare_data
+from linear_moe.data.testing import tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return list(iter_documents(max_chars=60_000))
+
+
+def _expected(tok, texts):
+    return [tok.encode(t) + [tok.eos_id] for t in texts]
+
+
+def test_jsonl_text_and_gz_in_input_order(tmp_path, docs):
+    info = tiny_dataset()
+    tok = load_tokenizer(info.cache_dir)
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "a.jsonl", "w") as f:
+        for d in docs[:6]:
+            f.write(json.dumps({"body": d, "id": 1}) + "\n\n")  # blank lines are skipped
+    (tmp_path / "in" / "b.txt").write_text(docs[6])
+    with gzip.open(tmp_path / "in" / "c.jsonl.gz", "wt") as f:
+        for d in docs[7:9] + ["   "]:  # whitespace-only documents are dropped
+            f.write(json.dumps({"body": d}) + "\n")
+    (tmp_path / "in" / "d.json").write_text(json.dumps([{"body": docs[9]}]))
+    (tmp_path / "in" / "notes.md").write_text("ignored: not a supported suffix")
+    out = prepare_data(tmp_path / "in", info.cache_dir, tmp_path / "out" / "mix", text_field="body",
+                       chunk_bytes=5000, progress=False)
+    ds = IndexedDataset(tmp_path / "out" / "mix")
+    want = _expected(tok, docs[:10])
+    assert out.documents == ds.num_documents == 10 and out.tokens == sum(map(len, want))
+    assert ds.dtype == np.uint16 and out.dtype == "uint16"
+    for i, w in enumerate(want):
+        assert ds.document(i).tolist() == w
+    meta = json.loads((tmp_path / "out" / "mix.json").read_text())
+    assert meta["tokenizer_sha256"] == tok.sha256 and meta["documents"] == 10
+    assert not list((tmp_path / "out").glob("*tmp*"))
+
+
+def test_workers_give_identical_output(tmp_path, docs):
+    info = tiny_dataset()
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    one = prepare_data([tmp_path / "a.jsonl"], info.tokenizer_path, tmp_path / "one", chunk_bytes=7000, progress=False)
+    two = prepare_data([str(tmp_path / "*.jsonl")], info.cache_dir, tmp_path / "two", workers=2,
+                       chunk_bytes=7000, progress=False)
+    assert one.documents == two.documents == len(docs)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"one{ext}").read_bytes() == (tmp_path / f"two{ext}").read_bytes()
+
+
+def test_parquet(tmp_path, docs):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    info = tiny_dataset()
+    tok = load_tokenizer(info.cache_dir)
+    pq.write_table(pa.table({"text": docs[:7], "n": list(range(7))}), tmp_path / "p.parquet", row_group_size=3)
+    out = prepare_data(tmp_path / "p.parquet", info.cache_dir, tmp_path / "pq", workers=2, progress=False)
+    ds = IndexedDataset(tmp_path / "pq")
+    assert out.documents == 7
+    assert all(ds.document(i).tolist() == w for i, w in enumerate(_expected(tok, docs[:7])))
+    with pytest.raises(DataError, match="no 'body' column"):
+        prepare_data(tmp_path / "p.parquet", info.cache_dir, tmp_path / "bad", text_field="body", progress=False)
+
+
+def test_errors_leave_no_output(tmp_path):
+    info = tiny_dataset()
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
+    with pytest.raises(DataError, match="no 'text' field"):
+        prepare_data(tmp_path / "bad.jsonl", info.cache_dir, tmp_path / "o", workers=2, progress=False)
+    (tmp_path / "bad2.jsonl").write_text('{"text": "fine"}\n{broken\n')
+    with pytest.raises(DataError, match="not valid JSON"):
+        prepare_data(tmp_path / "bad2.jsonl", info.cache_dir, tmp_path / "o", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "bad2.jsonl"]
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_data(tmp_path / "missing.jsonl", info.cache_dir, tmp_path / "o", progress=False)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported type"):
+        prepare_data(tmp_path / "x.csv", info.cache_dir, tmp_path / "o", progress=False)
+    with pytest.raises(DataError, match="workers=0"):
+        prepare_data(tmp_path / "bad.jsonl", info.cache_dir, tmp_path / "o", workers=0)
+    with pytest.raises(DataError, match="tokenizer file"):
+        prepare_data(tmp_path / "bad.jsonl", tmp_path / "nodir", tmp_path / "o")
