@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .router import expert_counts
+
 
 def sort_by_expert(topk_idx: torch.Tensor, num_experts: int, capacity: int | None = None):
     """Order the ``N * k`` routing choices by expert.
@@ -24,7 +26,7 @@ def sort_by_expert(topk_idx: torch.Tensor, num_experts: int, capacity: int | Non
     """
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     if capacity is None:
         return order, counts, torch.zeros((), dtype=torch.long, device=flat.device)
     start = torch.cumsum(counts, 0) - counts

@@ -13,7 +13,7 @@ from .config import MoEConfig
 from .dispatch import expert_parallel_apply, sort_by_expert
 from .experts import GroupedExperts
 from .mlp import SwiGLUMLP
-from .router import Router, load_balancing_loss, router_z_loss
+from .router import Router, expert_counts, load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -109,7 +109,7 @@ class MoELayer(nn.Module):
         balance = load_balancing_loss(r.probs, r.topk_idx, cfg.num_experts, seq_len if cfg.seq_aux_loss else None)
         z = router_z_loss(r.logits)
         balance_scaled, z_scaled = cfg.aux_loss_coef * balance, cfg.z_loss_coef * z
-        tokens_per_expert = torch.bincount(r.topk_idx.reshape(-1), minlength=cfg.num_experts).float()
+        tokens_per_expert = expert_counts(r.topk_idx, cfg.num_experts).float()
         dropped_fraction = dropped.float() / r.topk_idx.numel()
         aux = MoEAux(balance_scaled + z_scaled, balance, z, balance_scaled, z_scaled, tokens_per_expert, dropped_fraction)
         self.last_stats = {"tokens_per_expert": tokens_per_expert, "dropped_fraction": dropped_fraction,

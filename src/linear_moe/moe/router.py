@@ -38,6 +38,15 @@ class RouterOutput:
     logits: torch.Tensor
 
 
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many routing choices picked each expert: topk_idx [...] -> [E] int64.
+
+    ``scatter_add_`` rather than ``bincount``: CUDA's bincount reads the max on the host (a sync).
+    """
+    flat = topk_idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _group_mask(select_scores: torch.Tensor, n_group: int, topk_group: int, per_group_best: int) -> torch.Tensor:
     """[N, E] bool: True for experts inside the ``topk_group`` best groups of each token.
 
@@ -110,7 +119,7 @@ class Router(nn.Module):
         out = route(logits, self.cfg, self.expert_bias)
         if self.load_since_update is not None and self.training:
             with torch.no_grad():
-                self.load_since_update += torch.bincount(out.topk_idx.reshape(-1), minlength=self.cfg.num_experts).float()
+                self.load_since_update += expert_counts(out.topk_idx, self.cfg.num_experts)
         return out
 
     @torch.no_grad()
@@ -127,8 +136,8 @@ class Router(nn.Module):
         load = self.load_since_update
         if group is not None:
             dist.all_reduce(load, group=group)
-        if load.sum() > 0:
-            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        # No load yet: mean - load is zero everywhere, so the step is zero (and needs no host check).
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
 
 
