@@ -267,6 +267,8 @@ def main():
                 print(f"check {key:45s} {'ok ' if r['ok'] else 'BAD'} "
                       f"{r.get('max_rel', r.get('error'))}", flush=True)
 
+    dump(result, a.out)  # partial results survive a time limit
+
     # 2. timing
     H, D = 16, 128
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -295,11 +297,16 @@ def main():
                 row[f"{case}/{variant}"] = ms
                 print(f"time T={T:6d} {case:16s} {variant:10s} {ms}", flush=True)
             torch.cuda.empty_cache()
+        dump(result, a.out)
 
     result["targets"] = targets(result["time_ms"])
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    dump(result, a.out)
     print_table(result)
+
+
+def dump(result, path):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def targets(times):
