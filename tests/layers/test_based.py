@@ -58,7 +58,12 @@ def test_matches_kernel_definition(name, mode):
     else:
         fm = layer.feature_map
         kernel = rebased_kernel(fm.gamma.detach().double(), fm.beta.detach().double())
-    torch.testing.assert_close(y.double(), reference(layer, x, kernel), rtol=1e-4, atol=1e-5)
+    ref = reference(layer, x, kernel)
+    if name == "based":  # κ ≥ 1/2: the normalised output is well conditioned
+        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+    else:  # κ = (q̃·k̃)² can be ~0 for a lone first token, where fp32 rounding of κ is amplified
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
+        torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)
 
 
 def test_default_feature_dim_is_the_papers():
