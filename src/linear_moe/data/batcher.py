@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .packing import PackedBatch, pack_windows
 from .token_cache import DatasetInfo, open_tokens
 
 
@@ -64,6 +65,12 @@ class TokenBatcher:
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         w = self._windows(self.tokens, starts, self.seq_len + 1)
         return w[:, :-1], w[:, 1:]
+
+    def packed_batch(self, step: int, eos_id: int) -> PackedBatch:
+        """``batch(step)`` as a ``PackedBatch``: same tokens, plus document-aware ``cu_seqlens``,
+        position ids and boundary-masked labels."""
+        x, y = self.batch(step)
+        return pack_windows(torch.cat([x, y[:, -1:]], dim=1), eos_id)
 
     def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``n_batches`` batches of consecutive, non-overlapping windows from the validation split.
