@@ -98,9 +98,14 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 # ---- norms and activations -------------------------------------------------------------------------
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32 (half / bf16 → fp32; fp32 and fp64 unchanged, so fp64 checks stay exact)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / sqrt(sum(x²) + eps)`` over the last dim, computed in fp32, returned in ``x.dtype``."""
-    xf = x.float()
+    """``x / sqrt(sum(x²) + eps)`` over the last dim, computed in fp32 (or fp64), returned in ``x.dtype``."""
+    xf = upcast(x)
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -126,11 +131,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.float()
+            y = y * upcast(self.weight)
         return y.to(x.dtype)
 
 
@@ -158,14 +167,20 @@ class OutputNormGate(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim)) if norm != "none" else None
         self.bias = nn.Parameter(torch.zeros(head_dim)) if norm == "groupnorm" else None
 
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = o.float()
+        y = upcast(o)
         if self.norm == "rmsnorm":
-            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * upcast(self.weight)
         elif self.norm == "groupnorm":
-            y = F.layer_norm(y, y.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+            y = F.layer_norm(y, y.shape[-1:], upcast(self.weight), upcast(self.bias), self.eps)
         if gate is not None:
-            y = y * self.gate_fn(gate.float().reshape(o.shape))
+            y = y * self.gate_fn(upcast(gate).reshape(o.shape))
         return y.to(o.dtype)
 
 
@@ -188,10 +203,16 @@ class ShortConvolution(nn.Module):
         if activation not in ("silu", None):
             raise ValueError(f"{mixer + ': ' if mixer else ''}short conv activation={activation!r}; choose 'silu' or None")
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         # nn.Conv1d's default init for a depthwise conv: fan_in = kernel_size.
-        bound = 1.0 / math.sqrt(kernel_size)
-        self.weight = nn.Parameter(torch.empty(channels, kernel_size).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound)) if bias else None
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,19 +222,24 @@ class ShortConvolution(nn.Module):
 
 # ---- init ------------------------------------------------------------------------------------------
 
-def init_weights(module: nn.Module, std: float | None = None, skip: tuple[type, ...] = (ShortConvolution,)) -> None:
-    """Initialise every ``nn.Linear`` below ``module``: weights ~ N(0, std²) (default ``dim_in ** -0.5``), biases 0.
+def init_weights(module: nn.Module, std: float | None = None) -> None:
+    """(Re)initialise the parameters of every submodule of ``module`` (not ``module`` itself).
 
-    Norm weights, short convs and mixer-specific parameters (decay ``A_log``, ``dt_bias``, ...) keep the
-    init their own constructors gave them.
+    ``nn.Linear``: weight ~ N(0, std²) (default ``in_features ** -0.5``), bias 0. Any other submodule
+    with a ``reset_parameters()`` (norms, short convs, learnable feature maps) resets itself. A mixer's
+    own parameters (decay ``A_log``, ``dt_bias``, ...) are its ``reset_parameters()``'s business: each
+    mixer defines one that calls this and then inits those, so a model built on the meta device can be
+    materialised and re-initialised exactly.
     """
     for sub in module.modules():
-        if isinstance(sub, skip):
+        if sub is module:
             continue
         if isinstance(sub, nn.Linear):
             nn.init.normal_(sub.weight, 0.0, std if std is not None else sub.in_features ** -0.5)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
+        elif hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
 
 
 def state_get(state: dict | None, key: str) -> torch.Tensor | None:

@@ -27,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import upcast
+
 
 def quadratic_features(x: torch.Tensor) -> torch.Tensor:
     """``[..., d]`` → ``[..., d(d+1)/2]`` with ``⟨quadratic_features(x), quadratic_features(y)⟩ = (x·y)²``."""
     d = x.shape[-1]
     i, j = torch.triu_indices(d, d, device=x.device)
-    scale = torch.where(i == j, 1.0, math.sqrt(2.0)).to(x.dtype)
+    scale = torch.full(i.shape, math.sqrt(2.0), dtype=x.dtype, device=x.device)
+    scale[i == j] = 1.0
     return x[..., i] * x[..., j] * scale
 
 
@@ -73,8 +76,12 @@ class ReBasedFeatureMap(nn.Module):
         self.beta = nn.Parameter(torch.zeros(head_dim))
         self.out_dim = head_dim * (head_dim + 1) // 2
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.gamma)
+        nn.init.zeros_(self.beta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps) * self.gamma.float() + self.beta.float()
+        y = F.layer_norm(upcast(x), x.shape[-1:], eps=self.eps) * upcast(self.gamma) + upcast(self.beta)
         return quadratic_features(y).to(x.dtype)
 
 
@@ -86,9 +93,13 @@ class HedgehogFeatureMap(nn.Module):
         self.weight = nn.Parameter(torch.eye(head_dim))
         self.out_dim = 2 * head_dim
 
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.weight.shape[0]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = x @ self.weight.to(x.dtype)
-        return torch.cat([z, -z], dim=-1).float().softmax(-1).to(x.dtype)
+        return upcast(torch.cat([z, -z], dim=-1)).softmax(-1).to(x.dtype)
 
 
 class T2RFeatureMap(nn.Module):
@@ -99,6 +110,11 @@ class T2RFeatureMap(nn.Module):
         self.weight = nn.Parameter(torch.eye(head_dim))
         self.bias = nn.Parameter(torch.zeros(head_dim))
         self.out_dim = head_dim
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.weight.shape[0]))
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x @ self.weight.to(x.dtype) + self.bias.to(x.dtype))

@@ -1,0 +1,130 @@
+"""DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length")
+and Gated DeltaNet (Yang et al. 2025, "Gated Delta Networks: Improving Mamba2 with Delta Rule").
+
+Per head, keys and queries L2-normalised, ``β_t = sigmoid(x_t W_β) ∈ (0, 1)``:
+
+    DeltaNet:        S_t = (I - β_t k_tᵀ k_t) S_{t-1} + β_t k_tᵀ v_t
+    Gated DeltaNet:  S_t = a_t (I - β_t k_tᵀ k_t) S_{t-1} + β_t k_tᵀ v_t,
+                     log a_t = -exp(A_log) · softplus(x_t W_a + dt_bias)    (Mamba2's decay)
+    o_t = K^-0.5 · q_t S_t
+
+q, k, v pass through short causal convolutions with SiLU (without them, through SiLU alone). DeltaNet's
+output is ``o_proj(norm(o))``; Gated DeltaNet's is ``o_proj(norm(o) ⊙ swish(x W_g))``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .common import (
+    OutputNormGate, ShortConvolution, init_weights, l2_norm, op_backend, op_mode, per_head, resolve_heads, state_get,
+    upcast,
+)
+from .config import AttentionConfig, MixerConfig
+from .registry import register_mixer
+
+
+def init_dt_bias_(dt_bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+    """Mamba's time-step bias: ``softplus(dt_bias) = dt`` with dt log-uniform in ``[dt_min, dt_max]``."""
+    with torch.no_grad():
+        dt = torch.exp(torch.rand_like(dt_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+
+class _DeltaRuleAttention(nn.Module):
+    """Shared body of DeltaNet and Gated DeltaNet (``gated`` adds the decay and the output gate)."""
+
+    gated = False
+
+    def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
+        super().__init__()
+        name = self.mixer_name
+        H, _ = resolve_heads(hidden_size, mixer, attention, name)
+        if mixer.num_kv_heads not in (0, H):
+            raise ValueError(f"{name}: num_kv_heads={mixer.num_kv_heads} is not supported; use 0 or num_heads={H}")
+        self.num_heads = H
+        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
+        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+
+        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
+        self.b_proj = nn.Linear(hidden_size, H, bias=False)
+        self.convs = nn.ModuleDict({
+            n: ShortConvolution(width, mixer.conv_size, activation="silu", mixer=name)
+            for n, width in (("q", H * K), ("k", H * K), ("v", H * V))
+        }) if mixer.use_short_conv else None
+        if self.gated:
+            self.a_proj = nn.Linear(hidden_size, H, bias=False)
+            self.A_log = nn.Parameter(torch.empty(H))
+            self.dt_bias = nn.Parameter(torch.empty(H))
+            self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
+        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn if self.gated else "none",
+                                       mixer=name)
+        self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self)
+        if self.gated:
+            with torch.no_grad():
+                self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1e-4, 16).log())  # a = exp(-A·dt), A ∈ (0, 16]
+            init_dt_bias_(self.dt_bias)
+
+    def _conv(self, name: str, x: torch.Tensor, state: dict | None, new_state: dict, cu_seqlens) -> torch.Tensor:
+        if self.convs is None:
+            return F.silu(x)
+        y, new_state[f"conv_{name}"] = self.convs[name](x, state_get(state, f"conv_{name}"), cu_seqlens)
+        return y
+
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state)."""
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        new_state: dict = {}
+        q = l2_norm(self._conv("q", self.q_proj(x), state, new_state, cu_seqlens).view(B, T, H, K))
+        k = l2_norm(self._conv("k", self.k_proj(x), state, new_state, cu_seqlens).view(B, T, H, K))
+        v = self._conv("v", self.v_proj(x), state, new_state, cu_seqlens).view(B, T, H, V)
+        beta = torch.sigmoid(upcast(self.b_proj(x)))
+        log_decay = None
+        if self.gated:
+            log_decay = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
+        o, new_state["recurrent"] = ops.delta_rule(
+            q, k, v, beta, log_decay, scale=K ** -0.5, initial_state=state_get(state, "recurrent"),
+            output_final_state=True, cu_seqlens=cu_seqlens, mode="recurrent" if T == 1 else self.mode,
+            chunk_size=self.chunk_size, backend=self.backend,
+        )
+        gate = self.g_proj(x) if self.gated and self.g_proj is not None else None
+        y = self.o_proj(self.out_norm(o, gate).reshape(B, T, H * V))
+        return y, new_state
+
+
+@register_mixer("deltanet")
+class DeltaNet(_DeltaRuleAttention):
+    """DeltaNet token mixer.
+
+    Reads ``MixerConfig``: num_heads, head_dim / expand_k, expand_v, use_short_conv, conv_size,
+    output_norm, mode, chunk_size, backend. The paper's layer has no output gate (``use_output_gate`` and
+    ``gate_fn`` are not read) and fixes q, k to SiLU + L2 norm (``feature_map`` is not read).
+
+    State: ``{"recurrent": [batch, heads, K, V], "conv_q" / "conv_k": [batch, heads*K, W-1],
+    "conv_v": [batch, heads*V, W-1]}`` (convs only with ``use_short_conv``).
+    """
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNet(_DeltaRuleAttention):
+    """Gated DeltaNet token mixer: DeltaNet plus Mamba2's scalar decay and a gated output norm.
+
+    Reads what DeltaNet reads plus ``use_output_gate`` and ``gate_fn`` (swish). Extra parameters:
+    ``A_log [heads]`` (A ∈ (0, 16]) and ``dt_bias [heads]`` (softplus(dt_bias) ∈ [1e-3, 0.1]). Same state.
+    """
+
+    gated = True

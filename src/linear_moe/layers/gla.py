@@ -1,0 +1,87 @@
+"""Gated Linear Attention (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training").
+
+Per head, a data-dependent forget gate over the key dim:
+
+    α_t = sigmoid(x_t W_α1 W_α2 + b_α) ^ (1/τ)   ∈ (0, 1)^K   (low rank W_α1 [C, r], W_α2 [r, H·K]; τ = gate_logit_normalizer)
+    S_t = diag(α_t) S_{t-1} + k_tᵀ v_t           [K, V]
+    o_t = K^-0.5 · q_t S_t
+    y_t = o_proj(swish(x_t W_r) ⊙ norm(o_t))     per-head norm, then the output gate
+
+``log α_t = logsigmoid(·) / τ`` is what the ``gla`` op takes (``log_decay [B, T, H, K]``); the
+normaliser τ (16 in the paper) keeps the gates near 1 so the memory is long.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .common import (
+    OutputNormGate, init_weights, op_backend, op_mode, per_head, repeat_heads, resolve_heads, state_get, upcast,
+)
+from .config import AttentionConfig, MixerConfig
+from .feature_maps import feature_map
+from .registry import register_mixer
+
+
+@register_mixer("gla")
+class GatedLinearAttention(nn.Module):
+    """GLA token mixer.
+
+    Reads ``MixerConfig``: num_heads, num_kv_heads (keys, values and gates shared by query groups),
+    head_dim / expand_k, expand_v, feature_map (default identity; elementwise maps only), gate_low_rank_dim,
+    gate_logit_normalizer, output_norm, gate_fn, use_output_gate, mode, chunk_size, backend. The paper's
+    layer has no short convolution (``use_short_conv`` is not read).
+
+    State: ``{"recurrent": [batch, heads, K, V]}`` (fp32).
+    """
+
+    def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
+        super().__init__()
+        name = "gla"
+        self.num_heads, self.num_kv_heads = H, KVH = resolve_heads(hidden_size, mixer, attention, name)
+        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
+        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        if mixer.gate_logit_normalizer <= 0:
+            raise ValueError(f"gla: gate_logit_normalizer={mixer.gate_logit_normalizer} must be > 0")
+        if mixer.gate_low_rank_dim < 1:
+            raise ValueError(f"gla: gate_low_rank_dim={mixer.gate_low_rank_dim} must be >= 1")
+        self.gate_logit_normalizer = mixer.gate_logit_normalizer
+        self.feature_map = feature_map(mixer.feature_map or "identity", K, name)
+        if self.feature_map.out_dim != K:
+            raise ValueError(f"gla: feature_map={mixer.feature_map!r} changes the key width; the gate is per key "
+                             "channel, so use an elementwise one (identity, elu, relu, swish)")
+        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+
+        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.k_proj = nn.Linear(hidden_size, KVH * K, bias=False)
+        self.v_proj = nn.Linear(hidden_size, KVH * V, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, mixer.gate_low_rank_dim, bias=False),
+                                     nn.Linear(mixer.gate_low_rank_dim, KVH * K, bias=True))
+        self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
+        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn, mixer=name)
+        self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state)."""
+        B, T, _ = x.shape
+        H, KVH, K, V = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
+        groups = H // KVH
+        q = self.feature_map(self.q_proj(x).view(B, T, H, K))
+        k = repeat_heads(self.feature_map(self.k_proj(x).view(B, T, KVH, K)), groups)
+        v = repeat_heads(self.v_proj(x).view(B, T, KVH, V), groups)
+        log_decay = F.logsigmoid(upcast(self.gk_proj(x)).view(B, T, KVH, K)) / self.gate_logit_normalizer
+        o, recurrent = ops.gla(
+            q, k, v, repeat_heads(log_decay, groups), scale=K ** -0.5,
+            initial_state=state_get(state, "recurrent"), output_final_state=True, cu_seqlens=cu_seqlens,
+            mode="recurrent" if T == 1 else self.mode, chunk_size=self.chunk_size, backend=self.backend,
+        )
+        gate = self.g_proj(x) if self.g_proj is not None else None
+        y = self.o_proj(self.out_norm(o, gate).reshape(B, T, H * V))
+        return y, {"recurrent": recurrent}
