@@ -47,3 +47,4 @@ class MixerConfig:
     memory_aux_loss_coef: float = 0.01  # MoM: weight of the memory load-balancing loss (in mixer.aux_loss)
     normalize: bool = False        # linear_attention / lasp2: divide by φ(q)·Σφ(k) (Katharopoulos); off = output norm only
     gate_low_rank_dim: int = 16    # GLA: rank of the data-dependent forget-gate projection
+    based_window: int = 0          # Based: add a sliding-window softmax attention branch over this many tokens (0: off)
