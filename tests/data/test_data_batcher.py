@@ -74,3 +74,17 @@ def test_bad_inputs(tmp_path):
     assert b.batch(0)[0].shape == (2, 8)
     with pytest.raises(DataError, match="no validation split"):
         next(b.eval_batches(1))
+
+
+def test_megatron_prefix_as_source(tmp_path):
+    from linear_moe.data import write_indexed_dataset
+    rng = np.random.default_rng()
+    docs = [rng.integers(0, 500, size=int(rng.integers(1, 60))) for _ in range(30)]
+    write_indexed_dataset(tmp_path / "tr", docs, np.uint16)
+    write_indexed_dataset(tmp_path / "va", docs[:5], np.int32)
+    b = TokenBatcher(tmp_path / "tr", 12, 4, seed=1, val_path=tmp_path / "va.idx")
+    stream = np.concatenate(docs)
+    x, y = b.batch(0)
+    assert all(_contains_window(stream, torch.cat([r, l[-1:]])) for r, l in zip(x, y))
+    vx, vy = next(b.eval_batches(1))
+    assert torch.equal(vx[0], torch.from_numpy(np.concatenate(docs[:5])[:12].astype(np.int64)))

@@ -85,7 +85,7 @@ def test_parse_blend_and_errors(tmp_path):
         BlendedLoader([a], [1, 2], 8, 2)
     with pytest.raises(DataError, match="fewer than seq_len"):
         BlendedLoader([a], None, 10**6, 2)
-    with pytest.raises(DataError, match="neither an indexed-dataset"):
+    with pytest.raises(DataError, match="does not exist"):
         BlendedLoader([tmp_path / "missing"], None, 8, 2)
     with pytest.raises(DataError, match="needs eos_id"):
         BlendedLoader([a], None, 8, 2, pack=True)

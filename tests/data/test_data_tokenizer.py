@@ -45,3 +45,18 @@ def test_bad_tokenizer_paths(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(DataError, match="vocab_size=10"):
         train_bpe_tokenizer(["abc"], 10, tmp_path / "x.json")
+
+
+def test_llama_style_specials_without_config(tmp_path):
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    words = {"<s>": 0, "</s>": 1, "<pad>": 2, "hello": 3, "world": 4}
+    hf = HF(models.WordLevel(words, unk_token="<pad>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 2, 5)
+    assert tok.encode("hello world") == [3, 4]
+    hf2 = HF(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    hf2.save(str(tmp_path / "noeos.json"))
+    with pytest.raises(DataError, match="no end-of-text token"):
+        load_tokenizer(tmp_path / "noeos.json")

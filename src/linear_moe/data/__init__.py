@@ -9,9 +9,10 @@ from .batcher import TokenBatcher
 from .corpus import CORPORA, DEFAULT_CORPUS, iter_documents
 from .errors import DataError
 from .indexed import IndexedDataset, IndexedDatasetWriter, merge_indexed_datasets, write_indexed_dataset
-from .loader import BlendedLoader, open_source, parse_blend
+from .loader import BlendedLoader, parse_blend
 from .packing import IGNORE_INDEX, PackedBatch, pack_windows
 from .prepare import PreparedData, prepare_data
+from .sources import open_source
 from .stats import unigram_entropy
 from .token_cache import DatasetInfo, default_cache_root, open_tokens, prepare_default_dataset
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer

@@ -14,13 +14,15 @@ import torch
 
 from .errors import DataError
 from .packing import PackedBatch, pack_windows
-from .token_cache import DatasetInfo, open_tokens
+from .sources import open_source
+from .token_cache import DatasetInfo
 
 
 class TokenBatcher:
-    """Batches of ``seq_len`` next-token pairs from ``bin_path`` (a memory-mapped ``train.bin``).
+    """Batches of ``seq_len`` next-token pairs from ``bin_path``: a memory-mapped ``train.bin``, or any
+    source ``open_source`` takes (e.g. a Megatron ``.bin/.idx`` prefix from ``prepare_data``).
 
-    ``val_path`` defaults to a ``val.bin`` beside ``bin_path``. With ``world_size > 1`` every rank
+    ``val_path`` (same kinds) defaults to a ``val.bin`` beside ``bin_path``. With ``world_size > 1`` every rank
     draws the same global batch of ``batch_size * world_size`` windows and keeps its own slice, so
     the data seen does not depend on how many ranks share it.
     """
@@ -35,11 +37,11 @@ class TokenBatcher:
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
         self.bin_path = Path(bin_path)
-        self.tokens = open_tokens(self.bin_path, dtype)
+        self.tokens = open_source(self.bin_path, dtype)
         if self.tokens.size < seq_len + 1:
             raise DataError(f"token file {str(self.bin_path)!r} has {self.tokens.size} tokens, "
                             f"fewer than seq_len + 1 = {seq_len + 1}")
-        if val_path is None and (self.bin_path.parent / "val.bin").is_file():
+        if val_path is None and self.bin_path.name == "train.bin" and (self.bin_path.parent / "val.bin").is_file():
             val_path = self.bin_path.parent / "val.bin"
         self.val_path = Path(val_path) if val_path is not None else None
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
@@ -80,7 +82,7 @@ class TokenBatcher:
         """
         if self.val_path is None:
             raise DataError(f"no validation split: no val.bin beside {str(self.bin_path)!r} and no val_path given")
-        val = open_tokens(self.val_path, self.dtype)
+        val = open_source(self.val_path, self.dtype)
         span = self.seq_len + 1
         n_windows = (val.size - 1) // self.seq_len  # windows overlap by one token: labels of one = inputs of next
         if n_windows < 1:

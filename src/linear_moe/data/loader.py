@@ -11,35 +11,14 @@ next unseen batch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import DataError
-from .indexed import IndexedDataset, idx_path
 from .packing import PackedBatch, pack_windows
-from .token_cache import open_tokens
-
-
-def open_source(source) -> np.ndarray:
-    """A token stream ``[num_tokens]`` from: an indexed-dataset prefix (``.idx`` + ``.bin``), a flat
-    ``.bin`` with a ``meta.json`` beside it, an ``IndexedDataset``, or an in-memory 1-D array."""
-    if isinstance(source, IndexedDataset):
-        return source.tokens
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        arr = np.asarray(source)
-        if arr.ndim != 1:
-            raise DataError(f"an in-memory token source must be 1-D, got shape {arr.shape}")
-        return arr
-    path = Path(source)
-    prefix = path.with_suffix("") if path.suffix in (".bin", ".idx") else path
-    if idx_path(prefix).is_file():
-        return IndexedDataset(prefix).tokens
-    if path.suffix == ".bin" or path.is_file():
-        return open_tokens(path)
-    raise DataError(f"data source {str(source)!r} is neither an indexed-dataset prefix (.bin + .idx) nor a token .bin file")
+from .sources import open_source
 
 
 def parse_blend(spec: str) -> tuple[list[str], list[float]]:
