@@ -69,3 +69,47 @@ def test_matches_kernel_definition(name, mode):
 def test_default_feature_dim_is_the_papers():
     layer = build_mixer("based", 32, MixerConfig(), AttentionConfig(num_heads=2), 0, 1)
     assert layer.feature_dim == 16 and layer.feature_map.out_dim == 1 + 16 + 16 * 17 // 2
+
+
+def window_softmax_reference(attn, x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window causal softmax attention with half-split RoPE, float64, token by token."""
+    x = x.double()
+    P = {n: p.detach().double() for n, p in attn.named_parameters()}
+    B, T, _ = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    inv_freq = attn.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+
+    def rope(z, pos):  # z [..., D]
+        c, s = torch.cos(pos * inv_freq), torch.sin(pos * inv_freq)
+        z1, z2 = z[..., :D // 2], z[..., D // 2:]
+        return torch.cat([z1 * c - z2 * s, z2 * c + z1 * s], -1)
+
+    q = (x @ P["q_proj.weight"].T).view(B, T, H, D)
+    k = (x @ P["k_proj.weight"].T).view(B, T, H, D)
+    v = (x @ P["v_proj.weight"].T).view(B, T, H, D)
+    o = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for t in range(T):
+        lo = max(0, t - window + 1)
+        qt = rope(q[:, t], t)
+        ks = torch.stack([rope(k[:, s], s) for s in range(lo, t + 1)], 1)  # [B, n, H, D]
+        w = torch.softmax((qt[:, None] * ks).sum(-1) / D ** 0.5, dim=1)
+        o[:, t] = (w[..., None] * v[:, lo:t + 1]).sum(1)
+    return o.reshape(B, T, H * D) @ P["o_proj.weight"].T
+
+
+def test_based_window_branch_adds_sliding_window_softmax_attention():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    cfg = MixerConfig(head_dim=4, based_window=3, chunk_size=4)
+    layer = jittered(build_mixer("based", 12, cfg, AttentionConfig(num_heads=3), 0, 1), g)
+    x = torch.randn(2, 8, 12, generator=g)
+    with torch.no_grad():
+        y, _ = layer(x)
+        state, steps = None, []
+        for t in range(8):
+            y_t, state = layer(x[:, t:t + 1], state)
+            steps.append(y_t)
+    ref = reference(layer, x, taylor_kernel) + window_softmax_reference(layer.window_attention, x, 3)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1), y, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="based_window=-1"):
+        build_mixer("based", 12, MixerConfig(based_window=-1), AttentionConfig(num_heads=3), 0, 1)

@@ -8,15 +8,20 @@ feature dim d = 16 per head. ReBased: φ(x) = (γ ⊙ LayerNorm(x) + β)⊗², i
 kernel φ(q)·φ(k) = (q̃·k̃)². Both maps live in ``feature_maps.py``; the state is the ``gla`` op's
 normalised state (values plus the running Σ φ(k)).
 
-Based's sliding-window softmax attention is, in the paper, a separate layer of the stack: use an
-``attention`` layer with ``AttentionConfig.sliding_window`` in the model pattern for it.
+Based's sliding-window softmax attention (exact recall of the last few tokens) is, in the paper, its
+own layers of the stack (an ``attention`` layer with ``AttentionConfig.sliding_window`` in the model
+pattern). ``MixerConfig.based_window > 0`` instead adds it inside the Based layer as a parallel branch
+(``y = based(x) + window_attention(x)``), off by default.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
+from .attention import SoftmaxAttention
 from .common import init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
 from .config import AttentionConfig, MixerConfig
 from .feature_maps import feature_map
@@ -71,13 +76,31 @@ class _PolynomialLinearAttention(nn.Module):
 class BasedLinearAttention(_PolynomialLinearAttention):
     """Based: Taylor-feature linear attention, ``φ(q)·φ(k) = 1 + q·k/√d + (q·k)²/(2d)``.
 
-    Reads num_heads, head_dim (feature dim d, default 16), expand_v, mode, chunk_size, backend.
+    Reads num_heads, head_dim (feature dim d, default 16), expand_v, mode, chunk_size, backend, and
+    based_window: when > 0, a sliding-window softmax attention branch (the ``attention`` mixer with
+    ``num_heads`` heads of the value head dim, rotary positions, ``sliding_window = based_window``) is
+    added to the output; its decode state is ``state["window"]``.
     """
 
     name, kernel = "based", "taylor"
 
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__(hidden_size, mixer, attention)
+        if mixer.based_window < 0:
+            raise ValueError(f"based: based_window={mixer.based_window} must be >= 0 (0: no sliding-window branch)")
+        self.window_attention = None
+        if mixer.based_window:
+            window = dataclasses.replace(attention, num_heads=self.num_heads, num_kv_heads=0, head_dim=self.head_v_dim,
+                                         sliding_window=mixer.based_window)
+            self.window_attention = SoftmaxAttention(hidden_size, mixer, window, layer_idx, num_layers)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, cu_seqlens: torch.Tensor | None = None):
+        """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, ``{"kv": ..., "window": ...}``)."""
+        y, new_state = super().forward(x, state, cu_seqlens)
+        if self.window_attention is not None:
+            y_window, new_state["window"] = self.window_attention(x, state_get(state, "window"), cu_seqlens)
+            y = y + y_window
+        return y, new_state
 
 
 @register_mixer("rebased")

@@ -35,9 +35,6 @@ from .common import (
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
 
-GATE_LORA_RANK = 16  # GLA's low-rank forget-gate projection
-
-
 def route(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router logits ``[B, T, M]`` → (weights ``[B, T, M]`` (zero off the top-k), routed mask ``[B, T, M]``,
     probabilities ``[B, T, M]``), all float32."""
@@ -139,7 +136,7 @@ class _MixtureOfMemories(nn.Module):
 class MoMGLA(_MixtureOfMemories):
     """MoM with GLA memories: each memory's forget gate is ``logsigmoid(low-rank(x)) / gate_logit_normalizer``
     per key channel. Reads num_heads, head_dim / expand_k, expand_v, num_memories, topk_memories,
-    shared_memory, memory_aux_loss_coef, gate_logit_normalizer, use_short_conv, conv_size, use_output_gate,
+    shared_memory, memory_aux_loss_coef, gate_logit_normalizer, gate_low_rank_dim, use_short_conv, conv_size, use_output_gate,
     mode, chunk_size, backend."""
 
     name = "mom_gla"
@@ -150,8 +147,10 @@ class MoMGLA(_MixtureOfMemories):
             raise ValueError(f"mom_gla: gate_logit_normalizer={mixer.gate_logit_normalizer} must be > 0")
         self.gate_logit_normalizer = mixer.gate_logit_normalizer
         E = self.num_memories + self.num_shared
-        self.gate_down = nn.Linear(hidden_size, GATE_LORA_RANK, bias=False)
-        self.gate_up = nn.Linear(GATE_LORA_RANK, E * self.num_heads * self.head_k_dim, bias=True)
+        if mixer.gate_low_rank_dim < 1:
+            raise ValueError(f"mom_gla: gate_low_rank_dim={mixer.gate_low_rank_dim} must be >= 1")
+        self.gate_down = nn.Linear(hidden_size, mixer.gate_low_rank_dim, bias=False)
+        self.gate_up = nn.Linear(mixer.gate_low_rank_dim, E * self.num_heads * self.head_k_dim, bias=True)
         init_weights(self)
 
     def recur(self, x, q, k, v, routed, state, cu_seqlens):
