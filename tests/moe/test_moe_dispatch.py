@@ -34,56 +34,62 @@ def _loss(y, aux, g):
     return (y * g).sum() + aux.loss
 
 
-def _worker(rank: int, world: int, port: int, cfg: MoEConfig, seed: int) -> None:
+def _worker(rank: int, world: int, port: int, cases: list[MoEConfig], seed: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        torch.manual_seed(seed)  # every rank builds the same full layer and sees everyone's inputs
-        full = MoELayer(C, cfg).train()
-        xs = [torch.randn(2, 5, C) for _ in range(world)]
-        gs = [torch.randn(2, 5, C) for _ in range(world)]
-        xs[0][0] = xs[0][1]  # some repeated tokens: uneven loads
-        ep = copy.deepcopy(full).enable_expert_parallel(None)
-        n = cfg.num_experts // world
-        assert ep.experts.gate_proj.shape[0] == n
-
-        y, aux = ep(xs[rank])
-        _loss(y, aux, gs[rank]).backward()
-
-        expert_want = {k: torch.zeros_like(v) for k, v in full.experts.named_parameters()}
-        for r in range(world):
-            full.zero_grad(set_to_none=True)
-            ry, raux = full(xs[r])
-            _loss(ry, raux, gs[r]).backward()
-            for k, v in full.experts.named_parameters():
-                expert_want[k] += v.grad
-            if r == rank:
-                torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(aux.loss, raux.loss)
-                torch.testing.assert_close(aux.tokens_per_expert, raux.tokens_per_expert)
-                torch.testing.assert_close(aux.dropped_fraction, raux.dropped_fraction)
-                for k, v in full.named_parameters():
-                    if not k.startswith("experts."):
-                        torch.testing.assert_close(dict(ep.named_parameters())[k].grad, v.grad, rtol=1e-5, atol=1e-6)
-        for k, v in ep.experts.named_parameters():
-            torch.testing.assert_close(v.grad, expert_want[k][rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-6)
-
-        if cfg.router == "sigmoid_bias":  # the group all-reduce gives every rank the bias of the global load
-            ep.update_bias(dist.group.WORLD)
-            gathered = [torch.zeros(cfg.num_experts) for _ in range(world)]
-            dist.all_gather(gathered, ep.router.expert_bias)
-            assert all(torch.equal(b, gathered[0]) for b in gathered)
-            load = sum(torch.bincount(full.router(x.reshape(-1, C)).topk_idx.reshape(-1), minlength=cfg.num_experts).float()
-                       for x in xs)
-            torch.testing.assert_close(ep.router.expert_bias, cfg.bias_update_rate * torch.sign(load.mean() - load))
+        for i, cfg in enumerate(cases):
+            _check_case(rank, world, cfg, seed + i)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, cfg: MoEConfig, timeout_s: float = 120.0) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), cfg, int(torch.randint(0, 2**31, ()))),
+def _check_case(rank: int, world: int, cfg: MoEConfig, seed: int) -> None:
+    """One configuration on this rank: the ep layer against the full layer on each rank's tokens."""
+    torch.manual_seed(seed)  # every rank builds the same full layer and sees everyone's inputs
+    full = MoELayer(C, cfg).train()
+    xs = [torch.randn(2, 5, C) for _ in range(world)]
+    gs = [torch.randn(2, 5, C) for _ in range(world)]
+    xs[0][0] = xs[0][1]  # some repeated tokens: uneven loads
+    ep = copy.deepcopy(full).enable_expert_parallel(None)
+    n = cfg.num_experts // world
+    assert ep.experts.gate_proj.shape[0] == n
+
+    y, aux = ep(xs[rank])
+    _loss(y, aux, gs[rank]).backward()
+
+    expert_want = {k: torch.zeros_like(v) for k, v in full.experts.named_parameters()}
+    for r in range(world):
+        full.zero_grad(set_to_none=True)
+        ry, raux = full(xs[r])
+        _loss(ry, raux, gs[r]).backward()
+        for k, v in full.experts.named_parameters():
+            expert_want[k] += v.grad
+        if r == rank:
+            torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(aux.loss, raux.loss)
+            torch.testing.assert_close(aux.tokens_per_expert, raux.tokens_per_expert)
+            torch.testing.assert_close(aux.dropped_fraction, raux.dropped_fraction)
+            for k, v in full.named_parameters():
+                if not k.startswith("experts."):
+                    torch.testing.assert_close(dict(ep.named_parameters())[k].grad, v.grad, rtol=1e-5, atol=1e-6)
+    for k, v in ep.experts.named_parameters():
+        torch.testing.assert_close(v.grad, expert_want[k][rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-6)
+
+    if cfg.router == "sigmoid_bias":  # the group all-reduce gives every rank the bias of the global load
+        ep.update_bias(dist.group.WORLD)
+        gathered = [torch.zeros(cfg.num_experts) for _ in range(world)]
+        dist.all_gather(gathered, ep.router.expert_bias)
+        assert all(torch.equal(b, gathered[0]) for b in gathered)
+        load = sum(torch.bincount(full.router(x.reshape(-1, C)).topk_idx.reshape(-1), minlength=cfg.num_experts).float()
+                   for x in xs)
+        torch.testing.assert_close(ep.router.expert_bias, cfg.bias_update_rate * torch.sign(load.mean() - load))
+
+
+def _spawn(world: int, cases: list[MoEConfig], timeout_s: float = 150.0) -> None:
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), cases, int(torch.randint(0, 2**30, ()))),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
@@ -94,11 +100,12 @@ def _spawn(world: int, cfg: MoEConfig, timeout_s: float = 120.0) -> None:
             pytest.fail(f"expert-parallel workers did not finish within {timeout_s}s")
 
 
-@pytest.mark.parametrize("world, case", [(2, "shared_gate_dropless"), (2, "sigmoid_bias"), (4, "deepseek_capacity")])
-def test_expert_parallel_matches_single_process(world, case):
+# One spawn per world size (starting processes dominates the cost), several configurations each.
+@pytest.mark.parametrize("world, cases", [(2, ["shared_gate_dropless", "sigmoid_bias"]), (4, ["deepseek_capacity"])])
+def test_expert_parallel_matches_single_process(world, cases):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    _spawn(world, EP_CASES[case])
+    _spawn(world, [EP_CASES[c] for c in cases])
 
 
 def test_enable_expert_parallel_rejects_uneven_split(monkeypatch):
