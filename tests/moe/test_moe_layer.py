@@ -119,6 +119,19 @@ def test_update_moe_biases_walks_all_layers():
         assert layer.router.load_since_update.sum() == 0
 
 
+def test_builds_on_meta_then_initialises():
+    cfg = dataclasses.replace(CASES["sigmoid_bias"], num_shared_experts=1, shared_expert_gate=True)
+    with torch.device("meta"):
+        layer = MoELayer(C, cfg)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters(std=0.02)
+    assert torch.equal(layer.router.expert_bias, torch.zeros(cfg.num_experts))
+    for name, p in layer.named_parameters():
+        assert 0.012 < p.std().item() < 0.028 or p.numel() < 100, name
+    y, aux = layer(torch.randn(2, 3, C))
+    assert torch.isfinite(y).all() and torch.isfinite(aux.loss)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2", "deepseek_v2", "llama3"])
 def test_families_build_from_moe_config(family):
     cfgs = {

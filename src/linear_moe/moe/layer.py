@@ -121,12 +121,17 @@ class MoELayer(nn.Module):
         self.router.update_bias(group)
 
     def reset_parameters(self, std: float | None = None) -> None:
+        """(Re)initialise every weight: Normal(0, std), or nn.Linear-style defaults when ``std`` is None;
+        zero the routing bias. For a layer built on the meta device, after ``to_empty``."""
         self.router.reset_parameters(std)
         self.experts.reset_parameters(std)
-        if self.shared_expert is not None and std is not None:
+        if self.shared_expert is not None:
             self.shared_expert.reset_parameters(std)
-        if self.shared_expert_gate is not None and std is not None:
-            nn.init.normal_(self.shared_expert_gate.weight, std=std)
+        if self.shared_expert_gate is not None:
+            if std is None:
+                self.shared_expert_gate.reset_parameters()
+            else:
+                nn.init.normal_(self.shared_expert_gate.weight, std=std)
 
 
 def build_channel_mixer(kind: str, hidden_size: int, cfg: MoEConfig, intermediate_size: int) -> nn.Module:

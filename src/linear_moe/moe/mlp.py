@@ -25,6 +25,10 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Normal(0, std) weights, or nn.Linear's default when ``std`` is None."""
         for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            nn.init.normal_(lin.weight, std=std)
+            if std is None:
+                lin.reset_parameters()
+            else:
+                nn.init.normal_(lin.weight, std=std)
