@@ -90,3 +90,25 @@ def test_errors_leave_no_output(tmp_path):
         prepare_data(tmp_path / "bad.jsonl", info.cache_dir, tmp_path / "o", workers=0)
     with pytest.raises(DataError, match="tokenizer file"):
         prepare_data(tmp_path / "bad.jsonl", tmp_path / "nodir", tmp_path / "o")
+
+
+def test_validation_split_by_text_hash(tmp_path, docs):
+    from linear_moe.data.prepare import is_validation
+    info = tiny_dataset()
+    tok = load_tokenizer(info.cache_dir)
+    texts = [f"document {i}: " + docs[i % len(docs)][:300] for i in range(60)]
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    out = prepare_data(tmp_path / "a.jsonl", info.cache_dir, tmp_path / "s", workers=2, val_fraction=0.25,
+                       chunk_bytes=4000, progress=False)
+    held = [t for t in texts if is_validation(t, 0.25)]
+    kept = [t for t in texts if not is_validation(t, 0.25)]
+    assert 0 < len(held) < len(texts)  # ~15 of 60
+    train, val = IndexedDataset(tmp_path / "s"), IndexedDataset(tmp_path / "s_val")
+    assert out.val_prefix == tmp_path / "s_val" and (out.documents, out.val_documents) == (len(kept), len(held))
+    assert [train.document(i).tolist() for i in range(train.num_documents)] == _expected(tok, kept)
+    assert [val.document(i).tolist() for i in range(val.num_documents)] == _expected(tok, held)
+    assert out.val_tokens == val.num_tokens
+    with pytest.raises(DataError, match="val_fraction=1"):
+        prepare_data(tmp_path / "a.jsonl", info.cache_dir, tmp_path / "x", val_fraction=1)
