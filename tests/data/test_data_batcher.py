@@ -81,8 +81,9 @@ def test_megatron_prefix_as_source(tmp_path):
     rng = np.random.default_rng()
     docs = [rng.integers(0, 500, size=int(rng.integers(1, 60))) for _ in range(30)]
     write_indexed_dataset(tmp_path / "tr", docs, np.uint16)
-    write_indexed_dataset(tmp_path / "va", docs[:5], np.int32)
-    b = TokenBatcher(tmp_path / "tr", 12, 4, seed=1, val_path=tmp_path / "va.idx")
+    write_indexed_dataset(tmp_path / "tr_val", docs[:5], np.int32)
+    b = TokenBatcher(tmp_path / "tr.bin", 12, 4, seed=1)  # finds tr_val, as prepare_data names it
+    assert b.val_path == tmp_path / "tr_val"
     stream = np.concatenate(docs)
     x, y = b.batch(0)
     assert all(_contains_window(stream, torch.cat([r, l[-1:]])) for r, l in zip(x, y))

@@ -14,7 +14,7 @@ import torch
 
 from .errors import DataError
 from .packing import PackedBatch, pack_windows
-from .sources import open_source
+from .sources import default_val_source, open_source
 from .token_cache import DatasetInfo
 
 
@@ -22,9 +22,9 @@ class TokenBatcher:
     """Batches of ``seq_len`` next-token pairs from ``bin_path``: a memory-mapped ``train.bin``, or any
     source ``open_source`` takes (e.g. a Megatron ``.bin/.idx`` prefix from ``prepare_data``).
 
-    ``val_path`` (same kinds) defaults to a ``val.bin`` beside ``bin_path``. With ``world_size > 1`` every rank
-    draws the same global batch of ``batch_size * world_size`` windows and keeps its own slice, so
-    the data seen does not depend on how many ranks share it.
+    ``val_path`` (same kinds) defaults to ``default_val_source(bin_path)``. With ``world_size > 1``
+    every rank draws the same global batch of ``batch_size * world_size`` windows and keeps its own
+    slice, so the data seen does not depend on how many ranks share it.
     """
 
     def __init__(self, bin_path: str | Path, seq_len: int, batch_size: int, seed: int = 0, *,
@@ -41,8 +41,8 @@ class TokenBatcher:
         if self.tokens.size < seq_len + 1:
             raise DataError(f"token file {str(self.bin_path)!r} has {self.tokens.size} tokens, "
                             f"fewer than seq_len + 1 = {seq_len + 1}")
-        if val_path is None and self.bin_path.name == "train.bin" and (self.bin_path.parent / "val.bin").is_file():
-            val_path = self.bin_path.parent / "val.bin"
+        if val_path is None:
+            val_path = default_val_source(self.bin_path)
         self.val_path = Path(val_path) if val_path is not None else None
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
@@ -81,7 +81,8 @@ class TokenBatcher:
         tiny validation split still yields full batches. Ranks take interleaved windows.
         """
         if self.val_path is None:
-            raise DataError(f"no validation split: no val.bin beside {str(self.bin_path)!r} and no val_path given")
+            raise DataError(f"no validation split for {str(self.bin_path)!r}: no val.bin / <prefix>_val beside it "
+                            "and no val_path given")
         val = open_source(self.val_path, self.dtype)
         span = self.seq_len + 1
         n_windows = (val.size - 1) // self.seq_len  # windows overlap by one token: labels of one = inputs of next

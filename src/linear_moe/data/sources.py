@@ -33,3 +33,14 @@ def open_source(source, dtype: str | None = None) -> np.ndarray:
         return open_tokens(path, dtype)
     raise DataError(f"data source {str(source)!r} does not exist (expected a token .bin file "
                     "or an indexed-dataset prefix with .bin + .idx)")
+
+
+def default_val_source(train: str | Path) -> Path | None:
+    """The held-out split that belongs to ``train``, if it exists: ``val.bin`` beside a ``train.bin``
+    (``prepare_default_dataset``), or ``<prefix>_val`` beside a prefix (``prepare_data``)."""
+    train = Path(train)
+    if train.name == "train.bin" and (train.parent / "val.bin").is_file():
+        return train.parent / "val.bin"
+    prefix = train.with_suffix("") if train.suffix in (".bin", ".idx") else train
+    val = Path(f"{prefix}_val")
+    return val if idx_path(val).is_file() else None

@@ -89,7 +89,9 @@ def open_tokens(bin_path: str | Path, dtype: str | np.dtype | None = None) -> np
         if "dtype" not in meta:
             raise DataError(f"meta file {str(path.with_name('meta.json'))!r} has no 'dtype' field")
         dtype = meta["dtype"]
-        expected = meta.get("files", {}).get(path.name, {}).get("tokens")
+        files = meta.get("files")
+        entry = files.get(path.name) if isinstance(files, dict) else None
+        expected = entry.get("tokens") if isinstance(entry, dict) else None
     try:
         dt = np.dtype(dtype)
     except TypeError:
