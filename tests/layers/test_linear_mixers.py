@@ -170,3 +170,26 @@ def test_bad_options_raise_clear_errors(mixer, overrides, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("*", r"\*")) as info:
         build_mixer(mixer, HIDDEN, MixerConfig(num_heads=2, **overrides), AttentionConfig(num_heads=2), LAYER, LAYERS)
     assert mixer in str(info.value)
+
+
+@pytest.mark.parametrize("mixer", QUICK)
+def test_bad_inputs_raise_clear_errors(mixer):
+    m = build_mixer(mixer, HIDDEN, MixerConfig(num_heads=2, state_size=4), AttentionConfig(num_heads=2), LAYER, LAYERS)
+    with pytest.raises(ValueError, match="batch"):
+        m(torch.randn(2, 5, HIDDEN), cu_seqlens=torch.tensor([0, 2, 5]))
+    _, state = m(torch.randn(2, 3, HIDDEN))
+    with pytest.raises(ValueError, match="shape"):
+        m(torch.randn(3, 1, HIDDEN), state)  # a state of another batch size
+
+
+@pytest.mark.parametrize("mixer", QUICK)
+def test_bf16_keeps_dtype_and_stays_close(mixer):
+    g = _gen()
+    m = build(mixer, g)
+    x = torch.randn(1, 6, HIDDEN, generator=g)
+    with torch.no_grad():
+        ref, _ = m(x)
+        y, state = m.to(torch.bfloat16)(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert state["recurrent"].dtype == torch.float32  # recurrent states stay fp32; conv states hold raw inputs
+    assert rel_err(y.float(), ref) < 5e-2

@@ -45,12 +45,18 @@ def token_positions(B: int, T: int, offset: torch.Tensor | None, cu_seqlens: tor
     restart at each ``cu_seqlens`` boundary (from ``offset[n]`` of that document).
     """
     steps = torch.arange(T, device=device)
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens packs documents along time and needs batch size 1, got batch={B}")
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if offset is None:
+        offset = torch.zeros(n, dtype=torch.long, device=device)
+    elif offset.shape != (n,):
+        raise ValueError(f"state['offset'] must have shape [{n}] (batch, or documents with cu_seqlens), "
+                         f"got {tuple(offset.shape)}")
     if cu_seqlens is None:
-        offset = torch.zeros(B, dtype=torch.long, device=device) if offset is None else offset
         return offset[:, None] + steps, offset + T
     lengths = cu_seqlens.diff()
-    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-    offset = torch.zeros(len(lengths), dtype=torch.long, device=device) if offset is None else offset
+    doc = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=T)
     positions = steps - cu_seqlens[:-1][doc] + offset[doc]
     return positions[None], offset + lengths
 
