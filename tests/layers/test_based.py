@@ -49,8 +49,12 @@ def reference(layer, x: torch.Tensor, kernel) -> torch.Tensor:
 def test_matches_kernel_definition(name, mode):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     cfg = MixerConfig(head_dim=4, mode=mode, chunk_size=4)
-    layer = jittered(build_mixer(name, 12, cfg, AttentionConfig(num_heads=3), 0, 1), g)
-    x = torch.randn(2, 11, 12, generator=g)
+    # ReBased's normaliser Σ (q̃·k̃)² can come close to 0 while its features are O(1), so fp32 rounding
+    # is amplified on rare draws (~1e-4); it is checked in float64 (the ops run fp64 as fp64). Based's
+    # kernel is ≥ 1/2, well conditioned, and checked in fp32.
+    dtype = torch.float64 if name == "rebased" else torch.float32
+    layer = jittered(build_mixer(name, 12, cfg, AttentionConfig(num_heads=3), 0, 1), g).to(dtype)
+    x = torch.randn(2, 11, 12, generator=g, dtype=dtype)
     with torch.no_grad():
         y, _ = layer(x)
     if name == "based":
@@ -58,12 +62,7 @@ def test_matches_kernel_definition(name, mode):
     else:
         fm = layer.feature_map
         kernel = rebased_kernel(fm.gamma.detach().double(), fm.beta.detach().double())
-    ref = reference(layer, x, kernel)
-    if name == "based":  # κ ≥ 1/2: the normalised output is well conditioned
-        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
-    else:  # κ = (q̃·k̃)² can be ~0 for a lone first token, where fp32 rounding of κ is amplified
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
-        torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y.double(), reference(layer, x, kernel), rtol=1e-4, atol=1e-5)
 
 
 def test_default_feature_dim_is_the_papers():
