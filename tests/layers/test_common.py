@@ -114,3 +114,23 @@ def test_feature_map_kernels(name):
     assert fq.shape == (5, fm.out_dim)
     torch.testing.assert_close((fq * fk).sum(-1).double(), _kernel_ref(name, q.double(), k.double(), fm),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_short_convolution_state_and_packing():
+    g = _gen()
+    conv = ShortConvolution(6, 3, activation="silu", bias=True)
+    x = torch.randn(1, 7, 6, generator=g)
+    w, b = conv.weight.detach().double(), conv.bias.detach().double()
+    xd = torch.cat([torch.zeros(1, 2, 6, dtype=torch.float64), x.double()], 1)  # two zeros before the start
+    ref = torch.stack([(xd[:, t:t + 3] * w.T).sum(1) + b for t in range(7)], 1)
+    ref = ref * torch.sigmoid(ref)
+    y, state = conv(x)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    assert state.shape == (1, 6, 2) and torch.equal(state, x[0, -2:].T[None])
+    y1, s1 = conv(x[:, :4])  # prefix, then continue from its state
+    y2, _ = conv(x[:, 4:], s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    packed, states = conv(x, cu_seqlens=torch.tensor([0, 4, 7]))  # the second document starts from zeros
+    torch.testing.assert_close(packed[:, :4], y1)
+    torch.testing.assert_close(packed[:, 4:], conv(x[:, 4:])[0])
+    assert states.shape == (2, 6, 2)
