@@ -10,6 +10,8 @@ Both are ``S_t = γ_h S_{t-1} + k_tᵀ v_t``, ``o_t = scale · q_t S_t`` with a 
   with ALiBi slopes ``s_h`` and a depth ratio ``r_l = 1 - l/(L-1) + 1e-5`` (lower layers forget faster);
   ``q, k = silu(·)`` (``feature_map``), no scale, ``y = o_proj(norm(o) ⊙ gate_fn(x W_u))``.
   TransNormerLLM's gate is linear (``gate_fn="identity"``), MiniMax-01's is ``sigmoid``; ``swish`` by default here.
+  The norm is per head (one weight shared by heads), where TransNormerLLM normalises across all heads at
+  once; per head keeps heads independent, so tensor parallelism needs no reduction inside the mixer.
 """
 from __future__ import annotations
 
