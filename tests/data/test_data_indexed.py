@@ -112,3 +112,21 @@ def test_bad_bin_and_missing_files(tmp_path):
     assert not (tmp_path / "e.bin").exists() and not list(tmp_path.glob(".e.bin.tmp-*"))
     with pytest.raises(DataError, match="cannot be stored"):
         IndexedDatasetWriter(tmp_path / "f", np.complex64)
+
+
+def test_byte_identical_to_megatron_core(tmp_path):
+    """Only where megatron-core is importable (not a dependency; checked by hand with 0.16.1)."""
+    mi = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    import torch
+    for dtype in INT_DTYPES:
+        docs = _random_docs(np.random.default_rng(), dtype, 9)
+        write_indexed_dataset(tmp_path / "ours", docs, dtype)
+        theirs = mi.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=dtype)
+        for d in docs:
+            theirs.add_item(torch.from_numpy(d.astype(np.int64)))
+            theirs.end_document()
+        theirs.finalize(str(tmp_path / "theirs.idx"))
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"theirs{ext}").read_bytes(), dtype
+        m = mi.IndexedDataset(str(tmp_path / "ours"))
+        assert all(np.array_equal(m[i], d) for i, d in enumerate(docs)), dtype
