@@ -21,7 +21,10 @@ EP_CASES = {
     "deepseek_capacity": MoEConfig(num_experts=8, top_k=3, expert_hidden_size=8, router="deepseek", n_group=4,
                                    topk_group=2, routed_scaling_factor=2.0, num_shared_experts=2, capacity_factor=0.6),
     "sigmoid_bias": MoEConfig(num_experts=8, top_k=2, expert_hidden_size=8, router="sigmoid_bias", bias_update_rate=0.05),
+    # with a large bias on experts 0 and 1 every token goes to rank 0: the other ranks receive no rows
+    "all_to_rank0": MoEConfig(num_experts=8, top_k=2, expert_hidden_size=8, router="sigmoid_bias", bias_update_rate=0.05),
 }
+SKEWED = {"all_to_rank0"}
 
 
 def _free_port() -> int:
@@ -34,22 +37,25 @@ def _loss(y, aux, g):
     return (y * g).sum() + aux.loss
 
 
-def _worker(rank: int, world: int, port: int, cases: list[MoEConfig], seed: int) -> None:
+def _worker(rank: int, world: int, port: int, cases: list[tuple[MoEConfig, bool]], seed: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        for i, cfg in enumerate(cases):
-            _check_case(rank, world, cfg, seed + i)
+        for i, (cfg, skewed) in enumerate(cases):
+            _check_case(rank, world, cfg, skewed, seed + i)
     finally:
         dist.destroy_process_group()
 
 
-def _check_case(rank: int, world: int, cfg: MoEConfig, seed: int) -> None:
+def _check_case(rank: int, world: int, cfg: MoEConfig, skewed: bool, seed: int) -> None:
     """One configuration on this rank: the ep layer against the full layer on each rank's tokens."""
     torch.manual_seed(seed)  # every rank builds the same full layer and sees everyone's inputs
     full = MoELayer(C, cfg).train()
+    if skewed:
+        full.router.expert_bias[:2] = 10.0
+    bias_before = None if full.router.expert_bias is None else full.router.expert_bias.clone()
     xs = [torch.randn(2, 5, C) for _ in range(world)]
     gs = [torch.randn(2, 5, C) for _ in range(world)]
     xs[0][0] = xs[0][1]  # some repeated tokens: uneven loads
@@ -77,6 +83,8 @@ def _check_case(rank: int, world: int, cfg: MoEConfig, seed: int) -> None:
                     torch.testing.assert_close(dict(ep.named_parameters())[k].grad, v.grad, rtol=1e-5, atol=1e-6)
     for k, v in ep.experts.named_parameters():
         torch.testing.assert_close(v.grad, expert_want[k][rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-6)
+        if skewed:  # rank 0 holds experts 0 and 1 and did all the work; the others got empty batches
+            assert (v.grad.abs().sum() > 0) == (rank == 0)
 
     if cfg.router == "sigmoid_bias":  # the group all-reduce gives every rank the bias of the global load
         ep.update_bias(dist.group.WORLD)
@@ -85,10 +93,10 @@ def _check_case(rank: int, world: int, cfg: MoEConfig, seed: int) -> None:
         assert all(torch.equal(b, gathered[0]) for b in gathered)
         load = sum(torch.bincount(full.router(x.reshape(-1, C)).topk_idx.reshape(-1), minlength=cfg.num_experts).float()
                    for x in xs)
-        torch.testing.assert_close(ep.router.expert_bias, cfg.bias_update_rate * torch.sign(load.mean() - load))
+        torch.testing.assert_close(ep.router.expert_bias - bias_before, cfg.bias_update_rate * torch.sign(load.mean() - load))
 
 
-def _spawn(world: int, cases: list[MoEConfig], timeout_s: float = 150.0) -> None:
+def _spawn(world: int, cases: list[tuple[MoEConfig, bool]], timeout_s: float = 150.0) -> None:
     ctx = mp.start_processes(_worker, args=(world, _free_port(), cases, int(torch.randint(0, 2**30, ()))),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
@@ -101,11 +109,11 @@ def _spawn(world: int, cases: list[MoEConfig], timeout_s: float = 150.0) -> None
 
 
 # One spawn per world size (starting processes dominates the cost), several configurations each.
-@pytest.mark.parametrize("world, cases", [(2, ["shared_gate_dropless", "sigmoid_bias"]), (4, ["deepseek_capacity"])])
+@pytest.mark.parametrize("world, cases", [(2, ["shared_gate_dropless", "sigmoid_bias"]), (4, ["deepseek_capacity", "all_to_rank0"])])
 def test_expert_parallel_matches_single_process(world, cases):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    _spawn(world, [EP_CASES[c] for c in cases])
+    _spawn(world, [(EP_CASES[c], c in SKEWED) for c in cases])
 
 
 def test_enable_expert_parallel_rejects_uneven_split(monkeypatch):

@@ -44,10 +44,13 @@ class MoELayer(nn.Module):
     ``seq_aux_loss``.
 
     Expert parallelism: ``enable_expert_parallel(group)`` keeps only this rank's slice of the experts
-    and exchanges tokens with all-to-all. Router and shared expert stay replicated: their gradients
-    (like all non-expert ones) must be averaged over every rank that saw different tokens, the ep group
-    included; the expert gradients already hold the sum over the ep group's tokens, and whoever applies
-    data parallelism averages them over the experts' own data-parallel group (same expert slice).
+    and exchanges tokens with all-to-all; each rank still routes and combines its own tokens. What the
+    layer expects from whoever applies data parallelism (W = dp * ep ranks, loss = mean over ranks):
+      * router, shared expert (replicated, gradient from local tokens only): average over all W ranks,
+        the ep group included;
+      * ``experts.*`` (this rank's slice): the gradient already holds the sum over the ep group's tokens,
+        so sum over the expert-data-parallel group (the W / ep ranks holding the same slice) and divide
+        by W (= average over that group, then divide by ep).
     """
 
     def __init__(self, hidden_size: int, cfg: MoEConfig):
