@@ -5,8 +5,6 @@ fast forms are held to, so they stay obviously correct rather than fast.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -33,7 +31,7 @@ def gla_ref(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False,
                 if g is None:
                     a = torch.ones(K, dtype=torch.float64)
                 elif g.dim() == 1:
-                    a = torch.full((K,), math.exp(g[h].item()), dtype=torch.float64)
+                    a = torch.exp(g[h]).expand(K)
                 elif g.dim() == 3:
                     a = torch.exp(g[b, t, h]).expand(K)
                 else:

@@ -14,7 +14,8 @@ U = W_v - W_k S_0, and everything is linear in S_0:
     o   = A W_v + (gamma q - A W_k) S_0,             A_ij = (q_i.k_j) gamma_i/gamma_j  (j <= i)
     S_C = K~^T W_v + (gamma_C I - K~^T W_k) S_0,     K~_j = k_j gamma_C / gamma_j
 
-Every ratio gamma_i/gamma_j has i >= j, so exp() sees only exponents <= 0.
+Every ratio gamma_i/gamma_j has i >= j and is summed over its own stretch (`_decay.py`), so exp()
+sees only exponents <= 0, each accurate to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._chunk_scan import scan_chunks
+from ._decay import prefix_sum, segment_sum, suffix_sum
 from ._varlen import Packing
 from .gla_chunk import from_chunks, pad_time, to_chunks
 
@@ -37,15 +39,12 @@ def delta_chunk_pieces(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
         trans `[B,H,N,K,K]` and incr `[B,H,N,K,V]` (S_end = trans @ S_start + incr).
     """
     C, K = k.shape[-2:]
-    incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     if g is None:
-        decay = incl.to(k.dtype)
+        decay = torch.ones(C, C, dtype=k.dtype, device=k.device).tril()
         gamma = k.new_ones(k.shape[:-1])
     else:
-        G = g.cumsum(-1)
-        decay = torch.where(incl, G.unsqueeze(-1) - G.unsqueeze(-2), torch.full_like(G[..., None], float("-inf")))
-        decay = decay.exp()  # gamma_i / gamma_j for j <= i, else 0
-        gamma = G.exp()
+        decay = segment_sum(g).exp()  # gamma_i / gamma_j for j <= i, else 0
+        gamma = prefix_sum(g).exp()
     L = (k @ k.transpose(-1, -2) * decay).tril(-1) * beta.unsqueeze(-1)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
     rhs = torch.cat([beta.unsqueeze(-1) * v, (beta * gamma).unsqueeze(-1) * k], dim=-1)
@@ -55,7 +54,7 @@ def delta_chunk_pieces(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
     o_zero = A @ W_v
     q_eff = gamma.unsqueeze(-1) * q - A @ W_k
     gamma_last = gamma[..., -1:]
-    k_to_end = k if g is None else k * (G[..., -1:] - G).exp().unsqueeze(-1)
+    k_to_end = k if g is None else k * suffix_sum(g).exp().unsqueeze(-1)
     incr = k_to_end.transpose(-1, -2) @ W_v
     trans = gamma_last.unsqueeze(-1) * torch.eye(K, dtype=k.dtype, device=k.device) - k_to_end.transpose(-1, -2) @ W_k
     return o_zero, q_eff, trans, incr

@@ -8,12 +8,13 @@ Within a chunk of C steps, with cumulative log-decay G_i = sum_{s<=i} g_s from t
 (with a bonus u, o_i reads the state before step i: G_i -> G_{i-1} on the query side, the sum runs
 over j < i and gains the diagonal term (q_i . u k_i) v_i).
 
-Numerical stability: every exponent that is evaluated is <= 0, so exp() never overflows in fp32
-however strong the decays are. For a scalar decay the pairwise factor exp(G_i - G_j) is a `[C, C]`
-matrix, masked before exp(). For a vector decay it would be `[C, C, K]`; we only build that inside
-small diagonal sub-chunks, and between sub-chunks a < b use the last position r of the sub-chunk
-before a as a reference point: q_i exp(G_i - G_r) and k_j exp(G_r - G_j) both have exponents <= 0
-because G decreases along time.
+Numerical stability: every exponent that is evaluated is a sum of log-decays over a stretch of
+time, so it is <= 0 and exp() never overflows in fp32 however strong the decays are; each stretch
+is summed on its own (`_decay.py`) rather than as a difference of running sums, so exp() is also
+accurate. For a scalar decay the pairwise factor exp(G_i - G_j) is a `[C, C]` matrix. For a vector
+decay it would be `[C, C, K]`; we only build that inside small diagonal sub-chunks, and between
+sub-chunks b < a go through the last step r of the sub-chunk before a as a reference point:
+q_i exp(G_i - G_r) and k_j exp(G_r - G_j) are both bounded by |q_i| and |k_j|.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._chunk_scan import scan_chunks
+from ._decay import prefix_sum, segment_sum, suffix_sum
 from ._varlen import Packing
 
 
@@ -55,49 +57,35 @@ def _causal_mask(n: int, strict: bool, device: torch.device) -> Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
-def _masked_exp(mask: Tensor, exponent: Tensor) -> Tensor:
-    # Masking the exponent (not the result) keeps exp() finite where i < j, and its gradient zero.
-    return torch.where(mask, exponent, torch.full_like(exponent, float("-inf"))).exp()
-
-
 def gla_chunk_transition(k: Tensor, v: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor]:
     """Per-chunk affine state map. k `[B,H,N,C,K]`, v `[B,H,N,C,V]`, g None, `[B,H,N,C]` or
     `[B,H,N,C,K]`. Returns (trans `[B,H,N,K]` or `[B,H,N,1]` = exp(G_C), incr `[B,H,N,K,V]`)."""
     if g is None:
         return k.new_ones(k.shape[:3] + (1,)), k.transpose(-1, -2) @ v
-    vector = g.dim() == 5
-    G = g.cumsum(dim=-2 if vector else -1)
-    G_last = G[..., -1:, :] if vector else G[..., -1:]
-    k_to_end = k * (G_last - G).exp() if vector else k * (G_last - G).exp().unsqueeze(-1)
-    trans = G_last.squeeze(-2).exp() if vector else G_last.exp()
-    return trans, k_to_end.transpose(-1, -2) @ v
+    if g.dim() == 5:
+        return g.sum(-2).exp(), (k * suffix_sum(g, -2).exp()).transpose(-1, -2) @ v
+    k_to_end = k * suffix_sum(g, -1).exp().unsqueeze(-1)
+    return g.sum(-1, keepdim=True).exp(), k_to_end.transpose(-1, -2) @ v
 
 
-def _intra_scalar(q, k, G, Gq, strict):
-    mask = _causal_mask(q.shape[-2], strict, q.device)
-    decay = _masked_exp(mask, Gq.unsqueeze(-1) - G.unsqueeze(-2))
-    return (q @ k.transpose(-1, -2)) * decay
-
-
-def _intra_vector(q, k, G, Gq, strict):
+def _intra_vector(q: Tensor, k: Tensor, g: Tensor, strict: bool) -> Tensor:
+    """A_ij = sum_K q_i k_j exp(G_i - G_j) for j <= i (j < i, G_i -> G_{i-1} when strict): `[..., C, C]`."""
     *lead, C, K = q.shape
     d = sub_chunk_size(C)
     ns = C // d
-    qs, ks = q.reshape(*lead, ns, d, K), k.reshape(*lead, ns, d, K)
-    Gs, Gqs = G.reshape(*lead, ns, d, K), Gq.reshape(*lead, ns, d, K)
+    qs, ks, gs = (x.reshape(*lead, ns, d, K) for x in (q, k, g))
     # Inside each sub-chunk: the full [d, d, K] pairwise decay.
-    mask = _causal_mask(d, strict, q.device).unsqueeze(-1)
-    pair = _masked_exp(mask, Gqs.unsqueeze(-2) - Gs.unsqueeze(-3))  # [..., ns, i, j, K]
+    pair = segment_sum(gs.transpose(-1, -2), strict).exp().movedim(-3, -1)  # [..., ns, i, j, K]
     diag = (qs.unsqueeze(-2) * pair * ks.unsqueeze(-3)).sum(-1)  # [..., ns, i, j]
     eye = torch.eye(ns, dtype=q.dtype, device=q.device)
     A = diag.unsqueeze(-2) * eye[:, None, :, None]  # [..., a, i, b, j], zero off the diagonal
     if ns > 1:
-        # Between sub-chunks b < a: reference point r_a = last step of sub-chunk a-1.
-        ref = torch.cat([torch.zeros_like(Gs[..., :1, -1, :]), Gs[..., :-1, -1, :]], dim=-2)
-        q_ref = qs * (Gqs - ref.unsqueeze(-2)).exp()  # [..., a, i, K]
-        before = _causal_mask(ns, True, q.device)[:, :, None, None]  # [a, b, 1, 1]
-        k_ref = ks.unsqueeze(-4) * _masked_exp(before, ref[..., :, None, None, :] - Gs.unsqueeze(-4))
-        A = A + torch.einsum("...aik,...abjk->...aibj", q_ref, k_ref)
+        # Between sub-chunks b < a, through the reference point r_a = last step of sub-chunk a-1:
+        # decay(j -> i) = decay(r_a -> i) * decay(j -> r_a), each factor <= 1.
+        q_ref = qs * prefix_sum(gs, -2, exclusive=strict).exp()  # [..., a, i, K]
+        between = segment_sum(gs.sum(-2).transpose(-1, -2), strict=True).movedim(-3, -1)  # [..., a, b, K]
+        to_ref = between.unsqueeze(-2) + suffix_sum(gs, -2).unsqueeze(-4)  # [..., a, b, j, K]
+        A = A + torch.einsum("...aik,...abjk->...aibj", q_ref, ks.unsqueeze(-4) * to_ref.exp())
     return A.reshape(*lead, C, C)
 
 
@@ -118,15 +106,11 @@ def gla_chunk_pieces(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, bonus: T
         A = A.masked_fill(~_causal_mask(A.shape[-1], strict, A.device), 0.0)
         q_eff = q
     elif g.dim() == 4:
-        G = g.cumsum(-1)
-        Gq = G - g if strict else G
-        A = _intra_scalar(q, k, G, Gq, strict)
-        q_eff = q * Gq.exp().unsqueeze(-1)
+        A = (q @ k.transpose(-1, -2)) * segment_sum(g, strict).exp()
+        q_eff = q * prefix_sum(g, -1, exclusive=strict).exp().unsqueeze(-1)
     else:
-        G = g.cumsum(-2)
-        Gq = G - g if strict else G
-        A = _intra_vector(q, k, G, Gq, strict)
-        q_eff = q * Gq.exp()
+        A = _intra_vector(q, k, g, strict)
+        q_eff = q * prefix_sum(g, -2, exclusive=strict).exp()
     o_zero = A @ v
     if bonus is not None:
         o_zero = o_zero + (q * k * bonus[None, :, None, None, :]).sum(-1, keepdim=True) * v
