@@ -39,9 +39,10 @@ def mom_reference(layer, x: torch.Tensor, memory: str) -> torch.Tensor:
     out = torch.zeros(B, T, C, dtype=torch.float64)
     for b in range(B):
         xb = x[b]
-        q = conv_silu(xb @ P["q_proj.weight"].T, P["q_conv.weight"]).view(T, H, K)
-        k = conv_silu(xb @ P["k_proj.weight"].T, P["k_conv.weight"]).view(T, E, H, K)
-        v = conv_silu(xb @ P["v_proj.weight"].T, P["v_conv.weight"]).view(T, E, H, V)
+        act = (lambda z, n: conv_silu(z, P[f"{n}_conv.weight"])) if layer.use_short_conv else (lambda z, n: silu(z))
+        q = act(xb @ P["q_proj.weight"].T, "q").view(T, H, K)
+        k = act(xb @ P["k_proj.weight"].T, "k").view(T, E, H, K)
+        v = act(xb @ P["v_proj.weight"].T, "v").view(T, E, H, V)
         probs = torch.softmax(xb @ P["router.weight"].T, -1)
         if memory == "gla":
             gate = (xb @ P["gate_down.weight"].T) @ P["gate_up.weight"].T + P["gate_up.bias"]
@@ -75,10 +76,11 @@ def mom_reference(layer, x: torch.Tensor, memory: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("memory", ["gla", "gated_deltanet"])
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
-@pytest.mark.parametrize("shared", [True, False])
-def test_mom_matches_routed_memories(memory, mode, shared):
+@pytest.mark.parametrize("shared,short_conv", [(True, True), (False, False)])
+def test_mom_matches_routed_memories(memory, mode, shared, short_conv):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-    cfg = MixerConfig(head_dim=4, num_memories=3, topk_memories=2, shared_memory=shared, mode=mode, chunk_size=4)
+    cfg = MixerConfig(head_dim=4, num_memories=3, topk_memories=2, shared_memory=shared, mode=mode, chunk_size=4,
+                      use_short_conv=short_conv)
     layer = jittered(build_mixer(f"mom_{memory}", 12, cfg, AttentionConfig(num_heads=2), 0, 1), g)
     x = torch.randn(2, 9, 12, generator=g)
     with torch.no_grad():

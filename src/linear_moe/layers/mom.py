@@ -97,7 +97,9 @@ class _MixtureOfMemories(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     def recur(self, x, q, k, v, routed, state, cu_seqlens):
-        """Run all memories: q ``[B,T,E*H,K]``, k ``[B,T,E,H,K]``, v ``[B,T,E*H,V]``, routed ``[B,T,E]``."""
+        """Run all E memories as heads of one op call: q and k ``[B, T, E, H, K]`` (q expanded over E),
+        v ``[B, T, E*H, V]``, routed ``[B, T, E]`` (1 where the token writes the memory) →
+        (o ``[B, T, E*H, V]``, final state ``[B, E*H, K, V]``)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, state: dict | None = None, cu_seqlens: torch.Tensor | None = None):
