@@ -1,7 +1,7 @@
 """Routed experts as grouped GEMMs over tokens sorted by expert.
 
 Weights are stacked ``[E, out, in]`` (each slice is an HF ``nn.Linear.weight``), so expert parallelism
-shards dim 0. The fast path is ``torch._grouped_mm`` (one kernel for all experts, no host sync); the
+shards dim 0. The fast path is grouped_mm (``F.grouped_mm``, or ``torch._grouped_mm`` before 2.13) (one kernel for all experts, no host sync); the
 fallback loops over experts, which needs the per-expert counts on the host (one sync on GPU).
 """
 from __future__ import annotations
@@ -12,25 +12,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# torch >= 2.13 has the public F.grouped_mm; 2.11/2.12 only the private torch._grouped_mm (same kernels).
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _probe_cache: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs for this device type and dtype (probed once on a tiny problem).
+    """Whether grouped_mm runs for this device type and dtype (probed once on a tiny problem).
 
     Support differs by build: torch 2.13 runs it on CPU for fp32/bf16/fp16; on CUDA it needs a recent
     GPU and dtype. Probing is the only reliable check.
     """
     key = (device.type, dtype)
     if key not in _probe_cache:
-        ok = hasattr(torch, "_grouped_mm") and dtype in _GROUPED_MM_DTYPES
+        ok = _grouped_mm is not None and dtype in _GROUPED_MM_DTYPES
         if ok:
             try:
                 a = torch.randn(16, 16, device=device, dtype=dtype)
                 b = torch.randn(2, 16, 16, device=device, dtype=dtype)
                 offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
-                got = torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+                got = _grouped_mm(a, b.transpose(-2, -1), offs=offs)
                 want = torch.cat([a[:8] @ b[0].T, a[8:] @ b[1].T])
                 ok = bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
             except (RuntimeError, NotImplementedError):
@@ -77,7 +79,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
                 raise ValueError(f"grouped_mm needs 16-byte aligned rows: in={x.shape[1]}, out={weight.shape[1]}, dtype={x.dtype}")
         else:
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            return torch._grouped_mm(x, wt, offs=offs)
+            return _grouped_mm(x, wt, offs=offs)
     elif backend not in ("auto", "loop"):
         raise ValueError(f"expert backend {backend!r} is not one of: auto, grouped_mm, loop")
     chunks = x.split(counts.tolist())  # host sync on GPU; the fallback only
