@@ -1,8 +1,9 @@
 """Routed experts as grouped GEMMs over tokens sorted by expert.
 
 Weights are stacked ``[E, out, in]`` (each slice is an HF ``nn.Linear.weight``), so expert parallelism
-shards dim 0. The fast path is grouped_mm (``F.grouped_mm``, or ``torch._grouped_mm`` before 2.13) (one kernel for all experts, no host sync); the
-fallback loops over experts, which needs the per-expert counts on the host (one sync on GPU).
+shards dim 0. The fast path is grouped_mm (``F.grouped_mm``, or ``torch._grouped_mm`` before 2.13): one
+kernel for all experts, no host sync. It runs on CPU too (torch 2.13: fp32/bf16/fp16 with 16-byte aligned
+rows). The fallback loops over experts and needs the per-expert counts on the host (one sync on GPU).
 """
 from __future__ import annotations
 
