@@ -62,3 +62,29 @@ def scatter(x: Tensor, packing: Packing) -> Tensor:
 def gather(y: Tensor, packing: Packing) -> Tensor:
     """`[padded_len, *rest]` -> `[1, T, *rest]`: the inverse of `scatter`."""
     return y[packing.positions].unsqueeze(0)
+
+
+def run_recurrence(recurrent_form, chunk_form, tensors, h0: Tensor, cu_seqlens: Tensor | None,
+                   recurrent: bool, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Run one of a recurrence's two forms, on dense or packed (`cu_seqlens`) input.
+
+    Args:
+        recurrent_form: `(*tensors, h0) -> (o, final)`; chunk_form: `(*tensors, h0, chunk_size,
+            packing) -> (o, final)`, both over `[B, T, ...]` tensors.
+        tensors: the per-step inputs, each `[B, T, ...]` or None.
+        h0: `[B or N, H, K, V]` initial states.
+    Returns:
+        (o `[B, T, ...]`, final states `[B or N, ...]`).
+    """
+    if cu_seqlens is None:
+        return recurrent_form(*tensors, h0) if recurrent else chunk_form(*tensors, h0, chunk_size, None)
+    if recurrent:
+        packing, row = batch_packing(cu_seqlens)
+        n = len(packing.lengths)
+        batched = [None if x is None else scatter(x, packing).reshape(n, row, *x.shape[2:]) for x in tensors]
+        o, final = recurrent_form(*batched, h0)
+        return gather(o.reshape(n * row, *o.shape[2:]), packing), final
+    packing = chunk_packing(cu_seqlens, chunk_size)
+    packed = [None if x is None else scatter(x, packing).unsqueeze(0) for x in tensors]
+    o, final = chunk_form(*packed, h0, chunk_size, packing)
+    return gather(o[0], packing), final

@@ -69,22 +69,8 @@ def delta_rule_torch(q, k, v, beta, log_decay=None, *, scale=None, initial_state
     g = None if log_decay is None else log_decay.to(dtype)
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     h0 = q.new_zeros(n_seq, H, K, v.shape[-1]) if initial_state is None else initial_state.to(dtype)
-    recurrent = pick_mode(mode, cu_seqlens, T) == "recurrent"
-    if cu_seqlens is None:
-        form = delta_rule_recurrent if recurrent else delta_rule_chunk
-        o, final = form(q, k, v, beta, g, h0, *(() if recurrent else (chunk_size,)))
-    elif recurrent:
-        packing, row = _varlen.batch_packing(cu_seqlens)
-        n = len(packing.lengths)
-        batched = [None if x is None else _varlen.scatter(x, packing).reshape(n, row, *x.shape[2:])
-                   for x in (q, k, v, beta, g)]
-        o, final = delta_rule_recurrent(*batched, h0)
-        o = _varlen.gather(o.reshape(n * row, *o.shape[2:]), packing)
-    else:
-        packing = _varlen.chunk_packing(cu_seqlens, chunk_size)
-        packed = [None if x is None else _varlen.scatter(x, packing).unsqueeze(0) for x in (q, k, v, beta, g)]
-        o, final = delta_rule_chunk(*packed, h0, chunk_size, packing)
-        o = _varlen.gather(o[0], packing)
+    o, final = _varlen.run_recurrence(delta_rule_recurrent, delta_rule_chunk, (q, k, v, beta, g), h0,
+                                      cu_seqlens, pick_mode(mode, cu_seqlens, T) == "recurrent", chunk_size)
     return o.to(out_dtype), (final if output_final_state else None)
 
 

@@ -8,6 +8,8 @@ SSD, GLA, HGRN2 and RWKV6, differing only in the shape of the decay.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -103,33 +105,16 @@ def gla_torch(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=Fals
     u = None if bonus is None else bonus.to(dtype)
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     h0 = (q.new_zeros(n_seq, H, K, v.shape[-1]) if initial_state is None else initial_state.to(dtype))
-    if pick_mode(mode, cu_seqlens, T) == "recurrent":
-        o, final = _recurrent_varlen(q, k, v, g, u, h0, cu_seqlens)
-    elif cu_seqlens is None:
-        o, final = gla_chunk(q, k, v, g, u, h0, chunk_size)
-    else:
-        packing = _varlen.chunk_packing(cu_seqlens, chunk_size)
-        packed = [None if x is None else _varlen.scatter(x, packing).unsqueeze(0) for x in (q, k, v, g)]
-        o, final = gla_chunk(*packed, u, h0, chunk_size, packing)
-        o = _varlen.gather(o[0], packing)
+    o, final = _varlen.run_recurrence(partial(gla_recurrent, bonus=u), partial(gla_chunk, bonus=u),
+                                      (q, k, v, g), h0, cu_seqlens,
+                                      pick_mode(mode, cu_seqlens, T) == "recurrent", chunk_size)
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + scale * NORMALIZE_EPS)  # scale cancels: = qS / (q.z + eps)
     return o.to(out_dtype), (final if output_final_state else None)
 
 
-def _recurrent_varlen(q, k, v, g, u, h0, cu_seqlens):
-    if cu_seqlens is None:
-        return gla_recurrent(q, k, v, g, u, h0)
-    packing, row = _varlen.batch_packing(cu_seqlens)
-    n = len(packing.lengths)
-    batched = [None if x is None else _varlen.scatter(x, packing).reshape(n, row, *x.shape[2:])
-               for x in (q, k, v, g)]
-    o, final = gla_recurrent(*batched, u, h0)
-    return _varlen.gather(o.reshape(n * row, *o.shape[2:]), packing), final
-
-
-def gla_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, bonus: Tensor | None,
-                  h0: Tensor) -> tuple[Tensor, Tensor]:
+def gla_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor, *,
+                  bonus: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Step-by-step GLA on prepared inputs (q already scaled; g None, `[B,T,H]` or `[B,T,H,K]`).
     Also the decode step (T == 1). Returns (o `[B, T, H, V]`, final state `[B, H, K, V]`)."""
     state = h0

@@ -118,22 +118,16 @@ def gla_chunk_pieces(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, bonus: T
     return o_zero, q_eff, trans, incr
 
 
-def gla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, bonus: Tensor | None,
-              h0: Tensor | None, chunk_size: int, packing: Packing | None = None
-              ) -> tuple[Tensor, Tensor]:
+def gla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor, chunk_size: int,
+              packing: Packing | None = None, *, bonus: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Chunked GLA on prepared inputs (compute dtype, q scaled, g expanded to `[B,T,H]` or `[B,T,H,K]`).
 
     With `packing` (varlen, B == 1) every sequence already starts on a chunk boundary and h0 is
     `[S, H, K, V]`. Returns (o `[B, T, H, V]`, final state `[B or S, H, K, V]`).
     """
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    q, k, v, g = (pad_time(x, chunk_size) for x in (q, k, v, g))
-    pieces = gla_chunk_pieces(*(None if x is None else to_chunks(x, chunk_size) for x in (q, k, v, g)),
-                              bonus)
-    o_zero, q_eff, trans, incr = pieces
-    if h0 is None:
-        h0 = k.new_zeros(B, H, K, V)
+    T = k.shape[1]
+    chunked = [None if x is None else to_chunks(pad_time(x, chunk_size), chunk_size) for x in (q, k, v, g)]
+    o_zero, q_eff, trans, incr = gla_chunk_pieces(*chunked, bonus)
     starts, finals = scan_chunks(trans, incr, h0, packing, chunk_size)
     o = from_chunks(o_zero + q_eff @ starts)
     return o[:, :T], finals
