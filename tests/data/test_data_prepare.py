@@ -31,17 +31,18 @@ def test_jsonl_text_and_gz_in_input_order(tmp_path, docs):
         for d in docs[7:9] + ["   "]:  # whitespace-only documents are dropped
             f.write(json.dumps({"body": d}) + "\n")
     (tmp_path / "in" / "d.json").write_text(json.dumps([{"body": docs[9]}]))
+    (tmp_path / "in" / "e.json").write_text(json.dumps({"body": "line\u2028sep"}, ensure_ascii=False) + "\n")
     (tmp_path / "in" / "notes.md").write_text("ignored: not a supported suffix")
     out = prepare_data(tmp_path / "in", info.cache_dir, tmp_path / "out" / "mix", text_field="body",
                        chunk_bytes=5000, progress=False)
     ds = IndexedDataset(tmp_path / "out" / "mix")
-    want = _expected(tok, docs[:10])
-    assert out.documents == ds.num_documents == 10 and out.tokens == sum(map(len, want))
+    want = _expected(tok, docs[:10] + ["line\u2028sep"])
+    assert out.documents == ds.num_documents == 11 and out.tokens == sum(map(len, want))
     assert ds.dtype == np.uint16 and out.dtype == "uint16"
     for i, w in enumerate(want):
         assert ds.document(i).tolist() == w
     meta = json.loads((tmp_path / "out" / "mix.json").read_text())
-    assert meta["tokenizer_sha256"] == tok.sha256 and meta["documents"] == 10
+    assert meta["tokenizer_sha256"] == tok.sha256 and meta["documents"] == 11
     assert not list((tmp_path / "out").glob("*tmp*"))
 
 
@@ -63,7 +64,8 @@ def test_parquet(tmp_path, docs):
     pq = pytest.importorskip("pyarrow.parquet")
     info = tiny_dataset()
     tok = load_tokenizer(info.cache_dir)
-    pq.write_table(pa.table({"text": docs[:7], "n": list(range(7))}), tmp_path / "p.parquet", row_group_size=3)
+    texts = docs[:3] + [None] + docs[3:7]  # a null cell is skipped like an empty document
+    pq.write_table(pa.table({"text": texts, "n": list(range(8))}), tmp_path / "p.parquet", row_group_size=3)
     out = prepare_data(tmp_path / "p.parquet", info.cache_dir, tmp_path / "pq", workers=2, progress=False)
     ds = IndexedDataset(tmp_path / "pq")
     assert out.documents == 7
@@ -86,6 +88,9 @@ def test_errors_leave_no_output(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="unsupported type"):
         prepare_data(tmp_path / "x.csv", info.cache_dir, tmp_path / "o", progress=False)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare_data(tmp_path / "latin1.txt", info.cache_dir, tmp_path / "o", progress=False)
     with pytest.raises(DataError, match="workers=0"):
         prepare_data(tmp_path / "bad.jsonl", info.cache_dir, tmp_path / "o", workers=0)
     with pytest.raises(DataError, match="tokenizer file"):

@@ -70,6 +70,8 @@ def expand_inputs(inputs) -> list[Path]:
 
 
 def make_units(files: list[Path], chunk_bytes: int) -> list[WorkUnit]:
+    """Cut plain JSONL files into ``chunk_bytes`` ranges and Parquet files into row groups; other
+    files (text, JSON arrays, anything gzipped: not seekable) are one unit each."""
     units = []
     for f in files:
         kind, size = _kind(f), f.stat().st_size
@@ -128,6 +130,13 @@ def _read_jsonl_range(unit: WorkUnit, text_field: str):
 
 def read_unit(unit: WorkUnit, text_field: str):
     """Yield the unit's document texts in order."""
+    try:
+        yield from _read_unit(unit, text_field)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{unit.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_unit(unit: WorkUnit, text_field: str):
     if unit.kind == "text":
         with _open_text(unit.path) as f:
             yield f.read()
@@ -144,7 +153,8 @@ def read_unit(unit: WorkUnit, text_field: str):
             for i, obj in enumerate(rows):
                 yield _field(obj, text_field, f"{unit.path} item {i}")
         else:
-            for n, line in enumerate(content.splitlines(), 1):
+            # split on "\n" only: str.splitlines() would also cut at U+2028 inside JSON strings
+            for n, line in enumerate(content.split("\n"), 1):
                 if line.strip():
                     try:
                         obj = json.loads(line)
@@ -157,6 +167,8 @@ def read_unit(unit: WorkUnit, text_field: str):
         if text_field not in pf.schema_arrow.names:
             raise DataError(f"{unit.path}: no {text_field!r} column; columns are {', '.join(pf.schema_arrow.names)}")
         for i, text in enumerate(pf.read_row_group(unit.row_group, columns=[text_field]).column(0).to_pylist()):
+            if text is None:  # a null cell is an empty document
+                continue
             if not isinstance(text, str):
                 raise DataError(f"{unit.path} row group {unit.row_group} row {i}: {text_field!r} is {type(text).__name__}, not a string")
             yield text
