@@ -197,6 +197,9 @@ def prepare_default_dataset(cache_dir: str | Path | None = None, vocab_size: int
     with _build_lock(directory):
         if (info := _cached(directory, wanted)) is not None:  # another process built it meanwhile
             return info
+        # Drop the old commit marker first: a crash mid-rebuild must not leave a stale meta.json
+        # vouching for half-replaced files.
+        (directory / "meta.json").unlink(missing_ok=True)
         docs = list(iter_documents(corpus, max_chars))
         if len(docs) < 2:
             raise DataError(f"corpus {corpus_id!r} has {len(docs)} document(s); need at least 2 for a train/val split")
