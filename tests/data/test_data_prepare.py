@@ -117,3 +117,17 @@ def test_validation_split_by_text_hash(tmp_path, docs):
     assert out.val_tokens == val.num_tokens
     with pytest.raises(DataError, match="val_fraction=1"):
         prepare_data(tmp_path / "a.jsonl", info.cache_dir, tmp_path / "x", val_fraction=1)
+
+
+def test_train_tokenizer_on_inputs_then_prepare(tmp_path, docs):
+    from linear_moe.data import iter_texts, train_bpe_tokenizer
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for d in docs[:8]:
+            f.write(json.dumps({"text": d}) + "\n")
+    (tmp_path / "b.txt").write_text(docs[8])
+    texts = list(iter_texts([tmp_path / "a.jsonl", tmp_path / "b.txt"]))
+    assert texts == docs[:9]
+    tok = train_bpe_tokenizer(iter_texts(str(tmp_path / "*")), 400, tmp_path / "tok" / "tokenizer.json")
+    out = prepare_data([tmp_path / "a.jsonl", tmp_path / "b.txt"], tmp_path / "tok", tmp_path / "o", progress=False)
+    ds = IndexedDataset(tmp_path / "o")
+    assert out.vocab_size == 400 and ds.document(8).tolist() == tok.encode(docs[8]) + [tok.eos_id]

@@ -12,6 +12,7 @@ from .indexed import IndexedDataset, IndexedDatasetWriter, merge_indexed_dataset
 from .loader import BlendedLoader, parse_blend
 from .packing import IGNORE_INDEX, PackedBatch, pack_windows
 from .prepare import PreparedData, prepare_data
+from .readers import iter_texts
 from .sources import default_val_source, open_source
 from .stats import unigram_entropy
 from .token_cache import DatasetInfo, default_cache_root, open_tokens, prepare_default_dataset
@@ -20,7 +21,7 @@ from .tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
 __all__ = [
     "BlendedLoader", "CORPORA", "DEFAULT_CORPUS", "DataError", "DatasetInfo", "IGNORE_INDEX",
     "IndexedDataset", "IndexedDatasetWriter", "PackedBatch", "PreparedData", "TokenBatcher",
-    "Tokenizer", "default_cache_root", "default_val_source", "iter_documents", "load_tokenizer",
+    "Tokenizer", "default_cache_root", "default_val_source", "iter_documents", "iter_texts", "load_tokenizer",
     "merge_indexed_datasets", "open_source", "open_tokens", "pack_windows", "parse_blend",
     "prepare_data", "prepare_default_dataset", "train_bpe_tokenizer", "unigram_entropy",
     "write_indexed_dataset",

@@ -172,3 +172,15 @@ def _read_unit(unit: WorkUnit, text_field: str):
             if not isinstance(text, str):
                 raise DataError(f"{unit.path} row group {unit.row_group} row {i}: {text_field!r} is {type(text).__name__}, not a string")
             yield text
+
+
+def iter_texts(inputs, text_field: str = "text"):
+    """Every non-empty document of ``inputs`` (files, directories, globs), in order, in this process.
+
+    For training a tokenizer on the same inputs ``prepare_data`` will tokenize:
+    ``train_bpe_tokenizer(iter_texts(inputs), 32000, "tok/tokenizer.json")``.
+    """
+    for unit in make_units(expand_inputs(inputs), chunk_bytes=1 << 62):
+        for text in read_unit(unit, text_field):
+            if text.strip():
+                yield text
