@@ -75,6 +75,9 @@ def test_segment_sums_through_cu_seqlens():
     running = torch.cat([flat[a:e].cumsum(0) for a, e in zip(cu[:-1], cu[1:])])
     assert running.tolist() == [3, 7, 7, 5, 5, 6, 13, 21, 21, 9]
     assert packed.labels.tolist() == [[4, EOS, IGNORE_INDEX, EOS, IGNORE_INDEX, 7, 8, EOS, IGNORE_INDEX, 9]]
+    two = pack_windows(torch.stack([stream, stream]), EOS).flatten()
+    assert two.input_ids.shape == two.labels.shape == two.position_ids.shape == (1, 20)
+    assert two.cu_seqlens.tolist() == [0, 3, 5, 9, 10, 13, 15, 19, 20]
 
 
 def test_token_batcher_packed_batch_matches_plain_batch():

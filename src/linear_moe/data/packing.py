@@ -32,6 +32,11 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
 
+    def flatten(self) -> "PackedBatch":
+        """The varlen layout (fla's convention): every tensor ``[1, batch * time]``, same ``cu_seqlens``."""
+        return PackedBatch(self.input_ids.reshape(1, -1), self.labels.reshape(1, -1),
+                           self.position_ids.reshape(1, -1), self.cu_seqlens, self.max_seqlen)
+
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
                            self.cu_seqlens.to(device), self.max_seqlen)
