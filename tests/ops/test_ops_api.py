@@ -118,3 +118,17 @@ def test_backend_is_called_with_the_public_arguments(monkeypatch):
     assert delta_rule(**args, chunk_size=32)[0] == "fake"
     assert seen["args"][0] is args["q"] and seen["args"][4] is args["log_decay"]
     assert seen["kwargs"]["chunk_size"] == 32 and seen["kwargs"]["initial_state"] is args["initial_state"]
+
+
+@pytest.mark.parametrize("mode", ["recurrent", "chunk"])
+def test_empty_time_axis_passes_the_state_through(mode):
+    g = generator()
+    args = gla_inputs("vector", g, T=0)
+    o, s = gla(**args, output_final_state=True, mode=mode)
+    assert o.shape == (2, 0, 2, 6) and torch.equal(s, args["initial_state"])
+    args = delta_inputs(True, g, T=0)
+    o, s = delta_rule(**args, output_final_state=True, mode=mode)
+    assert o.shape == (2, 0, 2, 6) and torch.equal(s, args["initial_state"])
+    h0 = torch.randn(2, 3, 3, generator=g)
+    y, s = ops.short_conv(torch.zeros(2, 0, 3), torch.zeros(3, 4), initial_state=h0, output_final_state=True)
+    assert y.shape == (2, 0, 3) and torch.equal(s, h0)

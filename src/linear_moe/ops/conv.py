@@ -64,6 +64,8 @@ def short_conv_torch(x, weight, bias=None, *, activation="silu", initial_state=N
     if initial_state is None:
         initial_state = x.new_zeros(n_seq, C, W - 1)
     initial_state = initial_state.to(x.dtype)
+    if T == 0:  # conv1d refuses an input shorter than its kernel
+        return x.new_zeros(B, 0, C), (initial_state if output_final_state else None)
     if cu_seqlens is None:
         ext = torch.cat([initial_state, x.transpose(1, 2)], dim=2)  # [B, C, W-1+T]
         y = F.conv1d(ext, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=C)

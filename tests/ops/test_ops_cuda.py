@@ -1,0 +1,56 @@
+"""The pure-PyTorch forms on a CUDA device against the float64 CPU references (skips without CUDA)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_moe.ops import delta_rule, gla, short_conv
+from ops_testing import GLA_KINDS, delta_inputs, generator, gla_inputs, reference, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda(args):
+    return {n: (x.cuda() if isinstance(x, torch.Tensor) else x) for n, x in args.items()}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # TF32 matmuls would round fp32 inputs to 10 mantissa bits; the 1e-4 bound is for true fp32.
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("kind", GLA_KINDS)
+@pytest.mark.parametrize("mode", ["recurrent", "chunk"])
+def test_gla_torch_forms_on_cuda(kind, mode):
+    args = gla_inputs(kind, generator(), T=45)
+    ro, rs = reference.gla_ref(**args)
+    o, s = gla(**_cuda(args), output_final_state=True, mode=mode, chunk_size=16, backend="torch")
+    assert o.is_cuda and rel_err(o.cpu(), ro) < 1e-4 and rel_err(s.cpu(), rs) < 1e-4
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("mode", ["recurrent", "chunk"])
+def test_delta_rule_torch_forms_on_cuda(gated, mode):
+    args = delta_inputs(gated, generator(), T=45)
+    ro, rs = reference.delta_rule_ref(**args)
+    o, s = delta_rule(**_cuda(args), output_final_state=True, mode=mode, chunk_size=16, backend="torch")
+    assert rel_err(o.cpu(), ro) < 1e-4 and rel_err(s.cpu(), rs) < 1e-4
+
+
+def test_varlen_and_conv_on_cuda():
+    g = generator()
+    cu = torch.tensor([0, 7, 30, 41])
+    args = gla_inputs("vector", g, B=1, T=41, with_state=False)
+    o, s = gla(**_cuda(args), output_final_state=True, cu_seqlens=cu.cuda(), chunk_size=16, backend="torch")
+    for n in range(3):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        ro, rs = reference.gla_ref(**{k: x[:, lo:hi] for k, x in args.items()})
+        assert rel_err(o[:, lo:hi].cpu(), ro) < 1e-4 and rel_err(s[n:n + 1].cpu(), rs) < 1e-4
+    x, w = torch.randn(1, 41, 8, generator=g), torch.randn(8, 4, generator=g)
+    y, _ = short_conv(x.cuda(), w.cuda(), cu_seqlens=cu.cuda(), backend="torch")
+    ry = torch.cat([reference.short_conv_ref(x[:, lo:hi], w)[0] for lo, hi in [(0, 7), (7, 30), (30, 41)]], 1)
+    assert rel_err(y.cpu(), ry) < 1e-5
