@@ -9,11 +9,11 @@ class TrainConfig:
     batch_size: int = 16               # sequences per micro-batch
     grad_accum: int = 1                # micro-batches per optimizer step
     seq_len: int = 256
-    max_steps: int = 600               # optimizer steps (max_tokens, when set, wins)
+    max_steps: int = 240               # optimizer steps (max_tokens, when set, wins)
     max_tokens: int = 0                # stop after this many training tokens (0: use max_steps)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -21,10 +21,12 @@ class TrainConfig:
     precision: str = "auto"            # auto | fp32 | bf16 (auto: bf16 autocast on CUDA, fp32 on CPU)
     device: str = "auto"               # auto | cpu | cuda
     compile: bool = False              # torch.compile each block
-    eval_interval: int = 100           # steps between held-out evaluations (0: only at the end)
+    activation_checkpointing: str = "none"  # none | selective (recompute token mixers) | full (whole blocks)
+    max_skipped_steps: int = 10        # steps with a NaN/inf loss or gradient skipped before the run stops
+    eval_interval: int = 60           # steps between held-out evaluations (0: only at the end)
     eval_batches: int = 8
     log_interval: int = 10
-    ckpt_interval: int = 200           # steps between checkpoints (a final one is always written)
+    ckpt_interval: int = 120           # steps between checkpoints (a final one is always written)
     keep_last: int = 2                 # checkpoints kept on disk
     output_dir: str = "runs"
     run_name: str = ""                 # "" = <preset/mixer>-<timestamp>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,11 +14,18 @@ import torch
 
 from ..config import JobConfig
 from ..model.causal_lm import LinearMoEForCausalLM
+from ..moe import collect_expert_load, plot_expert_load, update_moe_biases
+from ..parallel.activation_checkpoint import apply_activation_checkpointing
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import TrainingData, open_training_data
-from .metrics import MetricsLogger, plot_run
+from .flops import peak_flops, training_flops_per_token
+from .metrics import MetricsLogger, plot_run, read_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .progress import Progress
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps with a non-finite loss or gradient; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -29,6 +37,8 @@ class TrainResult:
     unigram_entropy: float = float("nan")
     sample: str = ""
     checkpoint: Path | None = None
+    skipped_steps: int = 0
+    stopped_by_signal: bool = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -40,8 +50,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_for(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast (weights and optimizer state stay fp32), or nothing."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -67,6 +77,38 @@ def latest_run(output_dir: str | Path) -> Path:
     return max(runs, key=lambda p: list_checkpoints(p)[-1].stat().st_mtime)
 
 
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the current step and exits."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def build_model(job: JobConfig, device: torch.device) -> LinearMoEForCausalLM:
+    model = LinearMoEForCausalLM(job.model).to(device)
+    apply_activation_checkpointing(model, job.train.activation_checkpointing)
+    if job.train.compile:
+        for block in model.layers:
+            block.compile()
+    return model
+
+
 def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
           stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training. ``stop_after`` ends the loop early after that step (tests use it to
@@ -78,28 +120,39 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     device = pick_device(t.device)
     torch.manual_seed(t.seed)
     data: TrainingData = open_training_data(job)
-    model = LinearMoEForCausalLM(job.model).to(device)
+    model = build_model(job, device)
     optimizer = build_optimizer(model, t)
-    run_dir, start_step = new_run_dir(job), 0
+    run_dir, start_step, skipped = new_run_dir(job), 0, 0
     if resume:
         ckpt = resolve_checkpoint(resume)
         run_dir = ckpt.parent.parent
-        start_step = load_checkpoint(ckpt, model, optimizer, map_location=device)["step"]
+        state = load_checkpoint(ckpt, model, optimizer, map_location=device)
+        start_step, skipped = state["step"], state.get("skipped_steps", 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(job.to_toml())
     steps = total_steps(job)
     say = (lambda *a: None) if quiet else print
     say(job.to_toml())
-    say(f"# model: {model.num_parameters() / 1e6:.2f}M parameters, {model.num_active_parameters() / 1e6:.2f}M active per token; "
-        f"device {device}; run dir {run_dir}" + (f"; resuming at step {start_step}" if start_step else ""))
+    flops_per_token = training_flops_per_token(model, t.seq_len)
+    peak = peak_flops(device)
+    say(f"# model: {model.num_parameters() / 1e6:.2f}M parameters, {model.num_active_parameters() / 1e6:.2f}M active per token, "
+        f"{flops_per_token / 1e6:.1f} MFLOPs per training token; device {device}; run dir {run_dir}"
+        + (f"; resuming at step {start_step}" if start_step else ""))
     logger = MetricsLogger(run_dir)
-    result = TrainResult(run_dir=run_dir, step=start_step, unigram_entropy=data.unigram_entropy)
-    extra = {"tokenizer.json": data.tokenizer_path}
+    result = TrainResult(run_dir=run_dir, step=start_step, unigram_entropy=data.unigram_entropy, skipped_steps=skipped)
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    extra = {"tokenizer.json": data.tokenizer_path}
+
+    def save(step: int) -> Path:
+        return save_checkpoint(run_dir, step, model, optimizer, {"tokens": step * tokens_per_step, "skipped_steps": result.skipped_steps},
+                               job.to_toml(), t.keep_last, extra)
+
     amp = autocast_for(t.precision, device)
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     last = time.perf_counter()
-    with Progress(total=steps, start=start_step, enabled=not quiet) as progress:
+    with Progress(total=steps, start=start_step, enabled=not quiet) as progress, _StopSignal() as stop:
         for step in range(start_step, steps):
             lr = lr_at(step, t, steps)
             set_lr(optimizer, lr)
@@ -113,8 +166,23 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
                 loss_sum += out.lm_loss.item() / t.grad_accum
                 for k, v in out.aux_losses.items():
                     aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / t.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                # A bad batch or a spike: drop this update, keep the weights, count it.
+                optimizer.zero_grad(set_to_none=True)
+                result.skipped_steps += 1
+                logger.log(step + 1, {"skipped_nonfinite": 1, "loss": loss_sum, "grad_norm": grad_norm})
+                if result.skipped_steps > t.max_skipped_steps:
+                    logger.close()
+                    last_good = list_checkpoints(run_dir)
+                    raise TrainingDiverged(
+                        f"step {step + 1}: {result.skipped_steps} steps with a non-finite loss or gradient "
+                        f"(train.max_skipped_steps={t.max_skipped_steps}); last good checkpoint: "
+                        f"{last_good[-1] if last_good else 'none'}")
+                result.step = step + 1
+                continue
             optimizer.step()
+            update_moe_biases(model)
             optimizer.zero_grad(set_to_none=True)
             now = time.perf_counter()
             tok_s = tokens_per_step / max(now - last, 1e-9)
@@ -123,26 +191,43 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             result.step = step + 1
             progress.update(step + 1, loss=loss_sum, tokens_per_s=tok_s)
             if (step + 1) % t.log_interval == 0 or step + 1 == steps:
-                row = {"loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                       "tokens": (step + 1) * tokens_per_step, **aux_sums, **expert_load_metrics(model)}
+                row = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
+                       "tokens": (step + 1) * tokens_per_step, **aux_sums}
+                if peak:
+                    row["mfu"] = tok_s * flops_per_token / peak
+                if device.type == "cuda":
+                    row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                load = collect_expert_load(model)
+                if load.numel():
+                    row["expert_load"] = load.tolist()
+                    share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
+                    row["expert_load_max_over_mean"] = float((share.max(-1).values * load.shape[-1]).mean())
                 logger.log(step + 1, row)
             if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < steps:
                 result.eval_loss = evaluate(model, data, t.eval_batches, device, amp)
                 logger.log(step + 1, {"eval_loss": result.eval_loss})
                 progress.note(f"step {step + 1}: eval loss {result.eval_loss:.3f} (unigram entropy {data.unigram_entropy:.3f})")
+            if stop.received is not None:
+                result.stopped_by_signal = True
+                break
             if (step + 1) % t.ckpt_interval == 0 and step + 1 < steps:
-                save_checkpoint(run_dir, step + 1, model, optimizer, {"tokens": (step + 1) * tokens_per_step}, job.to_toml(),
-                                t.keep_last, extra)
+                save(step + 1)
             if stop_after is not None and step + 1 >= stop_after:
                 break
-    if result.step == steps:
+    finished = result.step == steps
+    if finished:
         result.eval_loss = evaluate(model, data, t.eval_batches, device, amp)
         logger.log(result.step, {"eval_loss": result.eval_loss})
-    result.checkpoint = save_checkpoint(run_dir, result.step, model, optimizer, {"tokens": result.step * tokens_per_step},
-                                        job.to_toml(), t.keep_last, extra)
+    result.checkpoint = save(result.step)
     logger.close()
     plot_run(run_dir)
-    if result.step == steps:
+    history = [r["expert_load"] for r in read_metrics(logger.path) if "expert_load" in r]
+    if history and len({len(h) for h in history}) == 1:
+        with contextlib.suppress(ImportError):
+            plot_expert_load(history, run_dir / "expert_load.png")
+    if result.stopped_by_signal:
+        say(f"stopped by signal {stop.received} after step {result.step}; checkpoint {result.checkpoint} (resume with --resume)")
+    if finished:
         result.sample = data.sample(model, t.sample_prompt, t.sample_tokens, device)
         say(f"eval loss {result.eval_loss:.3f} nats/token (unigram entropy of the corpus {data.unigram_entropy:.3f}); "
             f"checkpoint {result.checkpoint}")
@@ -160,16 +245,3 @@ def evaluate(model: LinearMoEForCausalLM, data: TrainingData, n_batches: int, de
             total += model(x.to(device), labels=y.to(device)).lm_loss.item()
     model.train()
     return total / max(1, len(batches))
-
-
-def expert_load_metrics(model: LinearMoEForCausalLM) -> dict[str, float]:
-    """Per MoE layer: the busiest expert's share over the mean share (1.0 = perfectly balanced)."""
-    out = {}
-    for i, layer in enumerate(model.layers):
-        stats = getattr(layer.ffn, "last_stats", None) if layer.is_moe else None
-        if stats is None:
-            continue
-        counts = stats["tokens_per_expert"] if isinstance(stats, dict) else stats.tokens_per_expert
-        counts = counts.float()
-        out[f"expert_load_max_over_mean/layer{i}"] = float(counts.max() / counts.mean().clamp_min(1e-9))
-    return out

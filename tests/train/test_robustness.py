@@ -1,0 +1,110 @@
+"""Non-finite steps are skipped and bounded; SIGTERM saves and exits; SIGKILL + resume loses nothing."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from linear_moe.train import trainer as trainer_mod
+from linear_moe.train.checkpoint import list_checkpoints
+from linear_moe.train.trainer import TrainingDiverged, train
+
+from .test_trainer import TINY, job_for
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, data_dir, monkeypatch):
+    calls = {"n": 0}
+    real_forward = trainer_mod.LinearMoEForCausalLM.forward
+
+    def forward(self, *a, **k):
+        out = real_forward(self, *a, **k)
+        calls["n"] += 1
+        if self.training and calls["n"] in (3, 4):  # steps 3 and 4 (batch_size 1 micro-batch per step)
+            out.loss = out.loss * float("nan")
+            out.lm_loss = out.lm_loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod.LinearMoEForCausalLM, "forward", forward)
+    result = train(job_for(tmp_path, data_dir, steps=6, **{"train.run_name": "nan", "train.max_skipped_steps": 3}), quiet=True)
+    assert result.skipped_steps == 2 and result.step == 6 and len(result.losses) == 4
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped_nonfinite")] == [3, 4]
+    for p in torch.load(result.checkpoint / "optimizer.pt", weights_only=True)["state"].values():
+        assert torch.isfinite(p["exp_avg"]).all()
+
+    calls["n"] = 0
+    job = job_for(tmp_path, data_dir, steps=8, **{"train.run_name": "nan2", "train.max_skipped_steps": 1,
+                                                   "train.ckpt_interval": 2})
+    with pytest.raises(TrainingDiverged, match=r"step 4: 2 steps with a non-finite loss.*step_00000002"):
+        train(job, quiet=True)
+
+
+def _cli(args, env_extra=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "linear_moe", "train", "--quiet", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _cli_args(tmp_path, data_dir, name, steps):
+    args = []
+    for k, v in TINY + [("train.max_steps", str(steps)), ("train.output_dir", str(tmp_path / "runs")),
+                        ("data.cache_dir", str(data_dir)), ("data.max_chars", "200000"), ("model.vocab_size", "512"),
+                        ("train.run_name", name), ("train.ckpt_interval", "3"), ("train.log_interval", "1")]:
+        args += [f"--{k}", v]
+    return args
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _wait_for(predicate, proc, timeout=180):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the trainer")
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+    steps = 9
+    straight = _cli(_cli_args(tmp_path, data_dir, "straight", steps))
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    run = tmp_path / "runs" / "killed"
+    proc = _cli(_cli_args(tmp_path, data_dir, "killed", steps))
+    _wait_for(lambda: any(p.name == "step_00000003" for p in list_checkpoints(run)), proc)
+    _wait_for(lambda: len(_losses(run)) >= 5 if (run / "metrics.jsonl").exists() else False, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert all(not p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir()) or list_checkpoints(run)
+    resumed = _cli(["--resume", str(run)] + _cli_args(tmp_path, data_dir, "killed", steps))
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    want, got = _losses(tmp_path / "runs" / "straight"), _losses(run)
+    assert set(got) == set(range(1, steps + 1))
+    assert got == want  # bit-exact on CPU, including the steps run twice after the kill
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+    run = tmp_path / "runs" / "term"
+    proc = _cli(_cli_args(tmp_path, data_dir, "term", 400))
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_losses(run)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    last = list_checkpoints(run)[-1]
+    step = int(last.name.split("_")[1])
+    assert step == max(_losses(run)) and step < 400
