@@ -106,15 +106,29 @@ def _train(args, overrides) -> int:
 
 
 def _dry_run(job) -> int:
+    """Print the configuration, model size, memory estimate and parallel layout; build nothing real."""
+    import os
+
     import torch
 
     from .model.causal_lm import LinearMoEForCausalLM
+    from .train.memory import estimate_memory
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    job.validate(world_size=world)
     print(job.to_toml())
     with torch.device("meta"):
         model = LinearMoEForCausalLM(job.model)
-    print(f"# {model.num_parameters() / 1e6:.2f}M parameters, {model.num_active_parameters() / 1e6:.2f}M active per token")
-    print(f"# layers: {job.model.resolved_layer_pattern()} (token mixers), {job.model.resolved_ffn_pattern()} (E = MoE, D = dense)")
+    total = model.num_parameters()
+    print(f"# {total / 1e6:.2f}M parameters, {model.num_active_parameters() / 1e6:.2f}M active per token")
+    print(f"# layers: {job.model.resolved_layer_pattern()} (token mixers: L/M = {job.model.mixer}, N/* = attention), "
+          f"{job.model.resolved_ffn_pattern()} (E = MoE, D = dense)")
+    p = job.parallel
+    dp_shard = world // (p.dp_replicate * p.tp * p.pp * p.sp) if p.dp_shard == -1 else p.dp_shard
+    print(f"# parallel layout over {world} rank(s): pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={dp_shard} "
+          f"sp={p.sp} tp={p.tp} ep={p.ep}")
+    for line in estimate_memory(job, total, world).lines():
+        print(line)
     return 0
 
 
