@@ -86,6 +86,14 @@ class _ConstantDecayAttention(nn.Module):
     def reset_parameters(self) -> None:
         init_weights(self)
 
+    def _log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """``log γ`` ``[heads]`` on x's device, at least fp32 (cached; not a buffer, which ``.to(bf16)`` would round)."""
+        key = (x.device, upcast(x).dtype)
+        cache = self.__dict__.setdefault("_decay_cache", {})
+        if key not in cache:
+            cache[key] = torch.tensor(self.log_gammas, device=key[0], dtype=key[1])
+        return cache[key]
+
     def _mix(self, x, q, k, v, log_decay, scale, state, cu_seqlens, new_state):
         B, T, _ = x.shape
         o, new_state["recurrent"] = ops.gla(
@@ -127,8 +135,7 @@ class MultiScaleRetention(_ConstantDecayAttention):
         q = ops.apply_rotary(self.q_proj(x).view(B, T, H, K), cos, sin)
         k = ops.apply_rotary(self.k_proj(x).view(B, T, H, K), cos, sin)
         v = self.v_proj(x).view(B, T, H, V)
-        log_decay = torch.tensor(self.log_gammas, device=x.device, dtype=upcast(x).dtype)
-        return self._mix(x, q, k, v, log_decay, K ** -0.5, state, cu_seqlens, {"offset": offset})
+        return self._mix(x, q, k, v, self._log_decay(x), K ** -0.5, state, cu_seqlens, {"offset": offset})
 
 
 @register_mixer("lightning_attention")
@@ -161,5 +168,4 @@ class LightningAttention(_ConstantDecayAttention):
         q = self.feature_map(self.q_proj(x).view(B, T, H, K))
         k = self.feature_map(self.k_proj(x).view(B, T, H, K))
         v = self.v_proj(x).view(B, T, H, V)
-        log_decay = torch.tensor(self.log_gammas, device=x.device, dtype=upcast(x).dtype)
-        return self._mix(x, q, k, v, log_decay, 1.0, state, cu_seqlens, {})
+        return self._mix(x, q, k, v, self._log_decay(x), 1.0, state, cu_seqlens, {})
