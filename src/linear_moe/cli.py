@@ -2,6 +2,7 @@
 
     linear-moe train [--config FILE] [--preset NAME] [--resume [PATH]] [--dry-run] [--section.field VALUE ...]
     linear-moe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
+    linear-moe prepare-data --input FILES --tokenizer DIR --output PREFIX [--text-field F] [--workers N]
     linear-moe presets | mixers | config [--preset NAME] [--section.field VALUE ...]
 """
 from __future__ import annotations
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    d = sub.add_parser("prepare-data", help="tokenize text / JSONL / Parquet files into an indexed dataset (.bin + .idx)")
+    d.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, .json, .parquet, .gz)")
+    d.add_argument("--tokenizer", required=True, help="directory or tokenizer.json of a Hugging Face tokenizer")
+    d.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx (and PREFIX_val.*)")
+    d.add_argument("--text-field", default="text", help="JSONL / Parquet field holding the document text")
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out into PREFIX_val")
     c = sub.add_parser("config", help="print the resolved configuration as TOML", epilog=USAGE_OVERRIDES)
     c.add_argument("--config")
     c.add_argument("--preset")
@@ -165,6 +173,18 @@ def _generate(args, overrides) -> int:
     return 0
 
 
+def _prepare_data(args, overrides) -> int:
+    from .data import prepare_data
+
+    if args.workers < 1:
+        return _fail(f"--workers {args.workers} must be >= 1")
+    out = prepare_data(args.input, args.tokenizer, args.output, text_field=args.text_field, workers=args.workers,
+                       val_fraction=args.val_fraction)
+    print(f"wrote {out.prefix}.bin/.idx: {out.documents} documents, {out.tokens} tokens ({out.dtype})"
+          + (f"; held out {out.val_prefix}: {out.val_documents} documents, {out.val_tokens} tokens" if out.val_prefix else ""))
+    return 0
+
+
 def _config(args, overrides) -> int:
     from .config import build_job_config
 
@@ -192,7 +212,7 @@ def _mixers(args, overrides) -> int:
     return 0
 
 
-_VERBS = {"train": _train, "generate": _generate, "config": _config, "presets": _presets, "mixers": _mixers}
+_VERBS = {"train": _train, "generate": _generate, "prepare-data": _prepare_data, "config": _config, "presets": _presets, "mixers": _mixers}
 
 if __name__ == "__main__":
     raise SystemExit(main())

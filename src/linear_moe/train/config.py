@@ -38,7 +38,8 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "default"           # "default" (bundled corpus) or a prepared token file prefix / .bin path
+    dataset: str = "default"           # "default" (bundled corpus), a prepared prefix / .bin path, or a blend "0.3 a 0.7 b"
+    packing: bool = False              # batches carry document boundaries (cu_seqlens): no attention or state across documents
     tokenizer: str = ""                # tokenizer.json path or directory ("" = the one trained on the corpus)
     cache_dir: str = ""                # "" = $LINEAR_MOE_CACHE or ~/.cache/linear-moe
     max_chars: int = 0                 # use only the first N characters of the corpus (0: all)

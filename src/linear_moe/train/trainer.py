@@ -128,6 +128,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
         run_dir = ckpt.parent.parent
         state = load_checkpoint(ckpt, model, optimizer, map_location=device)
         start_step, skipped = state["step"], state.get("skipped_steps", 0)
+        data.load_state_dict(state.get("data", {}))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(job.to_toml())
     steps = total_steps(job)
@@ -144,7 +145,8 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     extra = {"tokenizer.json": data.tokenizer_path}
 
     def save(step: int) -> Path:
-        return save_checkpoint(run_dir, step, model, optimizer, {"tokens": step * tokens_per_step, "skipped_steps": result.skipped_steps},
+        return save_checkpoint(run_dir, step, model, optimizer, {"tokens": step * tokens_per_step, "skipped_steps": result.skipped_steps,
+                                                                   "data": data.state_dict()},
                                job.to_toml(), t.keep_last, extra)
 
     amp = autocast_for(t.precision, device)
@@ -158,10 +160,9 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             set_lr(optimizer, lr)
             loss_sum, aux_sums = 0.0, {}
             for micro in range(t.grad_accum):
-                x, y = data.train_batch(step * t.grad_accum + micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = data.train_batch(step * t.grad_accum + micro).to(device)
                 with amp:
-                    out = model(x, labels=y)
+                    out = model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
                 (out.loss / t.grad_accum).backward()
                 loss_sum += out.lm_loss.item() / t.grad_accum
                 for k, v in out.aux_losses.items():
@@ -240,8 +241,9 @@ def evaluate(model: LinearMoEForCausalLM, data: TrainingData, n_batches: int, de
     model.eval()
     total = 0.0
     batches = data.eval_batches(n_batches)
-    for x, y in batches:
+    for batch in batches:
+        batch = batch.to(device)
         with amp:
-            total += model(x.to(device), labels=y.to(device)).lm_loss.item()
+            total += model(batch.input_ids, labels=batch.labels).lm_loss.item()
     model.train()
     return total / max(1, len(batches))
