@@ -131,3 +131,26 @@ def test_every_mixer_in_every_family_learns_and_generates(mixer, family):
         first = first if first is not None else out.lm_loss.item()
     assert out.lm_loss.item() < first
     _greedy_matches_full_forward(cfg, prompt_len=4, new=4)
+
+
+def test_chunked_loss_equals_the_full_logits_loss():
+    from linear_moe.ops.cross_entropy import linear_cross_entropy
+
+    torch.manual_seed(5)
+    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    y[3] = -100
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), y, ignore_index=-100)
+    got = linear_cross_entropy(x, w, y, chunk_size=8)
+    gx, gw = torch.autograd.grad(ref, (x, w))
+    hx, hw = torch.autograd.grad(got, (x, w))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(hx, gx, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(hw, gw, rtol=1e-5, atol=1e-7)
+    model = LinearMoEForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(ids, labels=ids)
+    chunked = model(ids, labels=ids, return_logits=False)
+    assert chunked.logits is None
+    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)

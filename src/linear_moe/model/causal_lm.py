@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.common import RMSNorm
+from ..ops.cross_entropy import linear_cross_entropy
 from .block import Block
 from .config import ModelConfig
 
@@ -58,9 +59,11 @@ class LinearMoEForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, states: list | None = None,
-                return_states: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+                return_states: bool = False, logits_to_keep: int = 0, return_logits: bool = True) -> CausalLMOutput:
         """input_ids ``[batch, time]``; states: what a previous call returned (to continue decoding).
-        ``logits_to_keep=n`` computes logits for the last n positions only (generation)."""
+        ``logits_to_keep=n`` computes logits for the last n positions only (generation).
+        ``return_logits=False`` with labels computes the loss chunk by chunk without keeping the logits
+        (training at long context with a large vocabulary)."""
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got batch {input_ids.shape[0]}")
         x = self.embed(input_ids)
@@ -74,10 +77,14 @@ class LinearMoEForCausalLM(nn.Module):
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-        loss = lm_loss = None
-        if labels is not None:
-            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = lm_loss = logits = None
+        if labels is not None and not return_logits:
+            lm_loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        else:
+            logits = self.lm_head(x)
+            if labels is not None:
+                lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if lm_loss is not None:
             loss = lm_loss + sum(aux_losses.values()) if aux_losses else lm_loss
         return CausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_losses=aux_losses,
                               states=new_states if return_states else None)

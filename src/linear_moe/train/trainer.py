@@ -162,7 +162,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             for micro in range(t.grad_accum):
                 batch = data.train_batch(step * t.grad_accum + micro).to(device)
                 with amp:
-                    out = model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
+                    out = model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens, return_logits=False)
                 (out.loss / t.grad_accum).backward()
                 loss_sum += out.lm_loss.item() / t.grad_accum
                 for k, v in out.aux_losses.items():
@@ -244,6 +244,6 @@ def evaluate(model: LinearMoEForCausalLM, data: TrainingData, n_batches: int, de
     for batch in batches:
         batch = batch.to(device)
         with amp:
-            total += model(batch.input_ids, labels=batch.labels).lm_loss.item()
+            total += model(batch.input_ids, labels=batch.labels, return_logits=False).lm_loss.item()
     model.train()
     return total / max(1, len(batches))
