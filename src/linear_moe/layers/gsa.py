@@ -9,8 +9,9 @@ forget gate ``a_t = exp(log_f_t) ∈ (0, 1)^M`` and the write weights ``s_t = 1 
 
 The second pass is a plain GLA (key = ``s_t``, decay over its key dim). The first pass decays along
 the slot (value) dim, which the ``gla`` op does not offer; we fold each slot into its own head with a
-scalar decay (key dim K, value dim 1), which is exact and keeps to the primitives, at ``M`` times the
-intra-chunk work of a value-dim-gated kernel.
+scalar decay (key dim K, value dim 1), which is exact and keeps to the primitives, but costs about
+``M`` times the intra-chunk work (and activation memory) of a kernel gated along the value dim
+(fla's ``chunk_gsa``); such a kernel, or a value-dim decay in ``gla``, would replace this one call.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class GatedSlotAttention(nn.Module):
 
     Reads ``MixerConfig``: num_heads, head_dim / expand_k (key dim per head), expand_v, num_slots,
     feature_map (swish (default) | relu | identity, on q and k), gate_logit_normalizer, use_short_conv,
-    conv_size, mode. The output is ``o_proj(RMSNorm(swish(o)))`` as in the paper (no extra output gate).
+    conv_size, mode, chunk_size, backend. The output is ``o_proj(RMSNorm(swish(o)))`` as in the paper (no extra output gate).
 
     State: ``slot_keys [B, H*M, K, 1]`` (first pass, one head per slot), ``slot_values [B, H, M, V]``,
     and ``conv_q / conv_k / conv_v [B, C, W-1]`` when short convolutions are on.
