@@ -1,7 +1,7 @@
 """Routed experts as grouped GEMMs over tokens sorted by expert.
 
 Weights are stacked ``[E, out, in]`` (each slice is an HF ``nn.Linear.weight``), so expert parallelism
-shards dim 0. The fast path is grouped_mm (``F.grouped_mm``, or ``torch._grouped_mm`` before 2.13): one
+shards dim 0. The fast path is grouped_mm (``F.grouped_mm``, or ``torch._grouped_mm`` on older torch): one
 kernel for all experts, no host sync. It runs on CPU too (torch 2.13: fp32/bf16/fp16 with 16-byte aligned
 rows). The fallback loops over experts and needs the per-expert counts on the host (one sync on GPU).
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# torch >= 2.13 has the public F.grouped_mm; 2.11/2.12 only the private torch._grouped_mm (same kernels).
+# Recent torch (2.11 and 2.13 here) has the public F.grouped_mm; older builds only torch._grouped_mm (same kernels).
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _probe_cache: dict[tuple[str, torch.dtype], bool] = {}
