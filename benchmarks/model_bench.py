@@ -1,0 +1,208 @@
+"""Training throughput of the A0.3B-2B preset (Qwen2-MoE flavour) per token mixer and sequence length,
+beside the peer a user would assemble today (HF transformers Qwen2-MoE ± fla layers), in one run.
+
+    python benchmarks/model_bench.py [--lengths 2048,8192,32768,65536] [--tokens-per-step 32768]
+                                     [--kinds gdn,gla,hybrid,attention] [--peer] [--steps 4]
+
+Prints a table and writes ``$OUT/model_bench.json`` (or ``benchmarks/results/``) with the device, torch /
+Triton / fla versions, commit, shapes and numbers, and a PNG of tokens/s against sequence length.
+Both sides train in bf16 with fused AdamW; ours keeps fp32 master weights under autocast (the trainer's
+default) unless ``--pure-bf16`` (the peer's setting: weights and optimizer state in bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
+from linear_moe.model.config import ModelConfig  # noqa: E402
+from linear_moe.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
+from linear_moe.train.flops import peak_flops, training_flops_per_token  # noqa: E402
+
+KINDS = {  # name -> (mixer, layer pattern)
+    "gdn": ("gated_deltanet", "L" * 12),
+    "gla": ("gla", "L" * 12),
+    "hybrid": ("gated_deltanet", "LLLN" * 3),
+    "attention": ("attention", "N" * 12),
+}
+
+
+def our_config(kind: str, shared_expert: bool) -> ModelConfig:
+    mixer, pattern = KINDS[kind]
+    cfg = ModelConfig.from_preset("A0.3B-2B", base_model="qwen2", mixer=mixer, layer_pattern=pattern)
+    if shared_expert:  # the peer's Qwen2-MoE block has one gated shared expert of width 896
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=1, shared_expert_hidden_size=896,
+                                                               shared_expert_gate=True))
+    return cfg
+
+
+def build_peer(kind: str):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=151936, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=8, num_experts=64, num_experts_per_tok=8,
+                         moe_intermediate_size=896, shared_expert_intermediate_size=896, max_position_embeddings=131072,
+                         decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False, output_router_logits=False,
+                         attn_implementation="sdpa", tie_word_embeddings=False)
+    model = Qwen2MoeForCausalLM(cfg)
+    if kind != "peer_sdpa":
+        from fla.layers import GatedDeltaNet, GatedLinearAttention
+
+        class Wrap(torch.nn.Module):
+            def __init__(self, layer):
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, hidden_states, *a, **k):
+                return self.layer(hidden_states)[0], None
+
+        for i, layer in enumerate(model.model.layers):
+            inner = (GatedLinearAttention(mode="chunk", hidden_size=1024, num_heads=8, expand_k=0.5, expand_v=1.0, layer_idx=i)
+                     if kind == "peer_fla_gla" else GatedDeltaNet(hidden_size=1024, num_heads=8, head_dim=128, expand_v=1, layer_idx=i))
+            layer.self_attn = Wrap(inner)
+    return model
+
+
+def time_steps(model, step_fn, n_warm: int, n_steps: int) -> float:
+    for _ in range(n_warm):
+        step_fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        loss = step_fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n_steps, float(loss)
+
+
+def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
+    B = max(1, tokens_per_step // T)
+    row = {"kind": kind, "T": T, "B": B}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = opt = x = None
+    try:
+        if kind.startswith("peer"):
+            model = build_peer(kind).cuda().to(torch.bfloat16)
+            ours = False
+        else:
+            model = LinearMoEForCausalLM(our_config(kind, args.shared_expert)).cuda()
+            apply_activation_checkpointing(model, args.checkpointing if T >= args.checkpoint_from else "none")
+            if args.pure_bf16:
+                model = model.to(torch.bfloat16)
+            ours = True
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        x = torch.randint(0, 151936, (B, T), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if ours:
+                    out = model(x, labels=torch.roll(x, -1, 1), return_logits=False)
+                else:
+                    out = model(input_ids=x, labels=x)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return out.loss.detach()
+
+        dt, loss = time_steps(model, step, args.warmup, args.steps)
+        row.update(tok_s=B * T / dt, step_s=dt, loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   params=sum(p.numel() for p in model.parameters()))
+        if ours:
+            fpt = training_flops_per_token(model, T)
+            peak = peak_flops(torch.device("cuda"))
+            row.update(flops_per_token=fpt, mfu=(B * T / dt) * fpt / peak if peak else None)
+    except Exception as e:  # record and go on: an OOM at one length must not lose the rest of the table
+        row["error"] = repr(e)[:400]
+        if args.verbose:
+            traceback.print_exc()
+    finally:
+        del model, opt, x
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def environment() -> dict:
+    import triton
+
+    env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
+    try:
+        import fla
+
+        env["fla"] = getattr(fla, "__version__", "?")
+    except ImportError:
+        env["fla"] = None
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).parent).stdout.strip() or os.environ.get("GIT_COMMIT", "")
+    except OSError:
+        env["commit"] = os.environ.get("GIT_COMMIT", "")
+    return env
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        pts = [(r["T"], r["tok_s"]) for r in rows if r["kind"] == kind and "tok_s" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per sequence")
+    ax.set_ylabel("training tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="2048,8192,32768,65536")
+    p.add_argument("--tokens-per-step", type=int, default=32768)
+    p.add_argument("--kinds", default="gdn,gla,hybrid,attention")
+    p.add_argument("--peer", default="", help="comma list of peer_sdpa, peer_fla_gla, peer_fla_gdn")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--checkpointing", default="selective")
+    p.add_argument("--checkpoint-from", type=int, default=32768, help="use activation checkpointing from this length")
+    p.add_argument("--shared-expert", action="store_true", help="add the peer's gated shared expert (same architecture)")
+    p.add_argument("--pure-bf16", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    env = environment()
+    print(json.dumps(env), flush=True)
+    rows = []
+    lengths = [int(t) for t in args.lengths.split(",")]
+    for kind in [k for k in args.kinds.split(",") if k] + [k for k in args.peer.split(",") if k]:
+        for T in lengths:
+            rows.append(run_one(kind, T, max(args.tokens_per_step, T), args))
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_bench.json").write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1))
+    plot(rows, out / "model_bench.png")
+    print(f"\n{'kind':14s} {'T':>6s} {'B':>3s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s}")
+    for r in rows:
+        if "tok_s" in r:
+            mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "   -  "
+            print(f"{r['kind']:14s} {r['T']:6d} {r['B']:3d} {r['tok_s']:10.0f} {mfu} {r['peak_gib']:9.1f}")
+        else:
+            print(f"{r['kind']:14s} {r['T']:6d} {r['B']:3d} {r['error'][:70]}")
+
+
+if __name__ == "__main__":
+    main()
