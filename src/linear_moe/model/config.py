@@ -101,11 +101,10 @@ class ModelConfig:
         need(att.num_heads % kv == 0, f"model.attention.num_kv_heads={kv} must divide num_heads={att.num_heads}")
         need(att.sliding_window >= 0, f"model.attention.sliding_window={att.sliding_window} must be >= 0")
         if "E" in ffn:
-            m = self.moe
-            need(m.num_experts >= 1, f"model.moe.num_experts={m.num_experts} must be >= 1")
-            need(1 <= m.top_k <= m.num_experts, f"model.moe.top_k={m.top_k} must be between 1 and model.moe.num_experts={m.num_experts}")
-            need(m.capacity_factor >= 0 and m.eval_capacity_factor >= 0,
-                 f"model.moe.capacity_factor={m.capacity_factor} / eval_capacity_factor={m.eval_capacity_factor} must be >= 0 (0 = dropless)")
+            try:
+                self.moe.validate()
+            except ValueError as e:  # the MoE config names its fields "moe.x"; give the full path
+                raise ValueError(str(e).replace("moe.", "model.moe.")) from None
         return self
 
 
