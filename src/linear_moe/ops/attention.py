@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_cu_seqlens, check_rank
+from .context import sequence_parallel_handler
 
 # SDPA is a builtin without an introspectable signature; `enable_gqa` arrived in torch 2.5.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -43,6 +44,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | No
     Returns:
         `[B, T, H, Dv]` in q.dtype.
     """
+    if (sp := sequence_parallel_handler()) is not None:  # time split over devices (parallel/lasp2.py)
+        return sp.causal_attention(q, k, v, cu_seqlens=cu_seqlens, sliding_window=sliding_window, scale=scale)
     check_rank("q", q, 4, "[B, T, H, D]")
     check_rank("k", k, 4, "[B, T, Hkv, D]")
     check_rank("v", v, 4, "[B, T, Hkv, Dv]")

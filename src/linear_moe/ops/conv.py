@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_cu_seqlens, check_rank, check_shape, resolve, run_backend
+from .context import sequence_parallel_handler
 
 ACTIVATIONS = (None, "silu")
 
@@ -32,6 +33,9 @@ def short_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     Returns:
         y `[B, T, C]` in x.dtype, final state `[B or N, C, W-1]` in x.dtype (or None).
     """
+    if (sp := sequence_parallel_handler()) is not None:  # time split over devices (parallel/lasp2.py)
+        return sp.short_conv(x, weight, bias, activation=activation, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
     check_rank("x", x, 3, "[B, T, C]")
     B, T, C = x.shape
     check_rank("weight", weight, 2, "[C, W]")

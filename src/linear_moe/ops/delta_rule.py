@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _varlen
 from ._checks import (check_chunk_size, check_cu_seqlens, check_mode, check_rank, check_shape,
                       compute_dtype, pick_mode, resolve, run_backend)
+from .context import sequence_parallel_handler
 from .delta_rule_chunk import delta_rule_chunk
 
 
@@ -31,6 +32,10 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor 
     Returns:
         o `[B, T, H, V]` in q.dtype, final state `[B or N, H, K, V]` in fp32 (or None).
     """
+    if (sp := sequence_parallel_handler()) is not None:  # time split over devices (parallel/lasp2.py)
+        return sp.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode=mode,
+                             chunk_size=chunk_size, backend=backend)
     check_rank("q", q, 4, "[B, T, H, K]")
     B, T, H, K = q.shape
     check_shape("k", k, (B, T, H, K), "[B, T, H, K] like q")

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import _varlen
 from ._checks import (check_chunk_size, check_cu_seqlens, check_mode, check_rank, check_shape,
                       compute_dtype, pick_mode, resolve, run_backend)
+from .context import sequence_parallel_handler
 from .gla_chunk import gla_chunk
 
 NORMALIZE_EPS = 1e-6
@@ -58,6 +59,10 @@ def gla(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None, *, bon
     Returns:
         o `[B, T, H, V]` in q.dtype, final state `[B or N, H, K, V(+1)]` in fp32 (or None).
     """
+    if (sp := sequence_parallel_handler()) is not None:  # time split over devices (parallel/lasp2.py)
+        return sp.gla(q, k, v, log_decay, bonus=bonus, scale=scale, normalize=normalize,
+                      initial_state=initial_state, output_final_state=output_final_state,
+                      cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size, backend=backend)
     B, T, H, K, V, kind = _check_gla(q, k, v, log_decay, bonus, normalize, initial_state, cu_seqlens,
                                      mode, chunk_size)
     requires_grad = torch.is_grad_enabled() and any(

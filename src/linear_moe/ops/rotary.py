@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .context import sequence_parallel_handler
+
 
 def rotary_cos_sin(positions: Tensor, dim: int, theta: float = 10000.0,
                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -19,6 +21,8 @@ def rotary_cos_sin(positions: Tensor, dim: int, theta: float = 10000.0,
     Returns:
         cos, sin: `[..., T, dim // 2]` in `dtype`.
     """
+    if (sp := sequence_parallel_handler()) is not None:  # local positions -> positions in the full sequence
+        positions = sp.global_positions(positions)
     if not isinstance(dim, int) or dim < 2 or dim % 2:
         raise ValueError(f"rotary dim={dim!r} must be a positive even int")
     if not isinstance(positions, Tensor) or positions.dtype.is_floating_point or positions.dim() < 1:
