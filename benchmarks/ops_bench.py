@@ -27,18 +27,18 @@ from linear_moe.ops.backends import fla_version, triton_version
 
 # name -> (op, decay kind, bonus, normalize, varlen, mode)
 CASES = {
-    "linear_attn": ("gla", "none", False, False, False, "chunk"),
-    "linear_attn_norm": ("gla", "none", False, True, False, "chunk"),
-    "retention": ("gla", "constant", False, False, False, "chunk"),
     "simple_gla": ("gla", "scalar", False, False, False, "chunk"),
-    "simple_gla_varlen": ("gla", "scalar", False, False, True, "chunk"),
-    "gla": ("gla", "vector", False, False, False, "chunk"),
-    "rwkv6": ("gla", "vector", True, False, False, "chunk"),
-    "gla_recurrent": ("gla", "vector", False, False, False, "recurrent"),
-    "deltanet": ("delta_rule", "none", False, False, False, "chunk"),
     "gated_deltanet": ("delta_rule", "scalar", False, False, False, "chunk"),
+    "gla": ("gla", "vector", False, False, False, "chunk"),
+    "linear_attn": ("gla", "none", False, False, False, "chunk"),
+    "retention": ("gla", "constant", False, False, False, "chunk"),
+    "deltanet": ("delta_rule", "none", False, False, False, "chunk"),
+    "rwkv6": ("gla", "vector", True, False, False, "chunk"),
+    "simple_gla_varlen": ("gla", "scalar", False, False, True, "chunk"),
     "gated_deltanet_varlen": ("delta_rule", "scalar", False, False, True, "chunk"),
     "short_conv": ("short_conv", "none", False, False, False, "chunk"),
+    "gla_recurrent": ("gla", "vector", False, False, False, "recurrent"),
+    "linear_attn_norm": ("gla", "none", False, True, False, "chunk"),
 }
 TIMED = ["linear_attn", "retention", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet"]
 USES_DQKWG = {"linear_attn", "linear_attn_norm", "retention", "simple_gla", "simple_gla_varlen",
@@ -172,7 +172,8 @@ def check_case(case, backend, dtype, device, seed):
     """Max rel err over output, final state and every input grad, or the error raised."""
     gen = torch.Generator(device=device).manual_seed(seed)
     varlen = CASES[case][4]
-    B, T, H, K, V = (1, 200, 2, 64, 64) if varlen else (2, 160, 2, 64, 64)
+    # H, K, V as in the timing: fla's autotune keys hold them, so the compiled kernels are shared
+    B, T, H, K, V = (1, 200, 16, 128, 128) if varlen else (2, 160, 16, 128, 128)
     cu = torch.tensor([0, 37, 141, 200], device=device) if varlen else None
     args = make_inputs(case, B, T, H, K, V, dtype, device, gen, cu=cu)
     for n, x in args.items():  # a constant per-head decay is a fixed hyper-parameter: no grad
@@ -232,6 +233,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--skip-torch-timing", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu: dry run of the torch checks only")
+    parser.add_argument("--phase", default="all", choices=["all", "check", "time"])
+    parser.add_argument("--dtypes", default="bfloat16", help="check dtypes, e.g. bfloat16,float32")
+    parser.add_argument("--torch-timing-max-len", type=int, default=2048)
     a = parser.parse_args()
     device = torch.device(a.device)
     if device.type == "cpu":
@@ -248,8 +252,8 @@ def main():
 
     # 1. correctness
     variants = [("torch", "torch"), ("fla-stock", "fla"), ("ours", "fla")]
-    for case in CASES:
-        for dtype in (torch.bfloat16, torch.float32):
+    for case in CASES if a.phase != "time" else []:
+        for dtype in [getattr(torch, d) for d in a.dtypes.split(",")]:
             for variant, backend in variants:
                 if variant != "torch":
                     if case not in USES_DQKWG and variant == "fla-stock":
@@ -272,7 +276,7 @@ def main():
     # 2. timing
     H, D = 16, 128
     gen = torch.Generator(device=device).manual_seed(seed)
-    for T in [int(x) for x in a.lengths.split(",")]:
+    for T in [int(x) for x in a.lengths.split(",")] if a.phase != "check" else []:
         B = a.tokens // T
         row = result["time_ms"].setdefault(str(T), {"B": B, "T": T, "H": H, "D": D})
         try:
@@ -285,7 +289,7 @@ def main():
                 if x is not None and not (n == "log_decay" and x.dim() == 1):
                     x.requires_grad_()
             names = ["ours"] + (["fla-stock"] if case in USES_DQKWG else []) + \
-                ([] if a.skip_torch_timing else ["torch"])
+                ([] if a.skip_torch_timing or T > a.torch_timing_max_len else ["torch"])
             for variant in names:
                 backend = "torch" if variant == "torch" else "fla"
                 if variant != "torch":
