@@ -95,3 +95,16 @@ def test_a_failed_save_leaves_no_half_checkpoint(tmp_path, monkeypatch, data_dir
     with pytest.raises(OSError):
         ck.save_checkpoint(run, 3, torch.nn.Linear(2, 2), None, {}, "", keep_last=5)
     assert [p.name for p in list_checkpoints(run)] == before
+
+
+def test_generate_from_a_checkpoint_via_the_cli(tmp_path, data_dir, capsys):
+    from linear_moe.cli import main
+
+    result = train(job_for(tmp_path, data_dir, steps=2, **{"train.run_name": "g"}), quiet=True)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(result.run_dir), "--prompt", "And the", "--max-new-tokens", "6",
+                 "--temperature", "0.9", "--top-p", "0.9", "--num-samples", "2"]) == 0
+    captured = capsys.readouterr()
+    samples = [s.strip() for s in captured.out.split("---") if s.strip()]
+    assert len(samples) == 2 and all(s.startswith("And the") for s in samples)
+    assert "tokens/s" in captured.err
