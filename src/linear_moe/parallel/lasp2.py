@@ -1,0 +1,234 @@
+"""Sequence parallelism: LASP-2 for the linear mixers, LASP-2H (all-gathered K/V) for attention.
+
+The time axis of every sequence is split over the ``sp`` ranks; rank r holds tokens
+``[r * T_local, (r+1) * T_local)`` (``layout="contiguous"``), or, for attention-only models,
+chunks ``r`` and ``2 sp - 1 - r`` of ``2 sp`` (``layout="zigzag"``, equal causal work per rank).
+
+LASP-2 (Sun et al. 2025). Each linear recurrence is affine in its initial state, so a rank can
+summarise its shard by its state from zero ``M_r`` and its transition ``A_r`` (total decay, or the
+delta rule's ``K x K`` product), independently of the others:
+
+    S_end(r) = A_r S_start(r) + M_r,       S_start(r) = S_end(r - 1)
+
+One all-gather of every ``(M_j, A_j)`` lets each rank fold the prefix ``j < r`` into its own initial
+state and run the op on its shard from that state. The backward pass is the all-gather's: one
+all-reduce (reduce-scatter on NCCL) of the gradients of the gathered summaries. Short convolutions
+need the ``W - 1`` inputs before the shard: also gathered (a tail per rank). RWKV6's token shift
+needs one token: the mixer's ``shift`` state carries it.
+
+LASP-2H: attention all-gathers K and V over sp and masks by global position.
+
+Applied from outside: `apply_sequence_parallel(model, group)` wraps every token mixer's forward so
+that, inside it, the public ops (`linear_moe.ops`) hand their calls to a `Lasp2Handler` (see
+`linear_moe.ops.context`). Each handler method runs the plain op on the local shard.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.context import sequence_parallel
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+class _AllGather(torch.autograd.Function):
+    """``x`` -> ``[P, *x.shape]`` from every rank of ``group``; backward sums the gradients of
+    every rank's copy and returns this rank's slice (one collective each way)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        rank = dist.get_rank(ctx.group)
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty(grad.shape[1:])
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter; same sum, more bytes
+        return grad[rank].clone(), None
+
+
+def all_gather(x: Tensor, group) -> Tensor:
+    """Differentiable all-gather: ``[...]`` -> ``[sp, ...]`` in rank order."""
+    return _AllGather.apply(x, group)
+
+
+class Lasp2Handler:
+    """The sequence-parallel versions of the ops (installed by `apply_sequence_parallel`)."""
+
+    def __init__(self, group, layout: str = "contiguous"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"sequence-parallel layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+        self.group, self.layout = group, layout
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.enabled = True  # False: the wrapped mixers run locally (e.g. generation on one rank)
+
+    # ---- positions ---------------------------------------------------------------------------------
+    def position_map(self, local_len: int, device) -> Tensor:
+        """Global position of each local token: ``[T_local]``."""
+        t = torch.arange(local_len, device=device)
+        if self.layout == "contiguous":
+            return t + self.rank * local_len
+        half = local_len // 2
+        second = (2 * self.size - 1 - self.rank) * half
+        return torch.where(t < half, self.rank * half + t, second + t - half)
+
+    def global_positions(self, positions: Tensor) -> Tensor:
+        return self.position_map(positions.shape[-1], positions.device)[positions.long()].to(positions.dtype)
+
+    def _check(self, op: str, cu_seqlens: Tensor | None, linear: bool = True) -> None:
+        if cu_seqlens is not None:
+            raise ValueError(f"{op}: sequence parallelism (sp={self.size}) does not support packed documents "
+                             "(cu_seqlens); use sp=1 or unpacked batches")
+        if linear and self.layout != "contiguous":
+            raise ValueError(f"{op}: a linear recurrence needs layout='contiguous' under sequence parallelism, "
+                             f"got layout={self.layout!r} (zigzag suits attention-only models)")
+
+    # ---- linear recurrences --------------------------------------------------------------------------
+    def gla(self, q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, initial_state=None,
+            output_final_state=False, cu_seqlens=None, mode="auto", chunk_size=64, backend=None):
+        self._check("gla", cu_seqlens)
+        B, T, H, K = k.shape
+        v_state = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1) if normalize else v
+        state, total = ops.gla_chunk_state(k, v_state, log_decay, chunk_size=chunk_size)
+        Vs = state.shape[-1]
+        gathered = all_gather(torch.cat([state.flatten(2), total], -1), self.group)
+        states = gathered[..., :K * Vs].unflatten(-1, (K, Vs))           # [P, B, H, K, Vs]
+        decays = gathered[..., K * Vs:].exp().unsqueeze(-1)              # [P, B, H, K, 1]
+        starts = _prefix_states(initial_state, states, lambda j, s: decays[j] * s + states[j])
+        with sequence_parallel(None):
+            o, _ = ops.gla(q, k, v, log_decay, bonus=bonus, scale=scale, normalize=normalize,
+                           initial_state=starts[self.rank], mode=mode, chunk_size=chunk_size, backend=backend)
+        return o, (starts[-1] if output_final_state else None)
+
+    def delta_rule(self, q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
+                   output_final_state=False, cu_seqlens=None, mode="auto", chunk_size=64, backend=None):
+        self._check("delta_rule", cu_seqlens)
+        K, V = k.shape[-1], v.shape[-1]
+        state, transition = ops.delta_rule_chunk_state(k, v, beta, log_decay, chunk_size=chunk_size)
+        gathered = all_gather(torch.cat([state.flatten(2), transition.flatten(2)], -1), self.group)
+        states = gathered[..., :K * V].unflatten(-1, (K, V))             # [P, B, H, K, V]
+        trans = gathered[..., K * V:].unflatten(-1, (K, K))              # [P, B, H, K, K]
+        starts = _prefix_states(initial_state, states, lambda j, s: trans[j] @ s + states[j])
+        with sequence_parallel(None):
+            o, _ = ops.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=starts[self.rank],
+                                  mode=mode, chunk_size=chunk_size, backend=backend)
+        return o, (starts[-1] if output_final_state else None)
+
+    def short_conv(self, x, weight, bias=None, *, activation="silu", initial_state=None,
+                   output_final_state=False, cu_seqlens=None, backend=None):
+        self._check("short_conv", cu_seqlens)
+        W, T = weight.shape[1], x.shape[1]
+        if T < W - 1:
+            raise ValueError(f"short_conv under sequence parallelism needs at least W-1={W - 1} tokens per rank, got {T}")
+        tails = all_gather(x[:, T - (W - 1):], self.group).transpose(-1, -2)   # [P, B, C, W-1]
+        first = tails.new_zeros(tails.shape[1:]) if initial_state is None else initial_state.to(tails.dtype)
+        start = torch.cat([first.unsqueeze(0), tails[:-1]])[self.rank]  # same graph on every rank (see _prefix_states)
+        with sequence_parallel(None):
+            y, _ = ops.short_conv(x, weight, bias, activation=activation, initial_state=start, backend=backend)
+        return y, (tails[-1].to(x.dtype) if output_final_state else None)
+
+    # ---- attention (LASP-2H) ------------------------------------------------------------------------
+    def causal_attention(self, q, k, v, *, cu_seqlens=None, sliding_window=0, scale=None):
+        self._check("causal_attention", cu_seqlens, linear=False)
+        B, T, H, D = q.shape
+        k_all = all_gather(k, self.group).transpose(0, 1).flatten(1, 2)   # [B, P*T, Hkv, D]
+        v_all = all_gather(v, self.group).transpose(0, 1).flatten(1, 2)
+        q_pos = self.position_map(T, q.device)
+        k_pos = torch.cat([_other(self, r).position_map(T, q.device) for r in range(self.size)])
+        mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+        if sliding_window > 0:
+            mask &= (q_pos.unsqueeze(1) - k_pos.unsqueeze(0)) < sliding_window
+        groups = H // k.shape[2]
+        if groups > 1:
+            k_all, v_all = k_all.repeat_interleave(groups, 2), v_all.repeat_interleave(groups, 2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                           attn_mask=mask, scale=scale)
+        return o.transpose(1, 2)
+
+
+def _other(handler: Lasp2Handler, rank: int) -> Lasp2Handler:
+    view = object.__new__(Lasp2Handler)
+    view.__dict__.update(handler.__dict__, rank=rank)
+    return view
+
+
+def _prefix_states(initial: Tensor | None, states: Tensor, step) -> Tensor:
+    """``[P + 1, ...]``: the state before shard r (r = 0..P-1) and after the last, from ``initial``
+    (zeros when None) by ``s <- step(j, s)``.
+
+    Every rank builds the same graph and then indexes it: the backward all-reduces of the gathers
+    must run in the same order on every rank, which autograd guarantees only for identical graphs
+    (a rank that skipped a gather's result would skip its collective and deadlock the others).
+    """
+    s = states.new_zeros(states.shape[1:]) if initial is None else initial.to(states.dtype)
+    out = [s]
+    for j in range(states.shape[0]):
+        s = step(j, s)
+        out.append(s)
+    return torch.stack(out)
+
+
+# ---- applying it -----------------------------------------------------------------------------------
+
+def apply_sequence_parallel(model: nn.Module, group, layout: str = "contiguous") -> Lasp2Handler | None:
+    """Make every token mixer of ``model.layers`` run sequence-parallel over ``group`` (None or size 1:
+    nothing to do). The model then expects each rank's slice of the time axis, as `shard_sequence` cuts
+    it. Returns the handler (``handler.enabled = False`` runs the mixers locally again, e.g. to
+    generate on one rank)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    handler = Lasp2Handler(group, layout)
+    for block in model.layers:
+        wrap_mixer(block.mixer, handler)
+    return handler
+
+
+def wrap_mixer(mixer: nn.Module, handler: Lasp2Handler) -> nn.Module:
+    """Make one token mixer (``forward(x, state, cu_seqlens)``) run its ops through ``handler``."""
+    inner = mixer.forward
+    token_shift = getattr(mixer, "mixer_name", "") == "rwkv6"
+
+    @functools.wraps(inner)
+    def forward(x, state=None, cu_seqlens=None):
+        if not handler.enabled:
+            return inner(x, state=state, cu_seqlens=cu_seqlens)
+        if state is not None:
+            raise ValueError("a sequence-parallel mixer cannot continue from a decoding state; "
+                             "set handler.enabled = False to run locally")
+        with sequence_parallel(handler):
+            if token_shift:  # the token before this shard is the previous rank's last one
+                handler._check("rwkv6 token shift", cu_seqlens)
+                last = all_gather(x[:, -1], handler.group)
+                state = {"shift": torch.cat([torch.zeros_like(last[:1]), last[:-1]])[handler.rank]}
+            return inner(x, state=state, cu_seqlens=cu_seqlens)
+
+    mixer.forward = forward
+    return mixer
+
+
+def shard_sequence(x: Tensor, rank: int, size: int, layout: str = "contiguous", dim: int = 1) -> Tensor:
+    """This rank's slice of the time axis ``dim`` of ``x`` (input ids, labels, ...): contiguous
+    ``T / size`` tokens, or chunks ``rank`` and ``2 size - 1 - rank`` of ``2 size`` (zigzag)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"sequence-parallel layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    parts = size if layout == "contiguous" else 2 * size
+    if x.shape[dim] % parts:
+        raise ValueError(f"sequence length {x.shape[dim]} must be divisible by {parts} for sp={size} ({layout})")
+    chunks = x.chunk(parts, dim)
+    if layout == "contiguous":
+        return chunks[rank]
+    return torch.cat([chunks[rank], chunks[2 * size - 1 - rank]], dim)
