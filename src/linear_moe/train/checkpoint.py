@@ -1,10 +1,12 @@
 """Checkpoints that are never half-written: each is built in a temporary directory and renamed into
-place when complete. Weights in safetensors; optimizer state loaded with ``weights_only=True``.
+place when complete; the newest ``keep_last`` are kept.
 
-Layout of a run directory::
+Two formats, one layout (``<run>/checkpoints/step_00000200/`` with ``config.toml``, ``state.json`` and
+``tokenizer.json`` beside the tensors):
 
-    <run>/config.toml                      the job configuration
-    <run>/checkpoints/step_00000200/       model.safetensors, optimizer.pt, state.json, config.toml
+- one process: ``model.safetensors`` + ``optimizer.pt`` (read back with ``weights_only=True``);
+- several processes (sharded models, FSDP / TP / EP): ``dcp/``, a torch.distributed.checkpoint
+  directory written by every rank in parallel, readable under any other layout, one process included.
 """
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -27,15 +32,28 @@ class CheckpointError(ValueError):
     """A missing, incomplete or corrupt checkpoint; the message names the path."""
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
 def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors with shared (tied) ones stored once, contiguous, on the CPU."""
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     out = {}
     for name, tensor in model.state_dict().items():
         key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
         if key in seen:
             continue
-        seen[key] = name
+        seen.add(key)
         out[name] = tensor.detach().to("cpu").contiguous()
     return out
 
@@ -44,33 +62,48 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
                     trainer_state: dict[str, Any], config_toml: str, keep_last: int = 2,
                     extra_files: dict[str, Path] | None = None) -> Path:
     """Write ``<run>/checkpoints/step_<step>`` atomically and delete all but the newest ``keep_last``.
-    ``extra_files`` (name → source path, e.g. the tokenizer) are copied in, so a checkpoint stands alone."""
+    ``extra_files`` (name → source path, e.g. the tokenizer) are copied in, so a checkpoint stands alone.
+    Under torch.distributed with several ranks every rank must call this (a collective)."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(model_state_for_saving(model), tmp / "model.safetensors")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "config.toml").write_text(config_toml)
-    for name, source in (extra_files or {}).items():
-        shutil.copyfile(source, tmp / name)
-    state = dict(trainer_state, step=step, rng={"torch": torch.get_rng_state().tolist()})
-    (tmp / "state.json").write_text(json.dumps(state))
-    _fsync_files(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): swap in the new one atomically
-        old = root / f".old-step_{step:08d}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync_files(root)
-    for stale in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(stale)
+    tmp = root / f".tmp-step_{step:08d}"
+    if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    try:
+        if _distributed():
+            model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
+            payload = {"model": model_sd} | ({"optim": optim_sd} if optim_sd is not None else {})
+            dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
+        else:
+            save_file(model_state_for_saving(model), tmp / "model.safetensors")
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _barrier()
+        if _is_main():
+            (tmp / "config.toml").write_text(config_toml)
+            for name, source in (extra_files or {}).items():
+                shutil.copyfile(source, tmp / name)
+            state = dict(trainer_state, step=step, rng={"torch": torch.get_rng_state().tolist()})
+            (tmp / "state.json").write_text(json.dumps(state))  # written last: marks the checkpoint complete
+            _fsync_files(tmp)
+            if final.exists():  # re-saving the same step (e.g. after a resume): swap in the new one
+                old = root / f".old-step_{step:08d}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(final)
+            for stale in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(stale)
+    except BaseException:
+        if _is_main() and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
     return final
 
 
@@ -88,31 +121,48 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() or (p / "dcp").is_dir():
         return p
     found = list_checkpoints(p)
     if not found:
-        raise CheckpointError(f"{str(p)!r} holds no complete checkpoint (expected model.safetensors, or a run directory with checkpoints/step_*)")
+        raise CheckpointError(f"{str(p)!r} holds no complete checkpoint (expected model.safetensors or dcp/, "
+                              "or a run directory with checkpoints/step_*)")
     return found[-1]
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load weights (and optimizer state) into ``model``; return the trainer state saved with them."""
+    """Load weights (and optimizer state) into ``model``; return the trainer state saved with them.
+    Either format loads into any layout: a sharded (DCP) checkpoint into one process and back."""
     ckpt = resolve_checkpoint(path)
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(ckpt / 'state.json')!r} is missing, corrupt or unreadable: {e}") from None
+    if (ckpt / "dcp").is_dir():
+        _load_dcp(ckpt, model, optimizer)
+    else:
+        _load_single(ckpt, model, optimizer, map_location)
+    if "rng" in state:
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+    return state
+
+
+def _load_single(ckpt: Path, model: nn.Module, optimizer, map_location) -> None:
     try:
         tensors = load_file(ckpt / "model.safetensors", device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{str(ckpt / 'model.safetensors')!r} is corrupt or unreadable: {e}") from None
+    if _distributed() or any(hasattr(p, "device_mesh") for p in model.parameters()):
+        # a sharded model being filled from a one-process checkpoint: let DCP's helpers scatter it
+        set_state_dict(model, [], model_state_dict=tensors, options=_partial())
+        if optimizer is not None:
+            raise CheckpointError(f"{str(ckpt)!r} is a one-process checkpoint; resuming its optimizer under a sharded layout is not supported")
+        return
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {n for n in missing if _is_tied(model, n)}
-    missing = [n for n in missing if n not in tied]
+    missing = [n for n in missing if not _is_tied(model, n)]
     if missing or unexpected:
         raise CheckpointError(f"{str(ckpt)!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{str(ckpt / 'state.json')!r} is corrupt or unreadable: {e}") from None
     if optimizer is not None:
         opt_path = ckpt / "optimizer.pt"
         if not opt_path.is_file():
@@ -121,9 +171,23 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             optimizer.load_state_dict(torch.load(opt_path, map_location=map_location, weights_only=True))
         except Exception as e:  # pickle errors vary; the message names the file either way
             raise CheckpointError(f"{str(opt_path)!r} is corrupt or does not match the optimizer: {e}") from None
-    if "rng" in state:
-        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
-    return state
+
+
+def _load_dcp(ckpt: Path, model: nn.Module, optimizer) -> None:
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    payload = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
+    try:
+        dcp.load(payload, checkpoint_id=str(ckpt / "dcp"))
+    except Exception as e:  # DCP raises several types for missing / mismatched entries
+        raise CheckpointError(f"{str(ckpt / 'dcp')!r} cannot be loaded into this model: {str(e).splitlines()[0][:300]}") from None
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=payload["model"],
+                   optim_state_dict=payload.get("optim", {}))
+
+
+def _partial():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
@@ -135,7 +199,7 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 
 def _fsync_files(path: Path) -> None:
-    for f in path.iterdir() if path.is_dir() else []:
+    for f in path.iterdir():
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
