@@ -98,3 +98,19 @@ def test_swiglu_mlp_definition():
     torch.testing.assert_close(mlp(x), want)
     with pytest.raises(ValueError, match="intermediate_size=0"):
         SwiGLUMLP(8, 0)
+
+
+def test_autocast_runs_the_experts_in_the_autocast_dtype():
+    """fp32 master weights under bf16 autocast: the experts compute in bf16 (the grouped path), like nn.Linear."""
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 32)
+    x = torch.randn(10, 16)
+    counts = torch.tensor([3, 0, 5, 2])
+    ref = experts(x, counts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, counts)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+    y.float().sum().backward()
+    assert experts.gate_proj.grad.dtype == torch.float32 and torch.isfinite(experts.gate_proj.grad).all()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.common import RMSNorm
+from ..moe.experts import GroupedExperts
 from ..ops.cross_entropy import linear_cross_entropy
 from .block import Block
 from .config import ModelConfig
@@ -50,8 +51,11 @@ class LinearMoEForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, GroupedExperts):
+                module.reset_parameters(std)
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "w_down")):
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", ".down_proj")):
                 p.mul_(1 / math.sqrt(2 * self.config.num_layers))
         for module in self.modules():
             if module is not self and hasattr(module, "post_init"):

@@ -112,9 +112,15 @@ class GroupedExperts(nn.Module):
                 nn.init.normal_(w, std=std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        gate = grouped_linear(x, self.gate_proj, counts, self.backend)
-        up = grouped_linear(x, self.up_proj, counts, self.backend)
-        return _ContiguousGrad.apply(grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.backend))
+        gate_w, up_w, down_w = self.gate_proj, self.up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            # grouped_mm is not an autocast op: cast like nn.Linear would, or fp32 master weights would
+            # send mixed-precision training down the slow per-expert loop.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate_w, up_w, down_w = x.to(dtype), gate_w.to(dtype), up_w.to(dtype), down_w.to(dtype)
+        gate = grouped_linear(x, gate_w, counts, self.backend)
+        up = grouped_linear(x, up_w, counts, self.backend)
+        return _ContiguousGrad.apply(grouped_linear(F.silu(gate) * up, down_w, counts, self.backend))
 
     def shard(self, rank: int, world: int) -> "GroupedExperts":
         """A copy holding only experts ``[rank * E / world, (rank + 1) * E / world)`` (for expert parallelism)."""
