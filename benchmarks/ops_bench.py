@@ -236,6 +236,7 @@ def main():
     parser.add_argument("--phase", default="all", choices=["all", "check", "time"])
     parser.add_argument("--dtypes", default="bfloat16", help="check dtypes, e.g. bfloat16,float32")
     parser.add_argument("--torch-timing-max-len", type=int, default=2048)
+    parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting work after this")
     a = parser.parse_args()
     device = torch.device(a.device)
     if device.type == "cpu":
@@ -250,16 +251,35 @@ def main():
               "seed": seed, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "check": {}, "time_ms": {}, "targets": {}}
 
-    # 1. correctness
+    # Work in priority order (gated kinds first) so that a time limit cuts the least important.
+    groups = [["simple_gla", "gated_deltanet", "gla"], ["linear_attn", "retention", "deltanet", "rwkv6"],
+              [c for c in CASES if c not in TIMED]]
+    deadline = time.time() + a.budget_s
+    for group in groups:
+        if a.phase != "time":
+            run_checks(result, group, a, device, seed, deadline)
+        if a.phase != "check":
+            run_timing(result, [c for c in group if c in TIMED], a, device, seed, deadline)
+        dump(result, a.out)  # partial results survive a time limit
+
+    result["targets"] = targets(result["time_ms"])
+    dump(result, a.out)
+    print_table(result)
+
+
+def run_checks(result, cases, a, device, seed, deadline):
     variants = [("torch", "torch"), ("fla-stock", "fla"), ("ours", "fla")]
-    for case in CASES if a.phase != "time" else []:
+    for case in cases:
         for dtype in [getattr(torch, d) for d in a.dtypes.split(",")]:
             for variant, backend in variants:
-                if variant != "torch":
-                    if case not in USES_DQKWG and variant == "fla-stock":
-                        continue  # identical to "ours": fla's own kernels throughout
-                    set_variant(variant)
+                if variant == "fla-stock" and case not in USES_DQKWG:
+                    continue  # identical to "ours": fla's own kernels throughout
                 key = f"{case}/{variant}/{str(dtype)[6:]}"
+                if time.time() > deadline:
+                    result["check"][key] = {"ok": False, "error": "not run: out of time"}
+                    continue
+                if variant != "torch":
+                    set_variant(variant)
                 try:
                     errs = check_case(case, backend, dtype, device, seed)
                     worst = max(errs.values())
@@ -271,19 +291,19 @@ def main():
                 print(f"check {key:45s} {'ok ' if r['ok'] else 'BAD'} "
                       f"{r.get('max_rel', r.get('error'))}", flush=True)
 
-    dump(result, a.out)  # partial results survive a time limit
 
-    # 2. timing
+def run_timing(result, cases, a, device, seed, deadline):
     H, D = 16, 128
     gen = torch.Generator(device=device).manual_seed(seed)
-    for T in [int(x) for x in a.lengths.split(",")] if a.phase != "check" else []:
+    for T in [int(x) for x in a.lengths.split(",")]:
         B = a.tokens // T
         row = result["time_ms"].setdefault(str(T), {"B": B, "T": T, "H": H, "D": D})
-        try:
-            row["sdpa"] = bench_ms(sdpa_step(B, T, H, D, device, gen))
-        except Exception as e:
-            row["sdpa"] = f"{type(e).__name__}: {e}"[:200]
-        for case in TIMED:
+        if "sdpa" not in row:
+            try:
+                row["sdpa"] = bench_ms(sdpa_step(B, T, H, D, device, gen))
+            except Exception as e:
+                row["sdpa"] = f"{type(e).__name__}: {e}"[:200]
+        for case in cases:
             args = make_inputs(case, B, T, H, D, D, torch.bfloat16, device, gen, with_state=False)
             for n, x in args.items():
                 if x is not None and not (n == "log_decay" and x.dim() == 1):
@@ -291,6 +311,9 @@ def main():
             names = ["ours"] + (["fla-stock"] if case in USES_DQKWG else []) + \
                 ([] if a.skip_torch_timing or T > a.torch_timing_max_len else ["torch"])
             for variant in names:
+                if time.time() > deadline:
+                    row[f"{case}/{variant}"] = "not run: out of time"
+                    continue
                 backend = "torch" if variant == "torch" else "fla"
                 if variant != "torch":
                     set_variant(variant)
@@ -300,12 +323,8 @@ def main():
                     ms = f"{type(e).__name__}: {e}"[:200]
                 row[f"{case}/{variant}"] = ms
                 print(f"time T={T:6d} {case:16s} {variant:10s} {ms}", flush=True)
+            del args
             torch.cuda.empty_cache()
-        dump(result, a.out)
-
-    result["targets"] = targets(result["time_ms"])
-    dump(result, a.out)
-    print_table(result)
 
 
 def dump(result, path):
