@@ -278,9 +278,9 @@ def run_checks(result, cases, a, device, seed, deadline):
                 if time.time() > deadline:
                     result["check"][key] = {"ok": False, "error": "not run: out of time"}
                     continue
-                if variant != "torch":
-                    set_variant(variant)
                 try:
+                    if variant != "torch":
+                        set_variant(variant)
                     errs = check_case(case, backend, dtype, device, seed)
                     worst = max(errs.values())
                     ok = worst < (1e-2 if dtype == torch.bfloat16 else 2e-3)  # nan fails too
@@ -315,9 +315,9 @@ def run_timing(result, cases, a, device, seed, deadline):
                     row[f"{case}/{variant}"] = "not run: out of time"
                     continue
                 backend = "torch" if variant == "torch" else "fla"
-                if variant != "torch":
-                    set_variant(variant)
                 try:
+                    if variant != "torch":
+                        set_variant(variant)
                     ms = bench_ms(fwd_bwd(case, args, backend))
                 except Exception as e:
                     ms = f"{type(e).__name__}: {e}"[:200]
