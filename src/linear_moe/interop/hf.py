@@ -137,25 +137,15 @@ def _model_card(cfg: ModelConfig, model: LinearMoEForCausalLM, tokens: int | Non
     return "\n".join(lines)
 
 
-def convert_to_hf(checkpoint: str | Path, output_dir: str | Path, *, max_shard_size: int | str = "2GB",
-                  overwrite: bool = False) -> dict[str, Any]:
-    """``linear-moe convert to-hf``: export a checkpoint (or run) directory as an HF-style directory.
-
-    Writes ``config.json``, ``model.safetensors`` (sharded with an index past ``max_shard_size``), the
-    tokenizer files found beside the checkpoint, and ``README.md``, atomically. Returns
-    ``{"output_dir", "files", "parameters"}``.
-    """
+def save_pretrained(model: LinearMoEForCausalLM, output_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
+                    tokens: int | None = None, source: str = "linear-moe", max_shard_size: int | str = "2GB",
+                    overwrite: bool = False) -> list[str]:
+    """Write ``model`` (and the tokenizer files in ``tokenizer_dir``) as an HF-style directory, atomically.
+    Returns the names of the files written."""
     from ..train.checkpoint import model_state_for_saving
 
-    model = from_pretrained(checkpoint)
-    cfg, wdir = load_model_config(checkpoint)
-    tokens = None
-    if (wdir / "state.json").is_file():
-        try:
-            tokens = json.loads((wdir / "state.json").read_text()).get("tokens")
-        except ValueError:
-            pass
-    tok_dir = find_tokenizer_dir(checkpoint)
+    cfg = model.config
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
     extra = {}
     if tok_dir is not None:
         from ..data.tokenizer import load_tokenizer
@@ -169,6 +159,27 @@ def convert_to_hf(checkpoint: str | Path, output_dir: str | Path, *, max_shard_s
             if tok_dir is not None and (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, tmp / name)
                 files.append(name)
-        (tmp / "README.md").write_text(_model_card(cfg, model, tokens, str(checkpoint)))
+        (tmp / "README.md").write_text(_model_card(cfg, model, tokens, source))
         files += ["config.json", "README.md"]
+    return files
+
+
+def convert_to_hf(checkpoint: str | Path, output_dir: str | Path, *, max_shard_size: int | str = "2GB",
+                  overwrite: bool = False) -> dict[str, Any]:
+    """``linear-moe convert to-hf``: export a checkpoint (or run) directory as an HF-style directory.
+
+    Writes ``config.json``, ``model.safetensors`` (sharded with an index past ``max_shard_size``), the
+    tokenizer files found beside the checkpoint, and ``README.md`` (sizes, mixers, training tokens from
+    the checkpoint's ``state.json``), atomically. Returns ``{"output_dir", "files", "parameters"}``.
+    """
+    model = from_pretrained(checkpoint)
+    _, wdir = load_model_config(checkpoint)
+    tokens = None
+    if (wdir / "state.json").is_file():
+        try:
+            tokens = json.loads((wdir / "state.json").read_text()).get("tokens")
+        except ValueError:
+            pass
+    files = save_pretrained(model, output_dir, tokenizer_dir=find_tokenizer_dir(checkpoint), tokens=tokens,
+                            source=str(checkpoint), max_shard_size=max_shard_size, overwrite=overwrite)
     return {"output_dir": str(output_dir), "files": files, "parameters": model.num_parameters()}
