@@ -29,7 +29,7 @@ class _Source:
     """The source tensors, with a record of which ones were used (the rest must be explainable)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors, self.used, self.missing = tensors, set(), []
+        self.tensors, self.used, self.missing, self.mismatched = tensors, set(), [], []
 
     def take(self, name: str) -> torch.Tensor | None:
         if name not in self.tensors:
@@ -56,7 +56,14 @@ def _expert_weights(src: _Source, prefix: str, num_experts: int) -> dict[str, to
     out: dict[str, torch.Tensor | None] = {}
     for ours, theirs in names.items():
         parts = [src.take(f"{prefix}.experts.{e}.{theirs}.weight") for e in range(num_experts)]
-        out[ours] = None if any(p is None for p in parts) else torch.stack(parts)
+        if any(p is None for p in parts):
+            out[ours] = None
+        elif len({p.shape for p in parts}) > 1:
+            bad = next(e for e, p in enumerate(parts) if p.shape != parts[0].shape)
+            src.mismatched.append(f"{prefix}.experts.{bad}.{theirs}.weight: {tuple(parts[bad].shape)} vs expert 0's {tuple(parts[0].shape)}")
+            out[ours] = None
+        else:
+            out[ours] = torch.stack(parts)
     return out
 
 
@@ -145,7 +152,7 @@ def map_hf_weights(cfg: ModelConfig, model: LinearMoEForCausalLM, tensors: dict[
     src.used.update(n for n in src.tensors if n.endswith("rotary_emb.inv_freq"))
     unexpected = sorted(set(src.tensors) - src.used)
     params = dict(model.state_dict())
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+    mismatched = src.mismatched + [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
                   for k, v in state.items() if v is not None and v.shape != params[k].shape]
     if src.missing or unexpected or mismatched:
         raise ValueError("the checkpoint does not match the model its config.json describes: "
