@@ -8,16 +8,15 @@ From Python::
                             task_manager=local_task_manager())
 
 From the shell (lm-eval 0.4.13 has no plugin entry point for models, so this module must be imported
-first; running it as a module does that and adds the shipped task folder to ``--include_path``)::
+first; ``lm_eval_cli`` does that and adds the shipped task folder to ``--include_path``)::
 
-    python -m linear_moe.interop.harness --model linear_moe --model_args pretrained=DIR --tasks linear_moe_tiny
+    python -m linear_moe.interop.lm_eval_cli --model linear_moe --model_args pretrained=DIR --tasks linear_moe_tiny
 
 Scores come from :func:`scoring.score_tokens`: requests are batched, and long inputs run in chunks that
 carry the recurrent state, so rolling log-likelihoods continue the state instead of re-reading windows.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +153,12 @@ class LinearMoELM(LM):
         return out
 
 
-def local_task_manager(extra_paths: list[str] | None = None):
-    """An lm-eval ``TaskManager`` that also knows the tasks shipped here (``linear_moe_tiny``)."""
+def local_task_manager(extra_paths: list[str] | None = None, include_defaults: bool = True):
+    """An lm-eval ``TaskManager`` that also knows the tasks shipped here (``linear_moe_tiny``).
+    ``include_defaults=False`` skips indexing lm-eval's thousands of built-in task files (seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR)] + list(extra_paths or []))
+    return TaskManager(include_path=[str(TASKS_DIR)] + list(extra_paths or []), include_defaults=include_defaults)
 
 
 def run_lm_eval(pretrained: str, tasks: list[str] | str, *, num_fewshot: int | None = None, limit: int | float | None = None,
@@ -174,25 +174,12 @@ def run_lm_eval(pretrained: str, tasks: list[str] | str, *, num_fewshot: int | N
     names = [t for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t]
     if not names:
         raise ValueError("tasks is empty; name at least one lm-eval task (e.g. linear_moe_tiny)")
+    shipped = {p.stem for p in TASKS_DIR.glob("*/*.yaml")}
+    # only shipped / included tasks: no need to index lm-eval's built-in ones
+    defaults = not (set(names) <= shipped and not include_path)
     lm = LinearMoELM(pretrained=pretrained, batch_size=batch_size, device=device, max_length=max_length)
     res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=local_task_manager(include_path), log_samples=False,
+                                  task_manager=local_task_manager(include_path, defaults), log_samples=False,
                                   bootstrap_iters=0)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for task, metrics in res["results"].items()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m linear_moe.interop.harness ...``: lm-eval's own CLI with this adapter registered and
-    the shipped tasks on the include path."""
-    from lm_eval.__main__ import cli_evaluate
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--include_path" not in args and args[:1] != ["ls"]:
-        args += ["--include_path", str(TASKS_DIR)]
-    sys.argv = [sys.argv[0]] + args
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
