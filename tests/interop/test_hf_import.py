@@ -89,14 +89,20 @@ def test_mixer_without_qkv_starts_fresh_and_is_noted(hf_checkpoints):
     assert any("layer 1" in n and "not initialised from attention" in n for n in notes)
 
 
-def test_convert_writes_a_trainer_checkpoint(hf_checkpoints, tmp_path):
-    from linear_moe.config import build_job_config
-    from linear_moe.interop.hf import from_pretrained
+def test_convert_writes_a_trainer_checkpoint(hf_checkpoints, tmp_path, tokenizer_dir):
+    import shutil
 
-    path, ref = hf_checkpoints["qwen2_moe"]
+    from linear_moe.config import build_job_config
+    from linear_moe.interop.hf import find_tokenizer_dir, from_pretrained
+
+    src, ref = hf_checkpoints["qwen2_moe"]
+    path = tmp_path / "src"
+    shutil.copytree(src, path)
+    shutil.copyfile(tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
     out = tmp_path / "imported"
     report = convert_from_hf(path, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "model.safetensors", "state.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "model.safetensors", "state.json", "tokenizer.json"]
+    assert find_tokenizer_dir(out) == out
     job = build_job_config(config_file=out / "config.toml")
     assert job.model.moe.shared_expert_gate and job.model.attention.qkv_bias
     assert json.loads((out / "state.json").read_text())["step"] == 0
@@ -174,3 +180,26 @@ def test_bad_options(hf_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="already exists and is not empty"):
         convert_from_hf(path, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_fused_expert_layout_and_sharded_input(hf_checkpoints, tmp_path, family):
+    """transformers-5 in-memory names (``experts.gate_up_proj [E, 2I, H]``), written as two shards + index."""
+    path, ref = hf_checkpoints[family]
+    src = tmp_path / "fused"
+    src.mkdir()
+    (src / "config.json").write_text((path / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        fname = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, src / fname)
+        weight_map.update({k: fname for k in part})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model, _, _ = build_from_hf(src)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        assert _rel(ref(ids).logits, model.eval()(ids).logits) < 1e-4
