@@ -7,6 +7,7 @@ finish in ``timeout`` seconds is killed and fails the test (tests never hang).
 """
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -30,7 +31,9 @@ def _worker(rank, world_size, port, fn, args, results):
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=__import__("datetime").timedelta(seconds=60))
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        buffer = io.BytesIO()  # plain bytes: tensors sent through shared memory vanish with the worker
+        torch.save(out, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -53,7 +56,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120.0):
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
                 break
-            outputs[rank] = value
+            outputs[rank] = torch.load(io.BytesIO(value), weights_only=False)
     except queue.Empty:
         errors.append(f"distributed job timed out after {timeout}s; finished ranks: {sorted(outputs)}")
     finally:

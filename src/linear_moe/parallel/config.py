@@ -35,3 +35,16 @@ class ParallelConfig:
         if (self.dp_replicate * dp_shard * self.sp) % self.ep:
             raise ValueError(f"parallel.ep={self.ep} must divide the data-parallel ranks dp*sp={self.dp_replicate * dp_shard * self.sp}")
         return self
+
+
+@dataclass
+class ParallelOptions:
+    """How the parallelisms are applied (the sizes live in `ParallelConfig`)."""
+
+    param_dtype: str = "float32"        # FSDP mixed precision: dtype of the gathered parameters (float32 | bfloat16 | float16)
+    reduce_dtype: str = "float32"       # dtype of the gradient reduction
+    reshard_after_forward: bool = True  # FSDP: free the gathered parameters after each block's forward (ZeRO-3)
+    sp_layout: str = "contiguous"       # sequence split: contiguous | zigzag (attention-only models)
+    pp_schedule: str = "1F1B"           # 1F1B | Interleaved1F1B | GPipe
+    pp_microbatches: int = 0            # 0: 2 * pp
+    pp_stages_per_rank: int = 1         # > 1 with Interleaved1F1B

@@ -1,0 +1,50 @@
+"""``parallelize_model``: every parallelism applied to a built model, in torchtitan's order.
+
+    tensor parallel -> expert parallel -> sequence parallel (LASP-2) -> activation checkpointing -> FSDP2
+
+(pipeline parallelism comes first, outside: `pipeline.split_model` cuts the stack and each stage
+is then parallelised with this function). Each step is a no-op when its size is 1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activation_checkpoint import apply_activation_checkpointing
+from .config import ParallelConfig, ParallelOptions
+from .expert import apply_expert_parallel
+from .fsdp import apply_fsdp
+from .lasp2 import apply_sequence_parallel, shard_sequence
+from .mesh import ParallelMesh
+from .tensor import apply_tensor_parallel
+
+
+def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh, *,
+                      options: ParallelOptions | None = None, activation_checkpointing: str = "none") -> nn.Module:
+    """Apply tp, ep, sp, activation checkpointing and FSDP to ``model`` (in place; returned).
+
+    ``mesh`` comes from ``build_mesh(parallel_cfg, ...)``; every rank must hold the same weights
+    when this is called. Afterwards each rank feeds its own batch slice (`local_batch`).
+    """
+    options = options or ParallelOptions()
+    for name in ("dp_replicate", "tp", "pp", "sp", "ep"):
+        if getattr(parallel_cfg, name) != getattr(mesh.cfg, name):
+            raise ValueError(f"parallel.{name}={getattr(parallel_cfg, name)} differs from the mesh's "
+                             f"{getattr(mesh.cfg, name)}; build the mesh from the same ParallelConfig")
+    apply_tensor_parallel(model, mesh.submesh("tp"))
+    apply_expert_parallel(model, mesh)
+    model.sequence_parallel = apply_sequence_parallel(model, mesh.group("sp"), options.sp_layout)
+    apply_activation_checkpointing(model, activation_checkpointing)
+    apply_fsdp(model, mesh, options)
+    return model
+
+
+def local_batch(batch: torch.Tensor, mesh: ParallelMesh, layout: str = "contiguous") -> torch.Tensor:
+    """This rank's part of a global batch ``[batch, time]``: rows by data-parallel rank, then the time
+    slice by sequence-parallel rank (tp and pp peers get the same). The batch must divide by dp_size
+    and the time by sp (2 sp for zigzag)."""
+    dp = mesh.dp_size
+    if batch.shape[0] % dp:
+        raise ValueError(f"global batch size {batch.shape[0]} must be divisible by the data-parallel size {dp}")
+    rows = batch.chunk(dp, 0)[mesh.dp_rank]
+    return shard_sequence(rows, mesh.sp_rank, mesh.cfg.sp, layout) if mesh.cfg.sp > 1 else rows

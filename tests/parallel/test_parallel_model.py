@@ -1,0 +1,125 @@
+"""The whole model under each parallelism and their combinations (gloo, CPU): loss and gradients of
+one step equal the single-process run on the same weights and batch (fp32, rel err < 1e-5), and a
+few AdamW steps track the single-process loss curve."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from linear_moe.layers.config import AttentionConfig, MixerConfig
+from linear_moe.model.causal_lm import LinearMoEForCausalLM
+from linear_moe.model.config import ModelConfig
+from linear_moe.moe.config import MoEConfig
+from linear_moe.parallel.config import ParallelConfig
+from linear_moe.parallel.fsdp import clip_grad_norm_
+from linear_moe.parallel.mesh import build_mesh
+from linear_moe.parallel.parallelize import local_batch, parallelize_model
+from parallel_testing import rel_err, run_distributed
+
+VOCAB, BATCH, T, STEPS, LR = 64, 4, 16, 3, 3e-3
+
+
+def model_config(mixer: str, pattern: str = "", aux: bool = True) -> ModelConfig:
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden_size=16, aux_loss_coef=0.01 if aux else 0.0)
+    return ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, mixer=mixer, layer_pattern=pattern,
+                       ffn_pattern="DE", intermediate_size=32, tie_embeddings=False,
+                       attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+                       mixer_options=MixerConfig(num_heads=4, chunk_size=4, mode="chunk"), moe=moe)
+
+
+def _shards(batch: torch.Tensor, dp: int, sp: int):
+    """Reference view of the data parallel split: the dp row-shards, whole sequences (sp joins them)."""
+    return batch.chunk(dp, 0)
+
+
+def reference(cfg: ModelConfig, state, ids, labels, dp: int, clip: float):
+    """Single process: loss = mean over dp shards of the model's loss (what data parallelism averages)."""
+    model = LinearMoEForCausalLM(cfg)
+    model.load_state_dict(state)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, grads, norm = [], None, None
+    for step in range(STEPS):
+        loss = sum(model(i, labels=l).loss for i, l in zip(ids.chunk(dp), labels.chunk(dp))) / dp
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads, norm.item()
+
+
+def _full_grad(name, p, cfg, mesh):
+    g = p.grad
+    g = (g.full_tensor() if isinstance(g, DTensor) else g).clone()  # clone: clipping scales .grad in place
+    if mesh.cfg.ep > 1 and ".experts." in name:  # this rank's slice of the experts
+        per = cfg.moe.num_experts // mesh.cfg.ep
+        return g, slice(mesh.coordinate("ep") * per, (mesh.coordinate("ep") + 1) * per)
+    return g, slice(None)
+
+
+def _worker(rank, world, cfg, pcfg, state, ids, labels, clip):
+    import torch.distributed as dist
+
+    mesh = build_mesh(pcfg, world, num_heads=cfg.attention.num_heads, num_experts=cfg.moe.num_experts)
+    model = LinearMoEForCausalLM(cfg)
+    model.load_state_dict(state)
+    parallelize_model(model, pcfg, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    my_ids, my_labels = local_batch(ids, mesh), local_batch(labels, mesh)
+    losses, grads, norm = [], {}, None
+    for step in range(STEPS):
+        loss = model(my_ids, labels=my_labels).loss
+        loss.backward()
+        if step == 0:
+            for n, p in model.named_parameters():
+                grads[n] = _full_grad(n, p, cfg, mesh)
+            norm = clip_grad_norm_(model, clip, mesh).item()
+        opt.step()
+        opt.zero_grad()
+        report = loss.detach().clone()  # the loss over all data-parallel ranks
+        dist.all_reduce(report)
+        losses.append(report.item() / (mesh.dp_size * mesh.cfg.sp * mesh.cfg.tp * mesh.cfg.pp))
+    return losses, grads, norm
+
+
+def check(mixer, pattern, pcfg, world, aux=True):
+    cfg = model_config(mixer, pattern, aux)
+    gen = torch.Generator().manual_seed(torch.seed())
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    state = LinearMoEForCausalLM(cfg).state_dict()
+    ids = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
+    labels = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
+    dp = build_mesh(pcfg, world).dp_size if world == 1 else pcfg.dp_replicate * (
+        world // (pcfg.dp_replicate * pcfg.tp * pcfg.pp * pcfg.sp) if pcfg.dp_shard == -1 else pcfg.dp_shard)
+    clip = 0.05  # small enough to clip: the clipped update must agree too
+    ref_losses, ref_grads, ref_norm = reference(cfg, state, ids, labels, dp, clip)
+    for rank, (losses, grads, norm) in enumerate(run_distributed(_worker, world, cfg, pcfg, state, ids, labels, clip,
+                                                                 timeout=240)):
+        assert set(grads) == set(ref_grads)
+        bad = {n: e for n, (g, sl) in grads.items() if not (e := rel_err(g, ref_grads[n][sl])) < 1e-5}
+        assert not bad, f"rank {rank}: gradients differ {bad}"
+        assert rel_err(torch.tensor(losses[0]), torch.tensor(ref_losses[0])) < 1e-5
+        assert rel_err(torch.tensor(norm), torch.tensor(ref_norm)) < 1e-5
+        assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4), (losses, ref_losses)
+
+
+CASES = {
+    # id: (mixer, layer pattern, ParallelConfig, world size, aux losses on)
+    "fsdp2": ("gla", "", ParallelConfig(), 2, True),
+    "tp2": ("gla", "LN", ParallelConfig(tp=2), 2, True),
+    "ep2": ("gla", "", ParallelConfig(ep=2), 2, True),
+    "sp2-hybrid": ("gated_deltanet", "LN", ParallelConfig(sp=2), 2, False),
+    "hsdp2x2": ("linear_attention", "", ParallelConfig(dp_replicate=2), 4, True),
+    "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2), 4, True),
+    "dp4xep2": ("gla", "", ParallelConfig(ep=2), 4, True),
+    "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2), 4, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parallel_run_matches_single_process(case):
+    mixer, pattern, pcfg, world, aux = CASES[case]
+    check(mixer, pattern, pcfg, world, aux)
