@@ -7,8 +7,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD/src:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"
-echo "== GPU tests"; timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py \
-  tests/train/test_flops.py tests/model/test_model.py -k "cuda or CUDA or flops or chunked or every_mixer" 2>&1 | tail -5
+echo "== GPU tests"; timeout 240 python3 -m pytest -q -p no:cacheprovider tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py \
+  tests/layers/test_linear_mixers_cuda.py tests/layers/test_part2_cuda.py tests/interop/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
 echo "== CLI training on the GPU (bf16 autocast, fp32 master weights)"
 timeout 240 python3 -m linear_moe train --quiet --train.max_steps 120 --train.batch_size 32 --train.seq_len 512 \
   --model.mixer gated_deltanet --model.layer_pattern LLLN --train.eval_interval 0 --train.log_interval 20 \
