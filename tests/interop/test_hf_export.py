@@ -73,3 +73,24 @@ def test_load_errors(tmp_path, tiny_model_dir):
         from_pretrained(bad)
     with pytest.raises(ValueError, match="already exists and is not empty"):
         save_pretrained(LinearMoEForCausalLM(ModelConfig(hidden_size=32, num_layers=1, vocab_size=50)), d)
+
+
+def test_bfloat16_storage(tmp_path, hf_checkpoints):
+    from safetensors import safe_open
+
+    from linear_moe.interop.hf_import import convert_from_hf
+
+    path, ref = hf_checkpoints["mixtral"]
+    imported = tmp_path / "imported"
+    convert_from_hf(path, imported, dtype="bfloat16")
+    with safe_open(imported / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    out = tmp_path / "export"
+    convert_to_hf(imported, out, dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = from_pretrained(out)  # fp32 parameters holding the bf16 values
+    assert model.embed.weight.dtype == torch.float32
+    assert torch.equal(model.embed.weight, ref.model.embed_tokens.weight.to(torch.bfloat16).float())
+    with pytest.raises(ValueError, match="dtype='int8' is not one of"):
+        convert_to_hf(imported, tmp_path / "x", dtype="int8")
+    assert not (tmp_path / "x").exists()

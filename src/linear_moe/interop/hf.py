@@ -32,7 +32,7 @@ def config_to_hf_dict(cfg: ModelConfig, **extra) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.update(model_type=MODEL_TYPE, architectures=["LinearMoEForCausalLM"], num_hidden_layers=cfg.num_layers,
              num_attention_heads=cfg.attention.num_heads, tie_word_embeddings=cfg.tie_embeddings,
-             rms_norm_eps=cfg.norm_eps, torch_dtype="float32", **extra)
+             rms_norm_eps=cfg.norm_eps, **extra)
     return d
 
 
@@ -154,7 +154,8 @@ def save_pretrained(model: LinearMoEForCausalLM, output_dir: str | Path, *, toke
         extra = {"eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id}
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         files = write_sharded(model_state_for_saving(model), tmp, max_shard_size)
-        (tmp / "config.json").write_text(json.dumps(config_to_hf_dict(cfg, **extra), indent=2))
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config_to_hf_dict(cfg, torch_dtype=dtype, **extra), indent=2))
         for name in TOKENIZER_FILES:
             if tok_dir is not None and (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, tmp / name)
@@ -165,14 +166,16 @@ def save_pretrained(model: LinearMoEForCausalLM, output_dir: str | Path, *, toke
 
 
 def convert_to_hf(checkpoint: str | Path, output_dir: str | Path, *, max_shard_size: int | str = "2GB",
-                  overwrite: bool = False) -> dict[str, Any]:
+                  dtype: str = "float32", overwrite: bool = False) -> dict[str, Any]:
     """``linear-moe convert to-hf``: export a checkpoint (or run) directory as an HF-style directory.
 
     Writes ``config.json``, ``model.safetensors`` (sharded with an index past ``max_shard_size``), the
     tokenizer files found beside the checkpoint, and ``README.md`` (sizes, mixers, training tokens from
-    the checkpoint's ``state.json``), atomically. Returns ``{"output_dir", "files", "parameters"}``.
+    the checkpoint's ``state.json``), atomically; weights stored as ``dtype`` (float32 | bfloat16 | float16). Returns ``{"output_dir", "files", "parameters"}``.
     """
-    model = from_pretrained(checkpoint)
+    from .hf_import import storage_dtype
+
+    model = from_pretrained(checkpoint, dtype=storage_dtype(dtype))
     _, wdir = load_model_config(checkpoint)
     tokens = None
     if (wdir / "state.json").is_file():

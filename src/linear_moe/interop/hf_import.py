@@ -162,6 +162,14 @@ def map_hf_weights(cfg: ModelConfig, model: LinearMoEForCausalLM, tensors: dict[
     return {k: v for k, v in state.items() if v is not None}
 
 
+def storage_dtype(name: str) -> torch.dtype:
+    """``float32`` | ``bfloat16`` | ``float16`` → the torch dtype; anything else raises."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype={name!r} is not one of: {', '.join(dtypes)}")
+    return dtypes[name]
+
+
 def build_from_hf(input_dir: str | Path, **config_options) -> tuple[LinearMoEForCausalLM, list[str], dict[str, Any]]:
     """The imported model (fp32, CPU), the notes, and the source config dict. Writes nothing."""
     d = Path(input_dir)
@@ -187,22 +195,24 @@ def build_from_hf(input_dir: str | Path, **config_options) -> tuple[LinearMoEFor
 
 def convert_from_hf(input_dir: str | Path, output_dir: str | Path, *, mixer: str = "attention", layer_pattern: str = "",
                     mixer_options: dict[str, Any] | None = None, upcycle_experts: int = 0, upcycle_top_k: int = 2,
-                    overwrite: bool = False) -> dict[str, Any]:
+                    dtype: str = "float32", overwrite: bool = False) -> dict[str, Any]:
     """``linear-moe convert from-hf``: import a local HF checkpoint directory into a Linear-MoE checkpoint.
 
     Writes ``output_dir`` in the trainer's checkpoint layout (``model.safetensors``, ``config.toml``,
     ``state.json`` at step 0, tokenizer files when the source has them), atomically: on any error nothing
-    is written. Returns ``{"output_dir", "model_config", "notes"}``; notes list what is not an exact copy.
+    is written. ``dtype`` (float32 | bfloat16 | float16) is how the weights are stored. Returns
+    ``{"output_dir", "model_config", "notes"}``; notes list what is not an exact copy.
     """
     from ..config import JobConfig
     from ..train.checkpoint import model_state_for_saving
     from safetensors.torch import save_file
 
+    torch_dtype = storage_dtype(dtype)
     model, notes, hf = build_from_hf(input_dir, mixer=mixer, layer_pattern=layer_pattern, mixer_options=mixer_options,
                                      upcycle_experts=upcycle_experts, upcycle_top_k=upcycle_top_k)
     job = JobConfig(model=model.config)
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
-        save_file(model_state_for_saving(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(model_state_for_saving(model.to(torch_dtype)), tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.toml").write_text(job.to_toml())
         for name in TOKENIZER_FILES:
             if (Path(input_dir) / name).is_file():
