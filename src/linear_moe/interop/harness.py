@@ -121,8 +121,9 @@ class LinearMoELM(LM):
 
     # ---- generation ----------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context, cut at the first ``until`` string. Prompts of the same
-        token length and options share one batch (``model.generate`` takes equal-length prompts)."""
+        """Continuation of each context (greedy, or sampled when the task sets ``do_sample`` / a
+        ``temperature``), cut at the first ``until`` string. Prompts of the same token length and options
+        share one batch (``model.generate`` takes equal-length prompts: it has no padding mask)."""
         prepared = []
         for req in requests:
             context, kwargs = req.args
@@ -130,17 +131,21 @@ class LinearMoELM(LM):
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = _int(kwargs.pop("max_gen_toks", self.max_gen_toks), "max_gen_toks")
+            sampling = (0.0, 1.0, 0)  # greedy unless the task asks to sample
+            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
+                sampling = (float(kwargs.get("temperature", 1.0) or 1.0), float(kwargs.get("top_p", 1.0)), int(kwargs.get("top_k", 0)))
             ids = [self.tokenizer.eos_id] + self.tokenizer.encode(context)
-            prepared.append((ids, tuple(until), max_new))
+            prepared.append((ids, tuple(until), max_new, sampling))
         groups: dict[tuple, list[int]] = {}
-        for i, (ids, until, max_new) in enumerate(prepared):
-            groups.setdefault((len(ids), until, max_new), []).append(i)
+        for i, (ids, until, max_new, sampling) in enumerate(prepared):
+            groups.setdefault((len(ids), until, max_new, sampling), []).append(i)
         out = [""] * len(prepared)
-        for (_, until, max_new), members in groups.items():
+        for (_, until, max_new, (temperature, top_p, top_k)), members in groups.items():
             for b in range(0, len(members), self.batch_size):
                 idx = members[b:b + self.batch_size]
                 prompt = torch.tensor([prepared[i][0] for i in idx], device=self._device)
-                gen = self.model.generate(prompt, max_new, eos_id=self.tokenizer.eos_id)
+                gen = self.model.generate(prompt, max_new, eos_id=self.tokenizer.eos_id, temperature=temperature,
+                                          top_p=top_p, top_k=top_k)
                 for j, i in enumerate(idx):
                     new = [t for t in gen[j, prompt.shape[1]:].tolist()]
                     if self.tokenizer.eos_id in new:
