@@ -3,6 +3,9 @@
     linear-moe train [--config FILE] [--preset NAME] [--resume [PATH]] [--dry-run] [--section.field VALUE ...]
     linear-moe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
     linear-moe prepare-data --input FILES --tokenizer DIR --output PREFIX [--text-field F] [--workers N]
+    linear-moe convert from-hf --input HF_DIR --output DIR [--mixer gdn] [--layer-pattern LLLN...]
+    linear-moe convert to-hf --input CHECKPOINT --output DIR
+    linear-moe eval --checkpoint DIR --data FILE
     linear-moe presets | mixers | config [--preset NAME] [--section.field VALUE ...]
 """
 from __future__ import annotations
@@ -66,6 +69,29 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--text-field", default="text", help="JSONL / Parquet field holding the document text")
     d.add_argument("--workers", type=int, default=1)
     d.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out into PREFIX_val")
+    conv = sub.add_parser("convert", help="import a Hugging Face checkpoint, or export one").add_subparsers(dest="direction", metavar="DIRECTION")
+    fh = conv.add_parser("from-hf", help="build a Linear-MoE checkpoint from a local HF directory (Qwen2-MoE, Mixtral, DeepSeek-V2, Llama3)")
+    fh.add_argument("--input", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    fh.add_argument("--output", required=True, help="new checkpoint directory (must not exist unless --overwrite)")
+    fh.add_argument("--mixer", default="attention", help="token mixer of the L layers (e.g. gated_deltanet, gdn, gla)")
+    fh.add_argument("--layer-pattern", default="", help="one letter per layer: L linear mixer, N attention kept from the source")
+    fh.add_argument("--upcycle-experts", type=int, default=0, help="turn a dense MLP into N identical experts")
+    fh.add_argument("--upcycle-top-k", type=int, default=2)
+    fh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    fh.add_argument("--overwrite", action="store_true")
+    th = conv.add_parser("to-hf", help="export a checkpoint (or run directory) as an HF-style directory")
+    th.add_argument("--input", "--checkpoint", dest="input", required=True, help="checkpoint or run directory")
+    th.add_argument("--output", required=True)
+    th.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    th.add_argument("--max-shard-size", default="2GB")
+    th.add_argument("--overwrite", action="store_true")
+    ev = sub.add_parser("eval", help="perplexity and bits-per-byte of a checkpoint on held-out text")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint, run or exported directory")
+    ev.add_argument("--data", required=True, help="UTF-8 text file")
+    ev.add_argument("--context-len", type=int, default=0, help="0: one stream, state carried through; n: independent n-token windows")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-bytes", type=int, default=0, help="read only the first N bytes (0: all)")
+    ev.add_argument("--device", default=None)
     c = sub.add_parser("config", help="print the resolved configuration as TOML", epilog=USAGE_OVERRIDES)
     c.add_argument("--config")
     c.add_argument("--preset")
@@ -88,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _VERBS[verb](args, overrides)
     except (ConfigError, CheckpointError, DataError) as e:
+        return _fail(str(e))
+    except ValueError as e:  # the interop verbs report bad input (paths, shapes, configs) as ValueError
+        if verb not in ("convert", "eval"):
+            raise
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted")
@@ -185,6 +215,38 @@ def _prepare_data(args, overrides) -> int:
     return 0
 
 
+def _convert(args, overrides) -> int:
+    from .layers.registry import canonical_mixer_name
+
+    if args.direction == "from-hf":
+        from .interop.hf_import import convert_from_hf
+
+        out = convert_from_hf(args.input, args.output, mixer=canonical_mixer_name(args.mixer), layer_pattern=args.layer_pattern,
+                              upcycle_experts=args.upcycle_experts, upcycle_top_k=args.upcycle_top_k, dtype=args.dtype,
+                              overwrite=args.overwrite)
+        print(f"wrote {out['output_dir']}")
+        for note in out.get("notes", []):
+            print(f"  note: {note}")
+    elif args.direction == "to-hf":
+        from .interop.hf import convert_to_hf
+
+        out = convert_to_hf(args.input, args.output, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote {out['output_dir']} ({out['parameters'] / 1e6:.2f}M parameters): {', '.join(out['files'])}")
+    else:
+        return _fail("convert needs a direction: from-hf or to-hf")
+    return 0
+
+
+def _eval(args, overrides) -> int:
+    from .interop.perplexity import evaluate_perplexity
+
+    r = evaluate_perplexity(args.checkpoint, args.data, context_len=args.context_len, batch_size=args.batch_size,
+                            device=args.device, max_bytes=args.max_bytes)
+    print(f"loss {r['loss']:.4f} nats/token  perplexity {r['perplexity']:.2f}  bits/byte {r['bits_per_byte']:.4f}  "
+          f"({r['tokens']} tokens, {r['bytes']} bytes)")
+    return 0
+
+
 def _config(args, overrides) -> int:
     from .config import build_job_config
 
@@ -212,7 +274,7 @@ def _mixers(args, overrides) -> int:
     return 0
 
 
-_VERBS = {"train": _train, "generate": _generate, "prepare-data": _prepare_data, "config": _config, "presets": _presets, "mixers": _mixers}
+_VERBS = {"train": _train, "generate": _generate, "prepare-data": _prepare_data, "convert": _convert, "eval": _eval, "config": _config, "presets": _presets, "mixers": _mixers}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,6 +15,13 @@ from torch import nn
 from .config import AttentionConfig, MixerConfig
 
 MIXERS: dict[str, type[nn.Module]] = {}
+# Short names the original Linear-MoE scripts and papers use.
+ALIASES = {"gdn": "gated_deltanet", "la": "linear_attention", "lightning": "lightning_attention", "softmax": "attention",
+           "mom": "mom_gla", "ssd": "mamba2"}
+
+
+def canonical_mixer_name(name: str) -> str:
+    return ALIASES.get(name, name)
 
 
 def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -42,6 +49,7 @@ def build_mixer(
     num_layers: int,
 ) -> nn.Module:
     _import_all()
+    name = canonical_mixer_name(name)
     if name not in MIXERS:
         raise ValueError(f"unknown token mixer {name!r}; choose one of: {', '.join(sorted(MIXERS))}")
     return MIXERS[name](hidden_size, mixer, attention, layer_idx, num_layers)

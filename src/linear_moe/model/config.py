@@ -59,8 +59,10 @@ class ModelConfig:
 
     def layer_mixer(self, i: int) -> str:
         """The registry name of layer i's token mixer."""
+        from ..layers.registry import canonical_mixer_name
+
         letter = self.resolved_layer_pattern()[i]
-        return "attention" if letter in ATTENTION_LETTERS else self.mixer
+        return "attention" if letter in ATTENTION_LETTERS else canonical_mixer_name(self.mixer)
 
     def dense_intermediate_size(self) -> int:
         if self.intermediate_size:
@@ -70,7 +72,7 @@ class ModelConfig:
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":
         """Raise ValueError naming the first bad field and what is allowed; return self when fine."""
-        from ..layers.registry import available_mixers
+        from ..layers.registry import available_mixers, canonical_mixer_name
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -80,7 +82,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers"):
             need(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be a positive integer")
         mixers = available_mixers()
-        need(self.mixer in mixers, f"model.mixer={self.mixer!r} is not a known token mixer; choose one of: {', '.join(mixers)}")
+        need(canonical_mixer_name(self.mixer) in mixers,
+             f"model.mixer={self.mixer!r} is not a known token mixer; choose one of: {', '.join(mixers)}")
         pattern = self.resolved_layer_pattern()
         bad = sorted(set(pattern) - set(LINEAR_LETTERS + ATTENTION_LETTERS))
         need(not bad, f"model.layer_pattern={self.layer_pattern!r} has unknown letters {bad}; allowed: L, M (linear mixer), N, * (softmax attention)")
