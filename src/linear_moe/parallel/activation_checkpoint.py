@@ -22,7 +22,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
         return model
-    for block in model.layers:
+    layers = model.layers
+    for block in (layers.values() if isinstance(layers, nn.ModuleDict) else layers):  # a pipeline stage: ModuleDict
         target = block if mode == "full" else block.mixer
         _wrap_forward(target)
     return model

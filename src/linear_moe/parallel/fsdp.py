@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .blocks import blocks
 from .config import ParallelOptions
 from .mesh import ParallelMesh
 
@@ -46,7 +47,7 @@ def apply_fsdp(model: nn.Module, pmesh: ParallelMesh, options: ParallelOptions |
     mesh = pmesh.mesh["dp_replicate", "dp_shard_sp"] if cfg.dp_replicate > 1 else pmesh.flat["dp_shard_sp"]
     mp = mixed_precision(options)
     expert_mesh = _expert_dp_mesh(pmesh) if cfg.ep > 1 else None
-    for block in model.layers:
+    for block in blocks(model):
         experts = getattr(getattr(block, "ffn", None), "experts", None)
         if expert_mesh is not None and experts is not None:
             # Own unit (even on a 1-rank mesh: the block's unit must not average them over dp);
@@ -63,7 +64,7 @@ def _expert_dp_mesh(pmesh: ParallelMesh):
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: ParallelMesh | None = None,
+def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: ParallelMesh | None = None,
                     norm_type: float = 2.0) -> torch.Tensor:
     """Clip the global gradient norm of ``model``'s parameters, spread over any meshes (FSDP shards,
     TP shards, expert slices); returns the total norm (a plain tensor, the same on every rank).
@@ -73,7 +74,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: ParallelMesh | None
     one tensor held by the ep ranks, so their sums are also summed over ep. Plain tensors (a single
     process, or replicated) contribute as they are.
     """
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    modules = model if isinstance(model, (list, tuple)) else [model]  # a list: this rank's pipeline stages
+    named = [(n, p.grad) for m in modules for n, p in m.named_parameters() if p.grad is not None]
     if not named:
         return torch.zeros(())
     if math.isinf(norm_type) or norm_type <= 0:
@@ -100,6 +102,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: ParallelMesh | None
         if expert:
             dist.all_reduce(partial, group=ep_group)
         total += partial
+    pp_group = mesh.group("pp") if mesh is not None else None
+    if pp_group is not None:  # pipeline stages hold disjoint parameters
+        dist.all_reduce(total, group=pp_group)
     total_norm = total.pow(1.0 / norm_type).float()
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for _, g in named:

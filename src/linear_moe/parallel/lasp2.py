@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.context import sequence_parallel
+from .blocks import blocks
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -192,7 +193,7 @@ def apply_sequence_parallel(model: nn.Module, group, layout: str = "contiguous")
     if group is None or dist.get_world_size(group) == 1:
         return None
     handler = Lasp2Handler(group, layout)
-    for block in model.layers:
+    for block in blocks(model):
         wrap_mixer(block.mixer, handler)
     return handler
 

@@ -20,6 +20,8 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, parallelize_module,
 )
 
+from .blocks import blocks
+
 # token mixer -> the projections split over heads (column-parallel); "o_proj" is row-parallel.
 MIXER_PLANS: dict[str, tuple[str, ...]] = {
     "attention": ("q_proj", "k_proj", "v_proj"),
@@ -39,7 +41,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh | None) -> nn.Mo
     if tp_mesh is None or tp_mesh.size() == 1:
         return model
     tp = tp_mesh.size()
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(blocks(model)):
         _parallelize_mixer(block.mixer, getattr(block, "mixer_name", ""), tp_mesh, tp, i)
         if not getattr(block, "is_moe", False):
             parallelize_module(block.ffn, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
