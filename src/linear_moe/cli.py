@@ -6,6 +6,7 @@
     linear-moe convert from-hf --input HF_DIR --output DIR [--mixer gdn] [--layer-pattern LLLN...]
     linear-moe convert to-hf --input CHECKPOINT --output DIR
     linear-moe eval --checkpoint DIR --data FILE
+    linear-moe lm-eval --model linear_moe --model_args pretrained=DIR --tasks TASKS   (lm-evaluation-harness)
     linear-moe presets | mixers | config [--preset NAME] [--section.field VALUE ...]
 """
 from __future__ import annotations
@@ -95,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved configuration as TOML", epilog=USAGE_OVERRIDES)
     c.add_argument("--config")
     c.add_argument("--preset")
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the linear_moe model registered (all lm_eval options, e.g. "
+                   "--model linear_moe --model_args pretrained=DIR --tasks linear_moe_tiny)", add_help=False)
     sub.add_parser("presets", help="list model presets with their parameter counts")
     sub.add_parser("mixers", help="list the token mixers")
     return p
@@ -102,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # lm-evaluation-harness's own CLI with our model and tasks registered
+        from .interop.lm_eval_cli import main as lm_eval_main
+
+        lm_eval_main(argv[1:])
+        return 0
     rest, overrides = split_overrides(argv)
     args = _parser().parse_args(rest)
     verb = args.verb or "train"
