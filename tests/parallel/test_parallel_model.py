@@ -11,7 +11,7 @@ from linear_moe.layers.config import AttentionConfig, MixerConfig
 from linear_moe.model.causal_lm import LinearMoEForCausalLM
 from linear_moe.model.config import ModelConfig
 from linear_moe.moe.config import MoEConfig
-from linear_moe.parallel.config import ParallelConfig
+from linear_moe.parallel.config import ParallelConfig, ParallelOptions
 from linear_moe.parallel.fsdp import clip_grad_norm_
 from linear_moe.parallel.mesh import build_mesh
 from linear_moe.parallel.parallelize import local_batch, parallelize_model
@@ -60,15 +60,16 @@ def _full_grad(name, p, cfg, mesh):
     return g, slice(None)
 
 
-def _worker(rank, world, cfg, pcfg, state, ids, labels, clip):
+def _worker(rank, world, cfg, pcfg, state, ids, labels, clip, options=None, ac="none"):
     import torch.distributed as dist
 
     mesh = build_mesh(pcfg, world, num_heads=cfg.attention.num_heads, num_experts=cfg.moe.num_experts)
     model = LinearMoEForCausalLM(cfg)
     model.load_state_dict(state)
-    parallelize_model(model, pcfg, mesh)
+    options = options or ParallelOptions()
+    parallelize_model(model, pcfg, mesh, options=options, activation_checkpointing=ac)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    my_ids, my_labels = local_batch(ids, mesh), local_batch(labels, mesh)
+    my_ids, my_labels = local_batch(ids, mesh, options.sp_layout), local_batch(labels, mesh, options.sp_layout)
     losses, grads, norm = [], {}, None
     for step in range(STEPS):
         loss = model(my_ids, labels=my_labels).loss
@@ -85,7 +86,7 @@ def _worker(rank, world, cfg, pcfg, state, ids, labels, clip):
     return losses, grads, norm
 
 
-def check(mixer, pattern, pcfg, world, aux=True):
+def check(mixer, pattern, pcfg, world, aux=True, options=None, ac="none"):
     cfg = model_config(mixer, pattern, aux)
     gen = torch.Generator().manual_seed(torch.seed())
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -97,7 +98,7 @@ def check(mixer, pattern, pcfg, world, aux=True):
     clip = 0.05  # small enough to clip: the clipped update must agree too
     ref_losses, ref_grads, ref_norm = reference(cfg, state, ids, labels, dp, clip)
     for rank, (losses, grads, norm) in enumerate(run_distributed(_worker, world, cfg, pcfg, state, ids, labels, clip,
-                                                                 timeout=240)):
+                                                                 options, ac, timeout=240)):
         assert set(grads) == set(ref_grads)
         bad = {n: e for n, (g, sl) in grads.items() if not (e := rel_err(g, ref_grads[n][sl])) < 1e-5}
         assert not bad, f"rank {rank}: gradients differ {bad}"
@@ -116,6 +117,13 @@ CASES = {
     "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2), 4, True),
     "dp4xep2": ("gla", "", ParallelConfig(ep=2), 4, True),
     "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2), 4, False),
+    "sp4-mamba2": ("mamba2", "", ParallelConfig(sp=4), 4, False),
+}
+# id: (mixer, pattern, ParallelConfig, world, aux, ParallelOptions, activation checkpointing)
+MORE = {
+    "sp2-zigzag-attention-ac": ("attention", "", ParallelConfig(sp=2), 2, False, ParallelOptions(sp_layout="zigzag"),
+                                "selective"),
+    "sp2-rwkv6-full-ac": ("rwkv6", "", ParallelConfig(sp=2), 2, False, None, "full"),
 }
 
 
@@ -123,3 +131,8 @@ CASES = {
 def test_parallel_run_matches_single_process(case):
     mixer, pattern, pcfg, world, aux = CASES[case]
     check(mixer, pattern, pcfg, world, aux)
+
+
+@pytest.mark.parametrize("case", list(MORE))
+def test_sequence_parallel_with_activation_checkpointing(case):
+    check(*MORE[case])
