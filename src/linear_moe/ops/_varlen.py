@@ -2,9 +2,9 @@
 
 Packed input is `[1, T, ...]` with sequence n on `cu_seqlens[n]:cu_seqlens[n+1]`. Two layouts help:
 
-* `to_batch`: `[N, Lmax, ...]`, each sequence in its own row, zero-padded at the end. The
+* `batch_packing`: `[N, Lmax, ...]`, each sequence in its own row, zero-padded at the end. The
   step-by-step forms use it: the loop runs Lmax steps for all sequences at once.
-* `to_chunks`: `[1, Tp, ...]`, each sequence starting on a chunk boundary and padded to whole
+* `chunk_packing`: `[1, Tp, ...]`, each sequence starting on a chunk boundary and padded to whole
   chunks. The chunked forms use it: no chunk straddles two sequences, so only the state scan
   needs to know where sequences begin (waste is under one chunk per sequence).
 
@@ -26,7 +26,7 @@ class Packing:
     positions: Tensor  # [T] flat destination index of each token
     padded_len: int  # rows * row_len of the padded layout
     lengths: list[int]  # tokens per sequence
-    starts: list[int]  # start of each sequence in the padded layout (to_chunks only)
+    starts: list[int]  # start of each sequence in the padded layout
 
 
 def _seq_ids_and_offsets(cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
