@@ -2,6 +2,8 @@
 evaluation scores match the CPU ones. Skipped without CUDA."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_import_matches_source_on_gpu(hf_checkpoints, family):
     path, ref = hf_checkpoints[family]
     model, _, _ = build_from_hf(path)
-    ref_gpu, model = ref.to("cuda"), model.to("cuda").eval()
+    ref_gpu, model = copy.deepcopy(ref).to("cuda"), model.to("cuda").eval()  # the fixture's model stays intact
     ids = torch.randint(0, model.config.vocab_size, (3, 40), device="cuda")
     with torch.no_grad():
         want, got = ref_gpu(ids).logits.float(), model(ids).logits.float()
@@ -24,7 +26,6 @@ def test_import_matches_source_on_gpu(hf_checkpoints, family):
         want, got = ref_gpu(ids).logits.float(), model(ids).logits.float()
         # bf16: both round differently; the logits still agree to about 1%
         assert float((want - got).norm() / want.norm()) < 3e-2
-    ref.to("cpu", torch.float32)
 
 
 def test_perplexity_gpu_matches_cpu(tiny_model_dir, tmp_path):
