@@ -40,6 +40,8 @@ CASES = {
     "gla_recurrent": ("gla", "vector", False, False, False, "recurrent"),
     "linear_attn_norm": ("gla", "none", False, True, False, "chunk"),
 }
+# [B, T, H, K, V] of the checks (varlen: B = 1, cu_seqlens [0, 37, 141, 200])
+CHECK_SHAPE = {False: (2, 160, 16, 128, 128), True: (1, 200, 16, 128, 128)}
 TIMED = ["linear_attn", "retention", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet"]
 USES_DQKWG = {"linear_attn", "linear_attn_norm", "retention", "simple_gla", "simple_gla_varlen",
               "deltanet", "gated_deltanet", "gated_deltanet_varlen"}
@@ -172,8 +174,7 @@ def check_case(case, backend, dtype, device, seed):
     """Max rel err over output, final state and every input grad, or the error raised."""
     gen = torch.Generator(device=device).manual_seed(seed)
     varlen = CASES[case][4]
-    # H, K, V as in the timing: fla's autotune keys hold them, so the compiled kernels are shared
-    B, T, H, K, V = (1, 200, 16, 128, 128) if varlen else (2, 160, 16, 128, 128)
+    B, T, H, K, V = CHECK_SHAPE[varlen]
     cu = torch.tensor([0, 37, 141, 200], device=device) if varlen else None
     args = make_inputs(case, B, T, H, K, V, dtype, device, gen, cu=cu)
     for n, x in args.items():  # a constant per-head decay is a fixed hyper-parameter: no grad

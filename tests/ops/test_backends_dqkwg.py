@@ -118,3 +118,37 @@ def test_dqkwg_matches_float64(gate, varlen, size):
         assert _rel(out[3], ref[3]) < tol
     else:
         assert out[3] is None
+
+
+def test_plugs_into_fla_dispatch(monkeypatch):
+    """fla's own dispatched `chunk_bwd_dqkwg` (what chunk_simple_gla / chunk_gated_delta_rule
+    call in backward) reaches our kernel once the fix is installed and enabled."""
+    pytest.importorskip("fla")
+    import fla.ops.common.chunk_o as fla_chunk_o
+
+    import linear_moe.ops.backends.triton.dqkwg as ours
+    from linear_moe.ops.backends import fla as fla_backend
+
+    calls = []
+    real = ours.chunk_bwd_dqkwg
+    monkeypatch.setattr(ours, "chunk_bwd_dqkwg", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fla_backend.use_our_dqkwg(True)
+    try:
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        B, T, H, K, V, BT = 1, 40, 2, 32, 16, 16
+        r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+        q, k, v, do = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, T, H, V)
+        h, dh = r(3, H, K, V), r(3, H, K, V)
+        g = (-torch.rand(B, T, H, generator=gen) * 0.3)
+        for s0 in range(0, T, BT):
+            g[:, s0:s0 + BT] = g[:, s0:s0 + BT].cumsum(1)
+        dev = lambda x: x.to(DEVICE)  # noqa: E731
+        dq, dk, dw, dg = fla_chunk_o.chunk_bwd_dqkwg(*map(dev, (q, k, v, do, h, dh)), g=dev(g),
+                                                     scale=K ** -0.5, chunk_size=BT)
+    finally:
+        fla_backend.use_our_dqkwg(False)
+    assert calls, "fla's dispatch did not call linear-moe's kernel"
+    ref = reference(q, k, v, do, h, dh, torch.zeros_like(v), g, None, K ** -0.5, False, None, BT)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert _rel(dq, ref[0]) < tol and _rel(dk, ref[1]) < tol and _rel(dg, ref[3]) < tol
+    assert dw is None

@@ -44,7 +44,8 @@ def install_dqkwg_fix(device: torch.device | None = None) -> bool:
                 return chunk_bwd_dqkwg(*args, **kwargs)
 
         register("common")(LinearMoeDqkwg)
-        device = device or torch.device("cuda", torch.cuda.current_device())
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _fix["enabled"] = hopper_dqkwg_bug(cuda_capability(device), triton_version())
         _fix["installed"] = True
     return _fix["enabled"]
