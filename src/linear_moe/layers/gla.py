@@ -2,7 +2,8 @@
 
 Per head, a data-dependent forget gate over the key dim:
 
-    α_t = sigmoid(x_t W_α1 W_α2 + b_α) ^ (1/τ)   ∈ (0, 1)^K   (low rank W_α1 [C, r], W_α2 [r, H·K]; τ = gate_logit_normalizer)
+    α_t = sigmoid(x_t W_α1 W_α2 + b_α) ^ (1/τ)   ∈ (0, 1)^K
+          (low rank: W_α1 [C, r], W_α2 [r, H·K]; τ = gate_logit_normalizer)
     S_t = diag(α_t) S_{t-1} + k_tᵀ v_t           [K, V]
     o_t = K^-0.5 · q_t S_t
     y_t = o_proj(swish(x_t W_r) ⊙ norm(o_t))     per-head norm, then the output gate
