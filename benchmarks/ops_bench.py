@@ -238,6 +238,7 @@ def main():
     parser.add_argument("--dtypes", default="bfloat16", help="check dtypes, e.g. bfloat16,float32")
     parser.add_argument("--torch-timing-max-len", type=int, default=2048)
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting work after this")
+    parser.add_argument("--cases", default="", help="comma-separated subset of CASES (default all)")
     a = parser.parse_args()
     device = torch.device(a.device)
     if device.type == "cpu":
@@ -255,6 +256,11 @@ def main():
     # Work in priority order (gated kinds first) so that a time limit cuts the least important.
     groups = [["simple_gla", "gated_deltanet", "gla"], ["linear_attn", "retention", "deltanet", "rwkv6"],
               [c for c in CASES if c not in TIMED]]
+    if a.cases:
+        unknown = set(a.cases.split(",")) - set(CASES)
+        if unknown:
+            raise ValueError(f"--cases {sorted(unknown)} unknown; allowed: {', '.join(CASES)}")
+        groups = [[c for c in g if c in a.cases.split(",")] for g in groups]
     deadline = time.time() + a.budget_s
     for group in groups:
         if a.phase != "time":
