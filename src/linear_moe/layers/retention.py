@@ -87,8 +87,11 @@ class _ConstantDecayAttention(nn.Module):
         init_weights(self)
 
     def _log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        """``log γ`` ``[heads]`` on x's device, at least fp32 (cached; not a buffer, which ``.to(bf16)`` would round)."""
-        key = (x.device, upcast(x).dtype)
+        """``log γ`` ``[heads]`` on x's device, at least fp32 (cached; not a buffer, which ``.to(bf16)`` would round).
+
+        ``log_gammas`` is a plain list over this module's heads: tensor parallelism keeps a rank's slice of it.
+        """
+        key = (x.device, upcast(x).dtype, tuple(self.log_gammas))
         cache = self.__dict__.setdefault("_decay_cache", {})
         if key not in cache:
             cache[key] = torch.tensor(self.log_gammas, device=key[0], dtype=key[1])
