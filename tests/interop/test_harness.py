@@ -108,3 +108,14 @@ def test_bad_arguments(tiny_model_dir):
         LinearMoELM(model=model)
     with pytest.raises(ValueError, match="tasks is empty"):
         run_lm_eval(str(d), "")
+
+
+def test_shipped_task_data_is_well_formed():
+    import json
+
+    from linear_moe.interop.harness import TASKS_DIR
+
+    rows = [json.loads(line) for line in (TASKS_DIR / "linear_moe_tiny" / "test.jsonl").read_text().splitlines()]
+    assert len(rows) >= 24 and len({r["query"] for r in rows}) == len(rows)
+    for r in rows:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4 and 0 <= r["gold"] < 4

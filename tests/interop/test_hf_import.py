@@ -87,6 +87,8 @@ def test_mixer_without_qkv_starts_fresh_and_is_noted(hf_checkpoints):
     model, notes, _ = build_from_hf(path, mixer="mamba2", layer_pattern="NLN")
     assert model.layers[1].mixer_name == "mamba2"
     assert any("layer 1" in n and "not initialised from attention" in n for n in notes)
+    model, notes, _ = build_from_hf(path, mixer="gla", layer_pattern="NLN")  # Qwen2's q/k/v biases
+    assert notes == ["layer 1 (GatedLinearAttention): the mixer has no bias; source biases of q_proj, k_proj, v_proj dropped"]
 
 
 def test_convert_writes_a_trainer_checkpoint(hf_checkpoints, tmp_path, tokenizer_dir):

@@ -74,7 +74,7 @@ def _same_shape(linear: nn.Module | None, w: torch.Tensor | None) -> bool:
 
 def _linearized(mixer: nn.Module, src: _Source, prefix: str, head_dim: int, notes: list[str], layer: int) -> dict[str, torch.Tensor]:
     """Projection weights a linear mixer can take from the attention it replaces (shapes permitting)."""
-    out, skipped = {}, []
+    out, skipped, dropped = {}, [], []
     for proj in _PROJECTIONS:
         ours = getattr(mixer, proj, None)
         name = f"{prefix}.self_attn.{proj}.weight"
@@ -82,8 +82,9 @@ def _linearized(mixer: nn.Module, src: _Source, prefix: str, head_dim: int, note
             skipped.append(proj)
             continue
         w = src.take(name)
-        if src.has(f"{prefix}.self_attn.{proj}.bias"):
-            src.take(f"{prefix}.self_attn.{proj}.bias")  # linear mixers have no q/k/v bias: dropped
+        if src.has(f"{prefix}.self_attn.{proj}.bias") and getattr(ours, "bias", None) is None:
+            src.take(f"{prefix}.self_attn.{proj}.bias")
+            dropped.append(proj)
         if w.shape != ours.weight.shape and proj in ("k_proj", "v_proj") and w.shape[1] == ours.weight.shape[1] \
                 and ours.weight.shape[0] % w.shape[0] == 0 and w.shape[0] % head_dim == 0 \
                 and _same_shape(getattr(mixer, "q_proj", None), src.tensors.get(f"{prefix}.self_attn.q_proj.weight")):
@@ -96,6 +97,8 @@ def _linearized(mixer: nn.Module, src: _Source, prefix: str, head_dim: int, note
         out[f"{proj}.weight"] = w
     if skipped:
         notes.append(f"layer {layer} ({type(mixer).__name__}): not initialised from attention: {', '.join(skipped)}")
+    if dropped:
+        notes.append(f"layer {layer} ({type(mixer).__name__}): the mixer has no bias; source biases of {', '.join(dropped)} dropped")
     return out
 
 
