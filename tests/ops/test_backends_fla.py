@@ -1,0 +1,168 @@
+"""Plumbing of the fla wrapper (backends/fla.py) on CPU, against a stand-in `fla` package.
+
+The stand-in implements fla-core 0.6.0's conventions (natural-log gates, g vs g_gamma, rwkv6's
+bonus, the causal conv's `[N, D, W]` state) with our torch ops, so these tests check that the
+wrapper picks the right fla function and converts arguments, normalisation and states right.
+fla's real kernels are checked on GPU by benchmarks/ops_bench.py.
+"""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_moe import ops
+
+CALLS = []
+
+
+def _gla(name):
+    def fn(q, k, v, g=None, g_gamma=None, gk=None, scale=None, initial_state=None,
+           output_final_state=False, cu_seqlens=None):
+        CALLS.append(name)
+        decay = next((x for x in (g, g_gamma, gk) if x is not None), None)
+        return ops.gla(q, k, v, decay, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend="torch")
+    return fn
+
+
+def _rwkv6(name):
+    def fn(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        CALLS.append(name)
+        return ops.gla(r, k, v, w, bonus=u, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend="torch")
+    return fn
+
+
+def _delta(name, gated):
+    def fn(q, k, v, *args, g=None, beta=None, scale=None, initial_state=None,
+           output_final_state=False, cu_seqlens=None):
+        CALLS.append(name)
+        if gated and args:  # chunk_gated_delta_rule(q, k, v, g, beta, ...)
+            g, beta = args
+        elif args:  # chunk_delta_rule(q, k, v, beta, ...)
+            (beta,) = args
+        return ops.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                              backend="torch")
+    return fn
+
+
+def _causal_conv1d(x, weight, bias=None, initial_state=None, output_final_state=False,
+                   activation=None, cu_seqlens=None):
+    """fla's convention: state = the last W inputs `[N, D, W]`, slot 0 never read."""
+    CALLS.append("causal_conv1d")
+    W = weight.shape[1]
+    state = None if initial_state is None else initial_state[..., 1:]
+    y, s = ops.short_conv(x, weight, bias, activation=activation, initial_state=state,
+                          output_final_state=True, cu_seqlens=cu_seqlens)
+    full = torch.cat([torch.full_like(s[..., :1], float("nan")), s], -1)  # slot 0: never read
+    assert full.shape[-1] == W
+    return y, (full if output_final_state else None)
+
+
+@pytest.fixture
+def fake_fla(monkeypatch):
+    mods = {}
+    for name in ["fla", "fla.ops", "fla.ops.common", "fla.ops.common.chunk_o", "fla.backends",
+                 "fla.ops.simple_gla", "fla.ops.gla", "fla.ops.rwkv6", "fla.ops.delta_rule",
+                 "fla.ops.gated_delta_rule", "fla.modules", "fla.modules.causal_conv1d"]:
+        mods[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, mods[name])
+    mods["fla.backends"].BaseBackend = object
+    mods["fla.backends"].register = lambda op: (lambda cls: cls)
+    for mod, names in {"fla.ops.simple_gla": ["chunk_simple_gla", "fused_recurrent_simple_gla"],
+                       "fla.ops.gla": ["chunk_gla", "fused_recurrent_gla"]}.items():
+        for n in names:
+            setattr(mods[mod], n, _gla(n))
+    mods["fla.ops.rwkv6"].chunk_rwkv6 = _rwkv6("chunk_rwkv6")
+    mods["fla.ops.rwkv6"].fused_recurrent_rwkv6 = _rwkv6("fused_recurrent_rwkv6")
+    mods["fla.ops.delta_rule"].chunk_delta_rule = _delta("chunk_delta_rule", False)
+    mods["fla.ops.delta_rule"].fused_recurrent_delta_rule = _delta("fused_recurrent_delta_rule", False)
+    mods["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = _delta("chunk_gated_delta_rule", True)
+    mods["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = _delta(
+        "fused_recurrent_gated_delta_rule", True)
+    mods["fla.modules.causal_conv1d"].causal_conv1d = _causal_conv1d
+    # our Triton kernel module is only registered with the (fake) dispatch, never run here
+    monkeypatch.setitem(sys.modules, "linear_moe.ops.backends.triton", types.ModuleType("t"))
+    monkeypatch.setitem(sys.modules, "linear_moe.ops.backends.triton.dqkwg",
+                        types.SimpleNamespace(chunk_bwd_dqkwg=None))
+    sys.modules.pop("linear_moe.ops.backends.fla", None)
+    import linear_moe.ops.backends.fla as wrapper
+    CALLS.clear()
+    yield wrapper
+    sys.modules.pop("linear_moe.ops.backends.fla", None)
+
+
+def _gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.mark.parametrize("decay,bonus,normalize,mode,expected", [
+    ("none", False, False, "chunk", "chunk_simple_gla"),
+    ("none", False, True, "chunk", "chunk_simple_gla"),
+    ("constant", False, False, "chunk", "chunk_simple_gla"),
+    ("scalar", False, False, "recurrent", "fused_recurrent_simple_gla"),
+    ("vector", False, False, "chunk", "chunk_gla"),
+    ("vector", False, False, "recurrent", "fused_recurrent_gla"),
+    ("vector", True, False, "chunk", "chunk_rwkv6"),
+    ("scalar", True, False, "chunk", "chunk_rwkv6"),
+])
+def test_gla_mapping(fake_fla, decay, bonus, normalize, mode, expected):
+    g = _gen()
+    B, T, H, K, V = 2, 13, 2, 8, 4
+    q, k, v = (torch.randn(B, T, H, d, generator=g) for d in (K, K, V))
+    if normalize:
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+    ld = {"none": None, "constant": -torch.rand(H, generator=g),
+          "scalar": F.logsigmoid(torch.randn(B, T, H, generator=g)),
+          "vector": F.logsigmoid(torch.randn(B, T, H, K, generator=g))}[decay]
+    u = torch.randn(H, K, generator=g) if bonus else None
+    h0 = torch.randn(B, H, K, V + int(normalize), generator=g)
+    kw = dict(bonus=u, normalize=normalize, initial_state=h0, output_final_state=True, mode=mode)
+    o, s = fake_fla.gla(q, k, v, ld, **kw)
+    assert CALLS == [expected]
+    o_ref, s_ref = ops.gla(q, k, v, ld, backend="torch", **kw)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gated,mode,expected", [
+    (False, "chunk", "chunk_delta_rule"), (True, "chunk", "chunk_gated_delta_rule"),
+    (False, "recurrent", "fused_recurrent_delta_rule"),
+    (True, "recurrent", "fused_recurrent_gated_delta_rule")])
+def test_delta_rule_mapping(fake_fla, gated, mode, expected):
+    g = _gen()
+    B, T, H, K, V = 1, 11, 2, 8, 4
+    q, v = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g)
+    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    beta = torch.rand(B, T, H, generator=g)
+    ld = F.logsigmoid(torch.randn(B, T, H, generator=g)) if gated else None
+    cu = torch.tensor([0, 4, 11])
+    h0 = torch.randn(2, H, K, V, generator=g)
+    kw = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu, mode=mode)
+    o, s = fake_fla.delta_rule(q, k, v, beta, ld, **kw)
+    assert CALLS == [expected]
+    o_ref, s_ref = ops.delta_rule(q, k, v, beta, ld, backend="torch", **kw)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_short_conv_state_conversion(fake_fla):
+    g = _gen()
+    x, w, b = torch.randn(2, 9, 6, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    h0 = torch.randn(2, 6, 3, generator=g)
+    y, s = fake_fla.short_conv(x, w, b, initial_state=h0, output_final_state=True)
+    assert CALLS == ["causal_conv1d"] and s.shape == (2, 6, 3) and not torch.isnan(s).any()
+    y_ref, s_ref = ops.short_conv(x, w, b, initial_state=h0, output_final_state=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(s, s_ref)
+
+
+def test_cu_seqlens_needs_batch_one(fake_fla):
+    q = torch.randn(2, 4, 1, 8)
+    with pytest.raises(ValueError, match="cu_seqlens needs batch size 1"):
+        fake_fla.gla(q, q, q, cu_seqlens=torch.tensor([0, 4]))
