@@ -118,3 +118,16 @@ def test_version_parsing():
     assert bk._version_tuple("3.6.0") == (3, 6, 0)
     assert bk._version_tuple("3.7") == (3, 7, 0)
     assert bk._version_tuple("3.4.0rc1+gitabc") == (3, 4, 0)
+
+
+def test_fp32_delta_rule_is_not_sent_to_fla(monkeypatch):
+    """fla 0.6.0 raises on float32 delta-rule inputs: auto must choose torch, a forced fla must say why."""
+    from linear_moe.ops import backends as b
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(b, "fla_version", lambda: "0.6.0")
+    monkeypatch.setattr(b, "triton_version", lambda: "3.6.0")
+    reason = b.why_not("fla", "delta_rule", torch.device("cuda"), torch.float32)
+    assert reason is not None and "float32" in reason
+    assert b.why_not("fla", "delta_rule", torch.device("cuda"), torch.bfloat16) is None
+    assert b.why_not("fla", "gla", torch.device("cuda"), torch.float32) is None

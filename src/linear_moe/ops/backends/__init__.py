@@ -118,6 +118,8 @@ def why_not(name: str, op_name: str, device: torch.device, dtype: torch.dtype | 
         return "triton is not installed"
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"fla supports float32/float16/bfloat16 inputs, got {dtype}"
+    if op_name == "delta_rule" and dtype == torch.float32:
+        return "fla 0.6.0's delta-rule kernels refuse float32 inputs (use bf16/fp16, or the torch backend)"
     for key in ("k_dim", "v_dim"):
         dim = features.get(key)
         if dim is not None and dim > FLA_MAX_HEAD_DIM:
