@@ -94,3 +94,28 @@ def test_bfloat16_storage(tmp_path, hf_checkpoints):
     with pytest.raises(ValueError, match="dtype='int8' is not one of"):
         convert_to_hf(imported, tmp_path / "x", dtype="int8")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_training_checkpoint_needs_trust(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from linear_moe.config import JobConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, mixer="gla", layer_pattern="NL", tie_embeddings=False)
+    cfg.attention.num_heads = 2
+    cfg.moe.expert_hidden_size = 16
+    model = LinearMoEForCausalLM(cfg).eval()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    dcp.save({"model": get_state_dict(model, [])[0]}, checkpoint_id=str(ckpt / "dcp"))
+    (ckpt / "config.toml").write_text(JobConfig(model=cfg).to_toml())
+    (ckpt / "state.json").write_text(json.dumps({"step": 10, "tokens": 640}))
+    with pytest.raises(ValueError, match="metadata is a pickle.*trust_dcp=True"):
+        from_pretrained(ckpt)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(want, from_pretrained(tmp_path / "run", trust_dcp=True)(ids).logits)
+        convert_to_hf(ckpt, tmp_path / "export")  # one's own training output: converted directly
+        assert torch.equal(want, from_pretrained(tmp_path / "export")(ids).logits)

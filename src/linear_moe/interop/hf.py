@@ -91,13 +91,20 @@ def find_tokenizer_dir(path: str | Path) -> Path | None:
     return next((c for c in candidates if (c / "tokenizer.json").is_file()), None)
 
 
-def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LinearMoEForCausalLM:
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    trust_dcp: bool = False) -> LinearMoEForCausalLM:
     """Load a model from an exported directory (``convert_to_hf``), a checkpoint directory or a run
-    directory (its newest checkpoint), in eval mode. Safetensors only, or a sharded DCP checkpoint."""
+    directory (its newest checkpoint), in eval mode. Weights come from safetensors; a sharded training
+    checkpoint (``dcp/``) loads only with ``trust_dcp=True``, because torch.distributed.checkpoint
+    stores its metadata as a pickle (fine for checkpoints you wrote, never for downloaded ones)."""
     cfg, wdir = load_model_config(path)
     model = LinearMoEForCausalLM(cfg)
     if (wdir / "dcp").is_dir() and not any(wdir.glob("*.safetensors")):
         from ..train.checkpoint import load_checkpoint
+
+        if not trust_dcp:
+            raise ValueError(f"{str(wdir)!r} is a sharded (dcp/) checkpoint whose metadata is a pickle; load it with "
+                             "trust_dcp=True if you wrote it, or export it first with convert_to_hf")
 
         load_checkpoint(wdir, model)
     else:
@@ -175,7 +182,8 @@ def convert_to_hf(checkpoint: str | Path, output_dir: str | Path, *, max_shard_s
     """
     from .hf_import import storage_dtype
 
-    model = from_pretrained(checkpoint, dtype=storage_dtype(dtype))
+    # the input is a training checkpoint of one's own: a sharded (dcp/) one may be read
+    model = from_pretrained(checkpoint, dtype=storage_dtype(dtype), trust_dcp=True)
     _, wdir = load_model_config(checkpoint)
     tokens = None
     if (wdir / "state.json").is_file():
