@@ -205,3 +205,17 @@ def test_fused_expert_layout_and_sharded_input(hf_checkpoints, tmp_path, family)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     with torch.no_grad():
         assert _rel(ref(ids).logits, model.eval()(ids).logits) < 1e-4
+
+
+def test_tied_embeddings_import(tmp_path):
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=40, tie_word_embeddings=True, max_position_embeddings=64)
+    ref = T.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "tied")
+    model, _, _ = build_from_hf(tmp_path / "tied")
+    assert model.config.tie_embeddings and model.lm_head.weight is model.embed.weight
+    ids = torch.randint(0, 80, (2, 6))
+    with torch.no_grad():
+        assert _rel(ref(ids).logits, model.eval()(ids).logits) < 1e-4
