@@ -86,7 +86,12 @@ def _worker(rank, world, cfg, pcfg, state, ids, labels, clip, options=None, ac="
     return losses, grads, norm
 
 
-def check(mixer, pattern, pcfg, world, aux=True, options=None, ac="none"):
+def _jobs_worker(rank, world, jobs):
+    return [_worker(rank, world, *job) for job in jobs]
+
+
+def prepare(mixer, pattern, pcfg, world, aux=True, options=None, ac="none"):
+    """The single-process run, and the arguments of the distributed one, for one case."""
     cfg = model_config(mixer, pattern, aux)
     gen = torch.Generator().manual_seed(torch.seed())
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -96,43 +101,43 @@ def check(mixer, pattern, pcfg, world, aux=True, options=None, ac="none"):
     dp = build_mesh(pcfg, world).dp_size if world == 1 else pcfg.dp_replicate * (
         world // (pcfg.dp_replicate * pcfg.tp * pcfg.pp * pcfg.sp) if pcfg.dp_shard == -1 else pcfg.dp_shard)
     clip = 0.05  # small enough to clip: the clipped update must agree too
-    ref_losses, ref_grads, ref_norm = reference(cfg, state, ids, labels, dp, clip)
-    for rank, (losses, grads, norm) in enumerate(run_distributed(_worker, world, cfg, pcfg, state, ids, labels, clip,
-                                                                 options, ac, timeout=240)):
-        assert set(grads) == set(ref_grads)
-        bad = {n: e for n, (g, sl) in grads.items() if not (e := rel_err(g, ref_grads[n][sl])) < 1e-5}
-        assert not bad, f"rank {rank}: gradients differ {bad}"
-        assert rel_err(torch.tensor(losses[0]), torch.tensor(ref_losses[0])) < 1e-5
-        assert rel_err(torch.tensor(norm), torch.tensor(ref_norm)) < 1e-5
-        assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4), (losses, ref_losses)
+    ref = reference(cfg, state, ids, labels, dp, clip)
+    return ref, (cfg, pcfg, state, ids, labels, clip, options, ac)
 
 
+def compare(case, rank, result, ref):
+    (losses, grads, norm), (ref_losses, ref_grads, ref_norm) = result, ref
+    assert set(grads) == set(ref_grads), case
+    bad = {n: e for n, (g, sl) in grads.items() if not (e := rel_err(g, ref_grads[n][sl])) < 1e-5}
+    assert not bad, f"{case} rank {rank}: gradients differ {bad}"
+    assert rel_err(torch.tensor(losses[0]), torch.tensor(ref_losses[0])) < 1e-5, (case, losses, ref_losses)
+    assert rel_err(torch.tensor(norm), torch.tensor(ref_norm)) < 1e-5, (case, norm, ref_norm)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4), (case, losses, ref_losses)
+
+
+# id: (mixer, layer pattern, ParallelConfig, world size, aux losses on[, ParallelOptions, activation checkpointing])
 CASES = {
-    # id: (mixer, layer pattern, ParallelConfig, world size, aux losses on)
     "fsdp2": ("gla", "", ParallelConfig(), 2, True),
     "tp2": ("gla", "LN", ParallelConfig(tp=2), 2, True),
     "ep2": ("gla", "", ParallelConfig(ep=2), 2, True),
     "sp2-hybrid": ("gated_deltanet", "LN", ParallelConfig(sp=2), 2, False),
+    "sp2-zigzag-attention-ac": ("attention", "", ParallelConfig(sp=2), 2, False, ParallelOptions(sp_layout="zigzag"),
+                                "selective"),
+    "sp2-rwkv6-full-ac": ("rwkv6", "", ParallelConfig(sp=2), 2, False, None, "full"),
     "hsdp2x2": ("linear_attention", "", ParallelConfig(dp_replicate=2), 4, True),
     "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2), 4, True),
     "dp4xep2": ("gla", "", ParallelConfig(ep=2), 4, True),
     "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2), 4, False),
     "sp4-mamba2": ("mamba2", "", ParallelConfig(sp=4), 4, False),
 }
-# id: (mixer, pattern, ParallelConfig, world, aux, ParallelOptions, activation checkpointing)
-MORE = {
-    "sp2-zigzag-attention-ac": ("attention", "", ParallelConfig(sp=2), 2, False, ParallelOptions(sp_layout="zigzag"),
-                                "selective"),
-    "sp2-rwkv6-full-ac": ("rwkv6", "", ParallelConfig(sp=2), 2, False, None, "full"),
-}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_parallel_run_matches_single_process(case):
-    mixer, pattern, pcfg, world, aux = CASES[case]
-    check(mixer, pattern, pcfg, world, aux)
-
-
-@pytest.mark.parametrize("case", list(MORE))
-def test_sequence_parallel_with_activation_checkpointing(case):
-    check(*MORE[case])
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_runs_match_single_process(world):
+    """Every case of this world size in one spawned job (process start-up dominates on CPU)."""
+    names = [name for name, case in CASES.items() if case[3] == world]
+    prepared = [prepare(*CASES[name]) for name in names]
+    results = run_distributed(_jobs_worker, world, [job for _, job in prepared], timeout=300)
+    for rank, per_case in enumerate(results):
+        for name, (ref, _), result in zip(names, prepared, per_case):
+            compare(name, rank, result, ref)

@@ -57,9 +57,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_pipeline_matches_single_process(case):
-    pcfg, options, world, layers = CASES[case]
+def _jobs_worker(rank, world, jobs):
+    return [_pp_worker(rank, world, *job) for job in jobs]
+
+
+def _prepare(pcfg, options, world, layers):
     cfg = dataclasses.replace(model_config("gla", "LN" * (layers // 2)), num_layers=layers, ffn_pattern="DE" * (layers // 2))
     gen = torch.Generator().manual_seed(torch.seed())
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -69,17 +71,29 @@ def test_pipeline_matches_single_process(case):
     dp = world // pcfg.pp
     microbatches = options.pp_microbatches or 2 * pcfg.pp
     clip = 0.05
-    ref_losses, ref_grads, ref_norm = reference(cfg, state, ids, labels, dp * microbatches, clip)
-    seen = set()
-    for rank, (losses, grads, norm, last) in enumerate(run_distributed(_pp_worker, world, cfg, pcfg, options, state,
-                                                                      ids, labels, clip, timeout=240)):
-        seen |= set(grads)
-        bad = {n: e for n, g in grads.items() if not (e := rel_err(g, ref_grads[n])) < 1e-5}
-        assert not bad, f"rank {rank}: gradients differ {bad}"
-        assert rel_err(torch.tensor(norm), torch.tensor(ref_norm)) < 1e-5
-        if last and dp == 1:
-            assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4), (losses, ref_losses)
-    assert seen == set(ref_grads)
+    # the single-process loss: mean over every (data-parallel rank, microbatch) piece of the batch
+    ref = reference(cfg, state, ids, labels, dp * microbatches, clip)
+    return ref, dp, (cfg, pcfg, options, state, ids, labels, clip)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_pipeline_matches_single_process(world):
+    names = [name for name, case in CASES.items() if case[2] == world]
+    prepared = [_prepare(*CASES[name]) for name in names]
+    results = run_distributed(_jobs_worker, world, [job for *_, job in prepared], timeout=300)
+    for name, (ref, dp, _), per_rank in zip(names, prepared, zip(*results)):
+        ref_losses, ref_grads, ref_norm = ref
+        seen, last_losses = set(), []
+        for rank, (losses, grads, norm, last) in enumerate(per_rank):
+            seen |= set(grads)
+            bad = {n: e for n, g in grads.items() if not (e := rel_err(g, ref_grads[n])) < 1e-5}
+            assert not bad, f"{name} rank {rank}: gradients differ {bad}"
+            assert rel_err(torch.tensor(norm), torch.tensor(ref_norm)) < 1e-5, (name, norm, ref_norm)
+            if last:
+                last_losses.append(losses)
+        assert seen == set(ref_grads), name
+        mean = torch.tensor(last_losses).mean(0)  # the data-parallel ranks' last stages hold their own losses
+        assert len(last_losses) == dp and torch.allclose(mean, torch.tensor(ref_losses), rtol=1e-4), (name, mean, ref_losses)
 
 
 def test_stage_split_is_contiguous_and_even():
