@@ -12,7 +12,6 @@ import torch
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from linear_moe.data.tokenizer import load_tokenizer  # noqa: E402
 from linear_moe.interop.harness import LinearMoELM, run_lm_eval  # noqa: E402
 
 
@@ -33,7 +32,7 @@ def _reference_logprob(model, ids: list[int], start: int) -> tuple[float, bool]:
     return total, greedy
 
 
-def test_loglikelihood_matches_reference(tiny_model_dir, tokenizer_dir):
+def test_loglikelihood_matches_reference(tiny_model_dir):
     d, _ = tiny_model_dir
     lm = LinearMoELM(pretrained=str(d), batch_size=2, max_length=3, device="cpu")  # chunks of 3: the state carries
     tok = lm.tokenizer
