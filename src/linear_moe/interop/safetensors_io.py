@@ -28,6 +28,8 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{str(index)!r} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
         files = sorted({d / name for name in weight_map.values()})
+    elif (d / "model.safetensors").is_file():  # not other *.safetensors beside it (adapters, optimizer shards)
+        files = [d / "model.safetensors"]
     else:
         files = sorted(d.glob("*.safetensors"))
     if files:
