@@ -124,10 +124,12 @@ CASES = {
     "sp2-zigzag-attention-ac": ("attention", "", ParallelConfig(sp=2), 2, False, ParallelOptions(sp_layout="zigzag"),
                                 "selective"),
     "sp2-rwkv6-full-ac": ("rwkv6", "", ParallelConfig(sp=2), 2, False, None, "full"),
+    "tp2-gated_deltanet": ("gated_deltanet", "LN", ParallelConfig(tp=2), 2, True),
     "hsdp2x2": ("linear_attention", "", ParallelConfig(dp_replicate=2), 4, True),
     "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2), 4, True),
     "dp4xep2": ("gla", "", ParallelConfig(ep=2), 4, True),
     "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2), 4, False),
+    "dp2xtp2-deltanet": ("deltanet", "", ParallelConfig(tp=2), 4, True),
     "sp4-mamba2": ("mamba2", "", ParallelConfig(sp=4), 4, False),
 }
 

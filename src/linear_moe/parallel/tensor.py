@@ -5,6 +5,8 @@ its heads), the output projection is row-parallel (partial sums all-reduced). Li
 one state per head, so a head's whole recurrence lives on one rank and needs no communication.
 The dense SwiGLU MLP is split the same way over its hidden units. Residual stream, norms,
 embeddings, LM head and the MoE layers stay replicated over tp (MoE scales with ep instead).
+Per-head parameters a mixer uses directly (short-conv weights, ``A_log``, ``dt_bias``) are sharded
+along their head / channel dim and the module computes on the local shard.
 
 A mixer's code reads its head counts (``num_heads``, ``num_kv_heads``) to reshape; the plan divides
 them by tp so the same code runs on its local heads. Per-head-shared parameters that see only the
@@ -13,20 +15,26 @@ over tp by DTensor itself.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, parallelize_module,
-)
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .blocks import blocks
 
-# token mixer -> the projections split over heads (column-parallel); "o_proj" is row-parallel.
-MIXER_PLANS: dict[str, tuple[str, ...]] = {
-    "attention": ("q_proj", "k_proj", "v_proj"),
-    "gla": ("q_proj", "k_proj", "v_proj", "gk_proj.1", "g_proj"),
-    "linear_attention": ("q_proj", "k_proj", "v_proj"),
+_DELTA = {"colwise": ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj"),
+          # per-channel / per-head parameters used directly in forward: sharded, computed on locally
+          "local": {"convs.q": ("weight", "bias"), "convs.k": ("weight", "bias"), "convs.v": ("weight", "bias"),
+                    "": ("A_log", "dt_bias")}}
+# token mixer -> projections split over heads (column-parallel; "o_proj" is row-parallel) and
+# parameters with a leading head/channel dim that are sharded along it.
+MIXER_PLANS: dict[str, dict] = {
+    "attention": {"colwise": ("q_proj", "k_proj", "v_proj")},
+    "gla": {"colwise": ("q_proj", "k_proj", "v_proj", "gk_proj.1", "g_proj")},
+    "linear_attention": {"colwise": ("q_proj", "k_proj", "v_proj")},
+    "deltanet": _DELTA,
+    "gated_deltanet": _DELTA,
 }
 
 
@@ -58,26 +66,60 @@ def _parallelize_mixer(mixer: nn.Module, name: str, mesh: DeviceMesh, tp: int, l
     if heads % tp or kv_heads % tp:
         raise ValueError(f"layer {layer}: parallel.tp={tp} must divide the {name} mixer's num_heads={heads} "
                          f"and num_kv_heads={kv_heads}")
-    plan = {proj: ColwiseParallel() for proj in MIXER_PLANS[name] if _has(mixer, proj)}
+    spec = MIXER_PLANS[name]
+    plan = {proj: ColwiseParallel() for proj in spec["colwise"] if _has(mixer, proj)}
     plan["o_proj"] = RowwiseParallel()
     parallelize_module(mixer, mesh, plan)
+    for path, params in spec.get("local", {}).items():
+        if path == "" or _has(mixer, path):
+            _shard_and_compute_locally(mixer.get_submodule(path) if path else mixer, params, mesh)
     mixer.num_heads = heads // tp
     if hasattr(mixer, "num_kv_heads"):
         mixer.num_kv_heads = kv_heads // tp
     norm = getattr(mixer, "out_norm", None)
     if norm is not None and any(True for _ in norm.parameters()):
-        _replicate_head_shared(norm, mesh, gated=getattr(mixer, "g_proj", None) is not None)
+        _replicate_head_shared(norm, mesh)
 
 
-def _replicate_head_shared(norm: nn.Module, mesh: DeviceMesh, gated: bool) -> None:
-    """Run the per-head output norm on DTensors: heads sharded (dim 2), weights replicated, so the
-    weights' gradients (partial over heads) are summed across tp."""
+def _replicate_head_shared(norm: nn.Module, mesh: DeviceMesh) -> None:
+    """Run the per-head output norm on DTensors: heads sharded (dim 2 of ``o [B, T, H, V]`` and of the
+    gate ``[B, T, H*V]``), weights replicated, so the weights' gradients (partial over heads) are
+    summed across tp by DTensor."""
     distribute_module(norm, mesh, lambda _name, mod, _mesh: [
         mod.register_parameter(n, nn.Parameter(distribute_tensor(p.data, _mesh, [Replicate()])))
         for n, p in list(mod.named_parameters(recurse=False))])
-    layouts = (Shard(2), Shard(2)) if gated else (Shard(2),)
-    parallelize_module(norm, mesh, PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts))
-    parallelize_module(norm, mesh, PrepareModuleOutput(output_layouts=Shard(2), desired_output_layouts=Shard(2)))
+
+    def to_dtensors(_module, args):
+        return tuple(DTensor.from_local(a, mesh, [Shard(2)], run_check=False) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+
+    norm.register_forward_pre_hook(to_dtensors)
+    norm.register_forward_hook(lambda _module, _args, out: out.to_local())
+
+
+def _shard_and_compute_locally(module: nn.Module, names: tuple[str, ...], mesh: DeviceMesh) -> None:
+    """Shard ``module``'s own parameters ``names`` along dim 0 (heads / channels) as DTensors, and run
+    ``module.forward`` on their local shards (the ops take plain tensors; ``to_local`` passes the
+    gradient back to the shard)."""
+    present = [n for n in names if getattr(module, n, None) is not None]
+    for n in present:
+        param = module._parameters[n]
+        module.register_parameter(n, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)]),
+                                                  requires_grad=param.requires_grad))
+    if not present:
+        return
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        saved = {n: module._parameters[n] for n in present}
+        try:
+            for n, p in saved.items():  # FSDP may have swapped in its unsharded parameter: read it now
+                module._parameters[n] = p.to_local() if isinstance(p, DTensor) else p
+            return inner(*args, **kwargs)
+        finally:
+            module._parameters.update(saved)
+
+    module.forward = forward
 
 
 def _has(module: nn.Module, path: str) -> bool:
