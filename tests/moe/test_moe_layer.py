@@ -182,3 +182,22 @@ def test_bad_inputs_and_ep_divisibility():
         layer(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="kind 'X'"):
         build_channel_mixer("X", C, MoEConfig(), 32)
+
+
+def test_moe_layer_trains_under_bf16_autocast_with_fp32_weights():
+    """The trainer's mixed precision: fp32 parameters, bf16 autocast; output close to the fp32 layer."""
+    import torch
+
+    from linear_moe.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(32, MoEConfig(num_experts=4, top_k=2, expert_hidden_size=32, num_shared_experts=1,
+                                   shared_expert_hidden_size=32, shared_expert_gate=True))
+    x = torch.randn(2, 8, 32)
+    ref, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+        (y.float().pow(2).mean() + aux.loss).backward()
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in layer.parameters())

@@ -108,3 +108,12 @@ def test_generate_from_a_checkpoint_via_the_cli(tmp_path, data_dir, capsys):
     samples = [s.strip() for s in captured.out.split("---") if s.strip()]
     assert len(samples) == 2 and all(s.startswith("And the") for s in samples)
     assert "tokens/s" in captured.err
+
+
+@pytest.mark.parametrize("mixer, pattern", [("attention", "NN"), ("gated_deltanet", "LN")])
+def test_bf16_mixed_precision_trains(tmp_path, data_dir, mixer, pattern):
+    """bf16 autocast with fp32 master weights (the GPU default), exercised on the CPU."""
+    result = train(job_for(tmp_path, data_dir, steps=4, **{"train.run_name": f"bf16-{mixer}", "train.precision": "bf16",
+                                                           "model.mixer": mixer, "model.layer_pattern": pattern}), quiet=True)
+    assert result.step == 4 and all(math.isfinite(x) for x in result.losses)
+    assert math.isfinite(result.eval_loss)

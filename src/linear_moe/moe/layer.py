@@ -102,7 +102,8 @@ class MoELayer(nn.Module):
         else:
             y_sorted = expert_parallel_apply(x_sorted, counts, self.ep_group, self.experts)
         weight = r.topk_weight.reshape(-1)[order].to(y_sorted.dtype)
-        y = torch.zeros_like(flat).index_add_(0, token, y_sorted * weight.unsqueeze(-1))
+        # accumulate in the experts' output dtype (bf16 under autocast, like any linear layer's output)
+        y = flat.new_zeros(flat.shape, dtype=y_sorted.dtype).index_add_(0, token, y_sorted * weight.unsqueeze(-1))
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
