@@ -54,9 +54,8 @@ def reference(cfg: ModelConfig, state, ids, labels, dp: int, clip: float):
 def _full_grad(name, p, cfg, mesh):
     g = p.grad
     g = (g.full_tensor() if isinstance(g, DTensor) else g).clone()  # clone: clipping scales .grad in place
-    if mesh.cfg.ep > 1 and ".experts." in name:  # this rank's slice of the experts
-        per = cfg.moe.num_experts // mesh.cfg.ep
-        return g, slice(mesh.coordinate("ep") * per, (mesh.coordinate("ep") + 1) * per)
+    if ".experts." in name:  # expert weights are DTensors of the full [E, ...] shape, also under ep
+        assert g.shape[0] == cfg.moe.num_experts, (name, tuple(g.shape))
     return g, slice(None)
 
 

@@ -1,6 +1,7 @@
 """Expert parallelism wired to the mesh: every MoE layer's routed experts split over the ``ep`` dim
 of the expert mesh (ranks that also share data parallelism). Token exchange is the MoE layer's own
-all-to-all (``moe.dispatch``); gradients are reduced by FSDP on the expert data-parallel mesh.
+all-to-all (``moe.dispatch``); gradients are reduced by FSDP on the expert data-parallel mesh. The
+expert weights are DTensors sharded over ep (global shape ``[E, ...]``), used as local slices.
 
 Gradient scale. With loss = mean over the W data-parallel ranks, a rank's expert slice receives the
 gradient of its ep group's tokens summed (the all-to-all's backward), and FSDP then averages over
@@ -14,7 +15,10 @@ import functools
 import torch
 from torch import nn
 
+from torch.distributed.tensor import DTensor, Shard
+
 from ..moe import MoELayer
+from .local_shards import shard_parameters
 from .mesh import ParallelMesh
 
 
@@ -37,11 +41,17 @@ def apply_expert_parallel(model: nn.Module, pmesh: ParallelMesh) -> nn.Module:
     group = pmesh.group("ep")
     if group is None:
         return model
-    ep = pmesh.cfg.ep
+    ep, ep_mesh = pmesh.cfg.ep, pmesh.submesh("ep")
     for module in model.modules():
         if isinstance(module, MoELayer):
             module.enable_expert_parallel(group)
-            _scale_weight_grads(module.experts, 1.0 / ep)
+            experts = module.experts
+            # The slices become one DTensor per weight, sharded over ep along the expert dim: its
+            # global shape is the full [E, ...], so checkpoints (DCP) and norms see every expert once.
+            names = [n for n, _ in experts.named_parameters(recurse=False)]
+            shard_parameters(experts, names, ep_mesh, [
+                DTensor.from_local(experts._parameters[n].data, ep_mesh, [Shard(0)], run_check=False) for n in names])
+            _scale_weight_grads(experts, 1.0 / ep)
     return model
 
 

@@ -70,9 +70,9 @@ def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: P
     TP shards, expert slices); returns the total norm (a plain tensor, the same on every rank).
 
     Each DTensor gradient contributes its local shard's ``sum |g|^p``, summed over the mesh dims it is
-    sharded on (replicated dims count once). Routed experts under expert parallelism are slices of
-    one tensor held by the ep ranks, so their sums are also summed over ep. Plain tensors (a single
-    process, or replicated) contribute as they are.
+    sharded on (replicated dims count once; expert weights are DTensors sharded over ep, see
+    ``expert.py``). Plain tensors (a single process, or replicated) contribute as they are.
+    ``mesh`` supplies the pipeline group (stages hold disjoint parameters).
     """
     modules = model if isinstance(model, (list, tuple)) else [model]  # a list: this rank's pipeline stages
     named = [(n, p.grad) for m in modules for n, p in m.named_parameters() if p.grad is not None]
@@ -80,27 +80,23 @@ def clip_grad_norm_(model: nn.Module | list[nn.Module], max_norm: float, mesh: P
         return torch.zeros(())
     if math.isinf(norm_type) or norm_type <= 0:
         raise ValueError(f"clip_grad_norm_: norm_type={norm_type} is not supported; use a finite p > 0 (2.0)")
-    ep_group = mesh.group("ep") if mesh is not None else None
     device = named[0][1].device
-    buckets: dict = {}  # (mesh id, shard dims, expert?) -> [mesh, shard dims, expert?, partial sum]
+    buckets: dict = {}  # (mesh id, shard dims) -> [mesh, shard dims, partial sum]
     for name, g in named:
-        expert = ep_group is not None and ".experts." in name
         if isinstance(g, DTensor):
             local, dmesh = g.to_local(), g.device_mesh
             # _StridedShard (FSDP over TP) does not report is_shard(): count anything not replicated
             dims = tuple(i for i, pl in enumerate(g.placements) if not (pl.is_replicate() or pl.is_partial()))
         else:
             local, dmesh, dims = g, None, ()
-        key = (id(dmesh), dims, expert)
-        bucket = buckets.setdefault(key, [dmesh, dims, expert, torch.zeros((), dtype=torch.float64, device=device)])
-        bucket[3] += local.double().abs().pow(norm_type).sum()
+        key = (id(dmesh), dims)
+        bucket = buckets.setdefault(key, [dmesh, dims, torch.zeros((), dtype=torch.float64, device=device)])
+        bucket[2] += local.double().abs().pow(norm_type).sum()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for dmesh, dims, expert, partial in buckets.values():
+    for dmesh, dims, partial in buckets.values():
         for d in dims:
             if dmesh.size(d) > 1:
                 dist.all_reduce(partial, group=dmesh.get_group(d))
-        if expert:
-            dist.all_reduce(partial, group=ep_group)
         total += partial
     pp_group = mesh.group("pp") if mesh is not None else None
     if pp_group is not None:  # pipeline stages hold disjoint parameters

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .blocks import blocks
+from .local_shards import shard_parameters
 
 _DELTA = {"colwise": ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj"),
           # per-channel / per-head parameters used directly in forward: sharded, computed on locally
@@ -72,7 +73,10 @@ def _parallelize_mixer(mixer: nn.Module, name: str, mesh: DeviceMesh, tp: int, l
     parallelize_module(mixer, mesh, plan)
     for path, params in spec.get("local", {}).items():
         if path == "" or _has(mixer, path):
-            _shard_and_compute_locally(mixer.get_submodule(path) if path else mixer, params, mesh)
+            module = mixer.get_submodule(path) if path else mixer
+            names = [n for n in params if getattr(module, n, None) is not None]
+            shard_parameters(module, names, mesh, [distribute_tensor(module._parameters[n].data, mesh, [Shard(0)])
+                                                   for n in names])
     mixer.num_heads = heads // tp
     if hasattr(mixer, "num_kv_heads"):
         mixer.num_kv_heads = kv_heads // tp
@@ -95,31 +99,6 @@ def _replicate_head_shared(norm: nn.Module, mesh: DeviceMesh) -> None:
 
     norm.register_forward_pre_hook(to_dtensors)
     norm.register_forward_hook(lambda _module, _args, out: out.to_local())
-
-
-def _shard_and_compute_locally(module: nn.Module, names: tuple[str, ...], mesh: DeviceMesh) -> None:
-    """Shard ``module``'s own parameters ``names`` along dim 0 (heads / channels) as DTensors, and run
-    ``module.forward`` on their local shards (the ops take plain tensors; ``to_local`` passes the
-    gradient back to the shard)."""
-    present = [n for n in names if getattr(module, n, None) is not None]
-    for n in present:
-        param = module._parameters[n]
-        module.register_parameter(n, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)]),
-                                                  requires_grad=param.requires_grad))
-    if not present:
-        return
-    inner = module.forward
-
-    def forward(*args, **kwargs):
-        saved = {n: module._parameters[n] for n in present}
-        try:
-            for n, p in saved.items():  # FSDP may have swapped in its unsharded parameter: read it now
-                module._parameters[n] = p.to_local() if isinstance(p, DTensor) else p
-            return inner(*args, **kwargs)
-        finally:
-            module._parameters.update(saved)
-
-    module.forward = forward
 
 
 def _has(module: nn.Module, path: str) -> bool:
