@@ -127,6 +127,7 @@ CASES = {
     "hsdp2x2": ("linear_attention", "", ParallelConfig(dp_replicate=2), 4, True),
     "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2), 4, True),
     "dp4xep2": ("gla", "", ParallelConfig(ep=2), 4, True),
+    "dp2xtp2xep2": ("gla", "LN", ParallelConfig(tp=2, ep=2), 4, True),
     "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2), 4, False),
     "dp2xtp2-deltanet": ("deltanet", "", ParallelConfig(tp=2), 4, True),
     "sp4-mamba2": ("mamba2", "", ParallelConfig(sp=4), 4, False),
