@@ -6,6 +6,7 @@ from the command line. Every unknown key or badly typed value is rejected with a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ class JobConfig:
             (t.precision in ("auto", "fp32", "bf16"), f"train.precision={t.precision!r} must be one of auto, fp32, bf16"),
             (t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be one of auto, cpu, cuda"),
             (t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1"),
+            (not t.wandb_project or importlib.util.find_spec("wandb") is not None,
+             f"train.wandb_project={t.wandb_project!r} needs wandb (pip install wandb), or leave it empty"),
+            (t.activation_checkpointing in ("none", "selective", "full"),
+             f"train.activation_checkpointing={t.activation_checkpointing!r} must be one of none, selective, full"),
         ]
         for ok, msg in checks:
             if not ok:

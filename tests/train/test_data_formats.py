@@ -63,3 +63,12 @@ def test_bad_dataset_paths_are_named(prepared, capsys):
     err = capsys.readouterr().err
     assert "nope" in err and err.count("\n") == 1
     assert not (root / "runs-bad").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_vocab_is_refused(prepared, capsys):
+    root, info = prepared
+    assert main(["train", "--data.dataset", str(root / "a"), "--data.tokenizer", str(info.tokenizer_path),
+                 "--model.vocab_size", "256", "--train.output_dir", str(root / "runs-vocab")]) == 2
+    err = capsys.readouterr().err
+    assert "has 512 ids but model.vocab_size=256" in err and "--model.vocab_size 512" in err
+    assert not (root / "runs-vocab").exists()

@@ -34,6 +34,7 @@ class TrainConfig:
     sample_prompt: str = "The "        # printed sample at the end of training
     sample_tokens: int = 60
     threads: int = 0                   # CPU threads for torch (0: torch's default)
+    wandb_project: str = ""            # also log to Weights & Biases (needs `pip install wandb`)
 
 
 @dataclass

@@ -94,8 +94,9 @@ def open_training_data(job: JobConfig) -> TrainingData:
             blend = BlendedLoader(prefixes, weights, t.seq_len, t.batch_size, t.seed, pack=d.packing, eos_id=tok.eos_id)
     tokenizer = load_tokenizer(tok_path)
     if tokenizer.vocab_size > job.model.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={job.model.vocab_size}; "
-                        f"set --model.vocab_size {tokenizer.vocab_size} or larger")
+        padded = -(-tokenizer.vocab_size // 128) * 128  # a multiple of 128 keeps the LM-head matmuls fast
+        raise DataError(f"the tokenizer {str(tok_path)!r} has {tokenizer.vocab_size} ids but model.vocab_size="
+                        f"{job.model.vocab_size}; set --model.vocab_size {padded} (its size padded to a multiple of 128)")
     batcher = TokenBatcher(train_source, t.seq_len, t.batch_size, t.seed, val_path=default_val_source(train_source))
     tokens = np.asarray(open_source(train_source)[:20_000_000])
     return TrainingData(tokenizer, tok_path, batcher, unigram_entropy(tokens), packing=d.packing, blend=blend)

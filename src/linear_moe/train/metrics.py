@@ -10,8 +10,17 @@ from typing import Any
 class MetricsLogger:
     """Appends ``{"step": ..., **metrics}`` to ``<run>/metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, wandb_project: str = "", config: dict | None = None):
         self.run_dir = Path(run_dir)
+        self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(f"train.wandb_project={wandb_project!r} but wandb is not installed (pip install wandb), "
+                                 "or leave train.wandb_project empty") from None
+            self._wandb = wandb.init(project=wandb_project, name=self.run_dir.name, dir=str(self.run_dir), config=config,
+                                     resume="allow")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self._file = open(self.path, "a")
@@ -28,15 +37,19 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -139,7 +139,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     say(f"# model: {model.num_parameters() / 1e6:.2f}M parameters, {model.num_active_parameters() / 1e6:.2f}M active per token, "
         f"{flops_per_token / 1e6:.1f} MFLOPs per training token; device {device}; run dir {run_dir}"
         + (f"; resuming at step {start_step}" if start_step else ""))
-    logger = MetricsLogger(run_dir)
+    logger = MetricsLogger(run_dir, wandb_project=t.wandb_project, config=job.to_dict())
     result = TrainResult(run_dir=run_dir, step=start_step, unigram_entropy=data.unigram_entropy, skipped_steps=skipped)
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     extra = {"tokenizer.json": data.tokenizer_path}
@@ -204,6 +204,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
                     share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
                     row["expert_load_max_over_mean"] = float((share.max(-1).values * load.shape[-1]).mean())
                 logger.log(step + 1, row)
+                progress.note(format_row(step + 1, row))
             if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < steps:
                 result.eval_loss = evaluate(model, data, t.eval_batches, device, amp)
                 logger.log(step + 1, {"eval_loss": result.eval_loss})
@@ -234,6 +235,21 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             f"checkpoint {result.checkpoint}")
         say("sample:", repr(result.sample))
     return result
+
+
+def format_row(step: int, row: dict) -> str:
+    """One console line per logged step."""
+    parts = [f"step {step}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"grad {row['grad_norm']:.3f}",
+             f"{row['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in row:
+        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    if "peak_memory_gib" in row:
+        parts.append(f"mem {row['peak_memory_gib']:.1f} GiB")
+    if "moe_balance_loss" in row:
+        parts.append(f"balance {row['moe_balance_loss']:.4f}")
+    if "expert_load_max_over_mean" in row:
+        parts.append(f"max/mean expert load {row['expert_load_max_over_mean']:.2f}")
+    return " | ".join(parts)
 
 
 @torch.no_grad()
