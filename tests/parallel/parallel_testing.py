@@ -55,6 +55,12 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120.0):
             rank, status, value = results.get(timeout=timeout)
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
+                try:  # the first failure often only reports a peer's crash: collect the others briefly
+                    while True:
+                        other, _, text = results.get(timeout=3)
+                        errors.append(f"rank {other}:\n{text}")
+                except queue.Empty:
+                    pass
                 break
             outputs[rank] = torch.load(io.BytesIO(value), weights_only=False)
     except queue.Empty:

@@ -14,7 +14,7 @@ from linear_moe.moe.config import MoEConfig
 from linear_moe.parallel.config import ParallelConfig, ParallelOptions
 from linear_moe.parallel.fsdp import clip_grad_norm_
 from linear_moe.parallel.mesh import build_mesh
-from linear_moe.parallel.parallelize import local_batch, parallelize_model
+from linear_moe.parallel.parallelize import local_batch, local_cu_seqlens, parallelize_model
 from parallel_testing import rel_err, run_distributed
 
 VOCAB, BATCH, T, STEPS, LR = 64, 4, 16, 3, 3e-3
@@ -33,14 +33,14 @@ def _shards(batch: torch.Tensor, dp: int, sp: int):
     return batch.chunk(dp, 0)
 
 
-def reference(cfg: ModelConfig, state, ids, labels, dp: int, clip: float):
+def reference(cfg: ModelConfig, state, ids, labels, dp: int, clip: float, cu_seqlens=None):
     """Single process: loss = mean over dp shards of the model's loss (what data parallelism averages)."""
     model = LinearMoEForCausalLM(cfg)
     model.load_state_dict(state)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, grads, norm = [], None, None
     for step in range(STEPS):
-        loss = sum(model(i, labels=l).loss for i, l in zip(ids.chunk(dp), labels.chunk(dp))) / dp
+        loss = sum(model(i, labels=l, cu_seqlens=cu_seqlens).loss for i, l in zip(ids.chunk(dp), labels.chunk(dp))) / dp
         loss.backward()
         if step == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -59,7 +59,7 @@ def _full_grad(name, p, cfg, mesh):
     return g, slice(None)
 
 
-def _worker(rank, world, cfg, pcfg, state, ids, labels, clip, options=None, ac="none"):
+def _worker(rank, world, cfg, pcfg, state, ids, labels, clip, options=None, ac="none", cu_seqlens=None):
     import torch.distributed as dist
 
     mesh = build_mesh(pcfg, world, num_heads=cfg.attention.num_heads, num_experts=cfg.moe.num_experts)
@@ -69,9 +69,10 @@ def _worker(rank, world, cfg, pcfg, state, ids, labels, clip, options=None, ac="
     parallelize_model(model, pcfg, mesh, options=options, activation_checkpointing=ac)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     my_ids, my_labels = local_batch(ids, mesh, options.sp_layout), local_batch(labels, mesh, options.sp_layout)
+    my_cu = local_cu_seqlens(model, cu_seqlens, ids.shape[1])
     losses, grads, norm = [], {}, None
     for step in range(STEPS):
-        loss = model(my_ids, labels=my_labels).loss
+        loss = model(my_ids, labels=my_labels, cu_seqlens=my_cu).loss
         loss.backward()
         if step == 0:
             for n, p in model.named_parameters():
@@ -89,19 +90,24 @@ def _jobs_worker(rank, world, jobs):
     return [_worker(rank, world, *job) for job in jobs]
 
 
-def prepare(mixer, pattern, pcfg, world, aux=True, options=None, ac="none"):
+def prepare(mixer, pattern, pcfg, world, aux=True, options=None, ac="none", packed=False):
     """The single-process run, and the arguments of the distributed one, for one case."""
     cfg = model_config(mixer, pattern, aux)
     gen = torch.Generator().manual_seed(torch.seed())
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     state = LinearMoEForCausalLM(cfg).state_dict()
-    ids = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
-    labels = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
+    shape = (1, BATCH * T) if packed else (BATCH, T)  # packed: one row of documents crossing the sp ranks
+    ids = torch.randint(0, VOCAB, shape, generator=gen)
+    labels = torch.randint(0, VOCAB, shape, generator=gen)
+    cu = None
+    if packed:
+        cuts = torch.unique(torch.randint(1, BATCH * T, (4,), generator=gen))
+        cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([BATCH * T])])
     dp = build_mesh(pcfg, world).dp_size if world == 1 else pcfg.dp_replicate * (
         world // (pcfg.dp_replicate * pcfg.tp * pcfg.pp * pcfg.sp) if pcfg.dp_shard == -1 else pcfg.dp_shard)
     clip = 0.05  # small enough to clip: the clipped update must agree too
-    ref = reference(cfg, state, ids, labels, dp, clip)
-    return ref, (cfg, pcfg, state, ids, labels, clip, options, ac)
+    ref = reference(cfg, state, ids, labels, dp, clip, cu)
+    return ref, (cfg, pcfg, state, ids, labels, clip, options, ac, cu)
 
 
 def compare(case, rank, result, ref):
@@ -114,7 +120,8 @@ def compare(case, rank, result, ref):
     assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4), (case, losses, ref_losses)
 
 
-# id: (mixer, layer pattern, ParallelConfig, world size, aux losses on[, ParallelOptions, activation checkpointing])
+# id: (mixer, layer pattern, ParallelConfig, world size, aux losses on[, ParallelOptions, activation checkpointing,
+#      packed documents])
 CASES = {
     "fsdp2": ("gla", "", ParallelConfig(), 2, True),
     "tp2": ("gla", "LN", ParallelConfig(tp=2), 2, True),
@@ -131,6 +138,7 @@ CASES = {
     "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2), 4, False),
     "dp2xtp2-deltanet": ("deltanet", "", ParallelConfig(tp=2), 4, True),
     "sp4-mamba2": ("mamba2", "", ParallelConfig(sp=4), 4, False),
+    "sp4-packed-hybrid": ("gated_deltanet", "LN", ParallelConfig(sp=4), 4, False, None, "none", True),
 }
 
 

@@ -76,6 +76,21 @@ class Lasp2Handler:
         self.group, self.layout = group, layout
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.enabled = True  # False: the wrapped mixers run locally (e.g. generation on one rank)
+        self.docs: _Documents | None = None
+
+    def set_documents(self, cu_seqlens: Tensor | None, total_len: int) -> Tensor | None:
+        """Declare the packed documents of the current batch (global ``cu_seqlens`` over the full
+        ``total_len`` tokens, batch 1; None: unpacked) and return this rank's local ``cu_seqlens``
+        to pass to the model. Documents may cross rank boundaries."""
+        if cu_seqlens is None:
+            self.docs = None
+            return None
+        if self.layout != "contiguous":
+            raise ValueError(f"packed documents under sequence parallelism need layout='contiguous', got {self.layout!r}")
+        if total_len % self.size:
+            raise ValueError(f"sequence length {total_len} must be divisible by sp={self.size}")
+        self.docs = _Documents(cu_seqlens, self.rank, self.size, total_len // self.size)
+        return self.docs.local_cu
 
     # ---- positions ---------------------------------------------------------------------------------
     def position_map(self, local_len: int, device) -> Tensor:
@@ -88,63 +103,91 @@ class Lasp2Handler:
         return torch.where(t < half, self.rank * half + t, second + t - half)
 
     def global_positions(self, positions: Tensor) -> Tensor:
+        if self.docs is not None:  # position inside its document, which may have begun on an earlier rank
+            return self.docs.pos_in_doc.to(positions.device, positions.dtype).expand(positions.shape)
         return self.position_map(positions.shape[-1], positions.device)[positions.long()].to(positions.dtype)
 
-    def _check(self, op: str, cu_seqlens: Tensor | None, linear: bool = True) -> None:
+    def _check(self, op: str, cu_seqlens: Tensor | None, linear: bool = True, initial_state=None):
+        """The batch's `_Documents` when packed (None otherwise), after checking the call fits."""
+        if (cu_seqlens is None) != (self.docs is None):
+            raise ValueError(f"{op}: under sequence parallelism (sp={self.size}) pass packed documents through "
+                             "handler.set_documents(global cu_seqlens) and give the model the local cu_seqlens it returns")
         if cu_seqlens is not None:
-            raise ValueError(f"{op}: sequence parallelism (sp={self.size}) does not support packed documents "
-                             "(cu_seqlens); use sp=1 or unpacked batches")
+            if not torch.equal(cu_seqlens.long().cpu(), self.docs.local_cu.cpu()):
+                raise ValueError(f"{op}: cu_seqlens {cu_seqlens.tolist()} is not this rank's local view "
+                                 f"{self.docs.local_cu.tolist()} of the documents given to set_documents")
+            if initial_state is not None:
+                raise ValueError(f"{op}: initial states of packed documents are not supported under sequence parallelism")
         if linear and self.layout != "contiguous":
             raise ValueError(f"{op}: a linear recurrence needs layout='contiguous' under sequence parallelism, "
                              f"got layout={self.layout!r} (zigzag suits attention-only models)")
+        return self.docs if cu_seqlens is not None else None
 
     # ---- linear recurrences --------------------------------------------------------------------------
     def gla(self, q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, initial_state=None,
             output_final_state=False, cu_seqlens=None, mode="auto", chunk_size=64, backend=None):
-        self._check("gla", cu_seqlens)
+        docs = self._check("gla", cu_seqlens, initial_state=initial_state)
         B, T, H, K = k.shape
         v_state = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1) if normalize else v
-        state, total = ops.gla_chunk_state(k, v_state, log_decay, chunk_size=chunk_size)
+        s0 = 0 if docs is None else docs.last_start  # the summary is the last document's (piece)
+        g = log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, s0:]
+        state, total = ops.gla_chunk_state(k[:, s0:], v_state[:, s0:], g, chunk_size=chunk_size)
+        if docs is not None and docs.reset_inside:  # a document starts here: nothing earlier passes through
+            total = torch.full_like(total, float("-inf"))
         Vs = state.shape[-1]
         gathered = all_gather(torch.cat([state.flatten(2), total], -1), self.group)
         states = gathered[..., :K * Vs].unflatten(-1, (K, Vs))           # [P, B, H, K, Vs]
         decays = gathered[..., K * Vs:].exp().unsqueeze(-1)              # [P, B, H, K, 1]
         starts = _prefix_states(initial_state, states, lambda j, s: decays[j] * s + states[j])
         with sequence_parallel(None):
-            o, _ = ops.gla(q, k, v, log_decay, bonus=bonus, scale=scale, normalize=normalize,
-                           initial_state=starts[self.rank], mode=mode, chunk_size=chunk_size, backend=backend)
-        return o, (starts[-1] if output_final_state else None)
+            o, final = ops.gla(q, k, v, log_decay, bonus=bonus, scale=scale, normalize=normalize,
+                               initial_state=_first_state(starts[self.rank], docs), cu_seqlens=cu_seqlens,
+                               output_final_state=docs is not None and output_final_state, mode=mode,
+                               chunk_size=chunk_size, backend=backend)
+        return o, ((final if docs is not None else starts[-1]) if output_final_state else None)
 
     def delta_rule(self, q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
                    output_final_state=False, cu_seqlens=None, mode="auto", chunk_size=64, backend=None):
-        self._check("delta_rule", cu_seqlens)
+        docs = self._check("delta_rule", cu_seqlens, initial_state=initial_state)
         K, V = k.shape[-1], v.shape[-1]
-        state, transition = ops.delta_rule_chunk_state(k, v, beta, log_decay, chunk_size=chunk_size)
+        s0 = 0 if docs is None else docs.last_start
+        state, transition = ops.delta_rule_chunk_state(k[:, s0:], v[:, s0:], beta[:, s0:],
+                                                       None if log_decay is None else log_decay[:, s0:],
+                                                       chunk_size=chunk_size)
+        if docs is not None and docs.reset_inside:
+            transition = torch.zeros_like(transition)
         gathered = all_gather(torch.cat([state.flatten(2), transition.flatten(2)], -1), self.group)
         states = gathered[..., :K * V].unflatten(-1, (K, V))             # [P, B, H, K, V]
         trans = gathered[..., K * V:].unflatten(-1, (K, K))              # [P, B, H, K, K]
         starts = _prefix_states(initial_state, states, lambda j, s: trans[j] @ s + states[j])
         with sequence_parallel(None):
-            o, _ = ops.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=starts[self.rank],
-                                  mode=mode, chunk_size=chunk_size, backend=backend)
-        return o, (starts[-1] if output_final_state else None)
+            o, final = ops.delta_rule(q, k, v, beta, log_decay, scale=scale,
+                                      initial_state=_first_state(starts[self.rank], docs), cu_seqlens=cu_seqlens,
+                                      output_final_state=docs is not None and output_final_state, mode=mode,
+                                      chunk_size=chunk_size, backend=backend)
+        return o, ((final if docs is not None else starts[-1]) if output_final_state else None)
 
     def short_conv(self, x, weight, bias=None, *, activation="silu", initial_state=None,
                    output_final_state=False, cu_seqlens=None, backend=None):
-        self._check("short_conv", cu_seqlens)
+        docs = self._check("short_conv", cu_seqlens, initial_state=initial_state)
         W, T = weight.shape[1], x.shape[1]
         if T < W - 1:
             raise ValueError(f"short_conv under sequence parallelism needs at least W-1={W - 1} tokens per rank, got {T}")
         tails = all_gather(x[:, T - (W - 1):], self.group).transpose(-1, -2)   # [P, B, C, W-1]
         first = tails.new_zeros(tails.shape[1:]) if initial_state is None else initial_state.to(tails.dtype)
         start = torch.cat([first.unsqueeze(0), tails[:-1]])[self.rank]  # same graph on every rank (see _prefix_states)
+        if docs is not None:  # only the inputs of the document the shard starts in
+            begin = self.rank * T - (W - 1)
+            keep = (torch.arange(begin, begin + W - 1, device=x.device) >= docs.first_doc_start) & docs.continues
+            start = _first_state(start * keep.to(start.dtype), docs)
         with sequence_parallel(None):
-            y, _ = ops.short_conv(x, weight, bias, activation=activation, initial_state=start, backend=backend)
-        return y, (tails[-1].to(x.dtype) if output_final_state else None)
+            y, final = ops.short_conv(x, weight, bias, activation=activation, initial_state=start, cu_seqlens=cu_seqlens,
+                                      output_final_state=docs is not None and output_final_state, backend=backend)
+        return y, ((final if docs is not None else tails[-1].to(x.dtype)) if output_final_state else None)
 
     # ---- attention (LASP-2H) ------------------------------------------------------------------------
     def causal_attention(self, q, k, v, *, cu_seqlens=None, sliding_window=0, scale=None):
-        self._check("causal_attention", cu_seqlens, linear=False)
+        docs = self._check("causal_attention", cu_seqlens, linear=False)
         B, T, H, D = q.shape
         k_all = all_gather(k, self.group).transpose(0, 1).flatten(1, 2)   # [B, P*T, Hkv, D]
         v_all = all_gather(v, self.group).transpose(0, 1).flatten(1, 2)
@@ -153,12 +196,49 @@ class Lasp2Handler:
         mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
         if sliding_window > 0:
             mask &= (q_pos.unsqueeze(1) - k_pos.unsqueeze(0)) < sliding_window
+        if docs is not None:
+            doc = docs.doc_of(torch.arange(T * self.size, device=q.device))
+            mask &= doc[k_pos].unsqueeze(0) == doc[q_pos].unsqueeze(1)
         groups = H // k.shape[2]
         if groups > 1:
             k_all, v_all = k_all.repeat_interleave(groups, 2), v_all.repeat_interleave(groups, 2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
                                            attn_mask=mask, scale=scale)
         return o.transpose(1, 2)
+
+
+class _Documents:
+    """Packed documents (global ``cu_seqlens``, batch 1) seen from the rank holding tokens
+    ``[rank * T, (rank + 1) * T)``."""
+
+    def __init__(self, cu_seqlens: Tensor, rank: int, size: int, local_len: int):
+        cu = cu_seqlens.long().cpu()
+        if cu[0] != 0 or cu[-1] != local_len * size:
+            raise ValueError(f"cu_seqlens must run from 0 to the sequence length {local_len * size}, got {cu.tolist()}")
+        start, end = rank * local_len, (rank + 1) * local_len
+        inner = cu[(cu > start) & (cu < end)] - start
+        self.cu = cu
+        self.local_cu = torch.cat([torch.zeros(1, dtype=torch.long), inner, torch.tensor([local_len])])
+        self.continues = not bool((cu == start).any())      # the first local token continues a document
+        self.reset_inside = not self.continues or inner.numel() > 0
+        self.last_start = int(self.local_cu[-2])
+        positions = torch.arange(start, end)
+        self.first_doc_start = int(cu[self.doc_of(positions[:1])])
+        self.pos_in_doc = positions - cu[self.doc_of(positions)]
+
+    def doc_of(self, positions: Tensor) -> Tensor:
+        """Document index of each global position."""
+        return torch.searchsorted(self.cu[1:].to(positions.device), positions, right=True)
+
+
+def _first_state(start: Tensor, docs: _Documents | None) -> Tensor:
+    """Initial states for the local documents: ``start`` ``[1, ...]`` for the first one when it continues
+    from the previous rank, zeros otherwise."""
+    if docs is None:
+        return start
+    first = start if docs.continues else start * 0  # not zeros_like: every rank must use the gathered summaries
+    rest = start.new_zeros((docs.local_cu.numel() - 2,) + tuple(start.shape[1:]))
+    return torch.cat([first, rest])
 
 
 def _other(handler: Lasp2Handler, rank: int) -> Lasp2Handler:
@@ -212,6 +292,8 @@ def wrap_mixer(mixer: nn.Module, handler: Lasp2Handler) -> nn.Module:
                              "set handler.enabled = False to run locally")
         with sequence_parallel(handler):
             if token_shift:  # the token before this shard is the previous rank's last one
+                if cu_seqlens is not None:
+                    raise ValueError("rwkv6 under sequence parallelism does not support packed documents yet")
                 handler._check("rwkv6 token shift", cu_seqlens)
                 last = all_gather(x[:, -1], handler.group)
                 state = {"shift": torch.cat([torch.zeros_like(last[:1]), last[:-1]])[handler.rank]}

@@ -48,3 +48,13 @@ def local_batch(batch: torch.Tensor, mesh: ParallelMesh, layout: str = "contiguo
         raise ValueError(f"global batch size {batch.shape[0]} must be divisible by the data-parallel size {dp}")
     rows = batch.chunk(dp, 0)[mesh.dp_rank]
     return shard_sequence(rows, mesh.sp_rank, mesh.cfg.sp, layout) if mesh.cfg.sp > 1 else rows
+
+
+def local_cu_seqlens(model: nn.Module, cu_seqlens: torch.Tensor | None, total_len: int) -> torch.Tensor | None:
+    """Packed documents (batch 1, global ``cu_seqlens`` over ``total_len`` tokens): tell the model's
+    sequence-parallel handler about them and return the ``cu_seqlens`` to pass with this rank's slice
+    (unchanged without sequence parallelism). Call once per batch, before the forward."""
+    handler = getattr(model, "sequence_parallel", None)
+    if handler is None:
+        return cu_seqlens
+    return handler.set_documents(cu_seqlens, total_len)
