@@ -79,25 +79,6 @@ def _sp_worker(rank, world, cases, layout):
     return errors
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_lasp2_every_mixer_matches_single_process(world):
-    gen = torch.Generator().manual_seed(torch.seed())
-    cases = {case: _reference(case, gen) for case in CASES}
-    results = run_distributed(_sp_worker, world, cases, "contiguous", timeout=240)
-    for rank, errors in enumerate(results):
-        for case, errs in errors.items():
-            bad = {k: v for k, v in errs.items() if not v < _tolerance(case)}
-            assert not bad, f"sp={world} rank {rank} {case}: {bad}"
-
-
-def test_lasp2h_zigzag_attention_matches_single_process():
-    gen = torch.Generator().manual_seed(torch.seed())
-    cases = {case: _reference(case, gen) for case in ("attention-gqa",)}
-    for rank, errors in enumerate(run_distributed(_sp_worker, 2, cases, "zigzag", timeout=120)):
-        bad = {k: v for k, v in errors["attention-gqa"].items() if not v < 1e-6}
-        assert not bad, f"zigzag rank {rank}: {bad}"
-
-
 PACKED = ["retention", "mamba2", "gla", "gated_deltanet", "gsa", "based-window", "attention-gqa"]
 
 
@@ -108,11 +89,26 @@ def _random_documents(gen) -> torch.Tensor:
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])])
 
 
+def _jobs_worker(rank, world, jobs):
+    return [_sp_worker(rank, world, cases, layout) for cases, layout in jobs]
+
+
+def _assert_close(world, rank, cases, errors, what):
+    for case, errs in errors.items():
+        bad = {k: v for k, v in errs.items() if not v < _tolerance(case)}
+        assert not bad, f"{what} sp={world} rank {rank} {case} documents {cases[case][-1]}: {bad}"
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_lasp2_packed_documents_across_ranks(world):
+def test_lasp2_every_mixer_matches_single_process(world):
+    """Every mixer on whole sequences, the packed-document subset with documents crossing ranks, and
+    (sp=2) LASP-2H attention on the zigzag layout: one spawned job."""
     gen = torch.Generator().manual_seed(torch.seed())
-    cases = {case: _reference(case, gen, _random_documents(gen)) for case in PACKED}
-    for rank, errors in enumerate(run_distributed(_sp_worker, world, cases, "contiguous", timeout=240)):
-        for case, errs in errors.items():
-            bad = {k: v for k, v in errs.items() if not v < _tolerance(case)}
-            assert not bad, f"sp={world} rank {rank} {case} documents {cases[case][-1].tolist()}: {bad}"
+    jobs = [({case: _reference(case, gen) for case in CASES}, "contiguous"),
+            ({case: _reference(case, gen, _random_documents(gen)) for case in PACKED}, "contiguous")]
+    if world == 2:
+        jobs.append(({"attention-gqa": _reference("attention-gqa", gen)}, "zigzag"))
+    results = run_distributed(_jobs_worker, world, jobs, timeout=300)
+    for rank, per_job in enumerate(results):
+        for (cases, layout), errors in zip(jobs, per_job):
+            _assert_close(world, rank, cases, errors, layout)
