@@ -1,5 +1,5 @@
-"""Mesh sizes and validation (single process), batch slicing helpers, and the mesh's coordinates on
-4 ranks laid out pp × dp_replicate × dp_shard × sp × tp."""
+"""Mesh sizes and validation (single process) and batch slicing helpers (the coordinates on 4 ranks
+are checked in test_parallel_checkpoint.py, whose job already spawns them)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,6 @@ from linear_moe.parallel.config import ParallelConfig
 from linear_moe.parallel.lasp2 import shard_sequence
 from linear_moe.parallel.mesh import build_mesh, resolve_parallel_config
 from linear_moe.parallel.parallelize import local_batch
-from parallel_testing import run_distributed
 
 
 def test_dp_shard_takes_the_rest_of_the_world():
@@ -52,18 +51,3 @@ def test_shard_sequence_layouts_cover_the_sequence():
         shard_sequence(torch.zeros(1, 12), 0, 4, "zigzag")
     with pytest.raises(ValueError, match="layout='ring'"):
         shard_sequence(x, 0, 2, "ring")
-
-
-def _coordinates(rank, world):
-    mesh = build_mesh(ParallelConfig(sp=2, tp=2, ep=2), world)
-    return {d: mesh.coordinate(d) for d in ("dp_replicate", "dp_shard", "sp", "tp", "dp", "edp", "ep")}
-
-
-def test_mesh_coordinates_on_4_ranks():
-    coords = run_distributed(_coordinates, 4, timeout=120)
-    for rank, c in enumerate(coords):
-        # rank = sp * tp_size + tp (pp, dp_replicate, dp_shard all of size 1)
-        assert c["tp"] == rank % 2 and c["sp"] == rank // 2
-        assert c["dp_replicate"] == c["dp_shard"] == c["dp"] == 0
-        # the expert mesh splits dp_shard × sp (= 2 ranks) into edp=1 × ep=2: ep follows sp
-        assert c["ep"] == c["sp"] and c["edp"] == 0
