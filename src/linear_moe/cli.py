@@ -144,7 +144,9 @@ def _train(args, overrides) -> int:
             resume = latest_run(job0.train.output_dir)
         ckpt = resolve_checkpoint(resume)
         config_file = config_file or ckpt / "config.toml"
-    job = build_job_config(args.preset, config_file, overrides).validate()
+    import os
+
+    job = build_job_config(args.preset, config_file, overrides).validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if args.dry_run:
         return _dry_run(job)
     train(job, resume=resume, quiet=args.quiet)
@@ -159,6 +161,7 @@ def _dry_run(job) -> int:
 
     from .model.causal_lm import LinearMoEForCausalLM
     from .train.memory import estimate_memory
+
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     job.validate(world_size=world)

@@ -73,9 +73,11 @@ class TrainingData:
         return self.tokenizer.decode(out[0].tolist())
 
 
-def open_training_data(job: JobConfig) -> TrainingData:
+def open_training_data(job: JobConfig, rank: int = 0, world: int = 1) -> TrainingData:
     """The bundled corpus (prepared once and cached), or prepared token files: one prefix / .bin path, or a
-    weighted blend ``"0.3 prefixA 0.7 prefixB"`` (Megatron's syntax; evaluation uses the first one's split)."""
+    weighted blend ``"0.3 prefixA 0.7 prefixB"`` (Megatron's syntax; evaluation uses the first one's split).
+    ``rank`` of ``world`` data-parallel readers: each gets its slice of the same global batch, so the data
+    seen does not depend on how many ranks share it."""
     d, t = job.data, job.train
     blend = None
     if d.dataset == "default":
@@ -91,12 +93,14 @@ def open_training_data(job: JobConfig) -> TrainingData:
         train_source = prefixes[0]
         if len(prefixes) > 1:
             tok = load_tokenizer(tok_path)
-            blend = BlendedLoader(prefixes, weights, t.seq_len, t.batch_size, t.seed, pack=d.packing, eos_id=tok.eos_id)
+            blend = BlendedLoader(prefixes, weights, t.seq_len, t.batch_size, t.seed, rank=rank, world_size=world,
+                                  pack=d.packing, eos_id=tok.eos_id)
     tokenizer = load_tokenizer(tok_path)
     if tokenizer.vocab_size > job.model.vocab_size:
         padded = -(-tokenizer.vocab_size // 128) * 128  # a multiple of 128 keeps the LM-head matmuls fast
         raise DataError(f"the tokenizer {str(tok_path)!r} has {tokenizer.vocab_size} ids but model.vocab_size="
                         f"{job.model.vocab_size}; set --model.vocab_size {padded} (its size padded to a multiple of 128)")
-    batcher = TokenBatcher(train_source, t.seq_len, t.batch_size, t.seed, val_path=default_val_source(train_source))
+    batcher = TokenBatcher(train_source, t.seq_len, t.batch_size, t.seed, val_path=default_val_source(train_source),
+                           rank=rank, world_size=world)
     tokens = np.asarray(open_source(train_source)[:20_000_000])
     return TrainingData(tokenizer, tok_path, batcher, unigram_entropy(tokens), packing=d.packing, blend=blend)

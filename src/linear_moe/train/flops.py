@@ -48,15 +48,29 @@ def sequence_flops_per_token(model, seq_len: int) -> float:
                 context = min(context, mixer.window)
             total += 4 * mixer.num_heads * mixer.head_dim * context
         else:
-            total += 4 * recurrent_state_size(mixer, model.config.hidden_size)
+            total += 4 * recurrent_state_size(mixer, model.config.hidden_size, model.config, layer.layer_idx)
     return total
 
 
-def recurrent_state_size(mixer: nn.Module, hidden_size: int) -> int:
-    """Elements of the recurrent memory a linear mixer carries per sequence (short-conv buffers excluded)."""
+def recurrent_state_size(mixer: nn.Module, hidden_size: int, config=None, layer_idx: int = 0) -> int:
+    """Elements of the recurrent memory a linear mixer carries per sequence (short-conv buffers excluded).
+    A mixer on the meta device is measured through a CPU copy of itself built from ``config``."""
     cached = getattr(mixer, "_state_size_for_flops", None)
     if cached is not None:
         return cached
+    measured = mixer
+    if any(p.is_meta for p in mixer.parameters()):
+        from ..layers.registry import build_mixer
+
+        with torch.device("cpu"):
+            measured = build_mixer(mixer.mixer_name, hidden_size, config.mixer_options, config.attention,
+                                   layer_idx, config.num_layers)
+    size = _measure_state(measured, hidden_size)
+    mixer._state_size_for_flops = size
+    return size
+
+
+def _measure_state(mixer: nn.Module, hidden_size: int) -> int:
     param = next(mixer.parameters())
     x = torch.zeros(1, 1, hidden_size, dtype=param.dtype, device=param.device)
     was_training = mixer.training
@@ -64,9 +78,7 @@ def recurrent_state_size(mixer: nn.Module, hidden_size: int) -> int:
     with torch.no_grad():
         _, state = mixer(x)
     mixer.train(was_training)
-    size = sum(t.numel() for k, t in _tensors(state) if "conv" not in k and "shift" not in k)
-    mixer._state_size_for_flops = size
-    return size
+    return sum(t.numel() for k, t in _tensors(state) if "conv" not in k and "shift" not in k)
 
 
 def training_flops_per_token(model, seq_len: int) -> float:

@@ -1,0 +1,79 @@
+"""The trainer under torch.distributed (gloo, CPU): each layout's losses equal the one-process run of
+the same global batch, and a real `torchrun` launch of the CLI trains and writes a sharded checkpoint."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+from parallel_testing import run_distributed  # noqa: E402
+
+from linear_moe.config import build_job_config  # noqa: E402
+from linear_moe.data.testing import tiny_dataset  # noqa: E402
+from linear_moe.train.trainer import train  # noqa: E402
+
+BASE = [("model.hidden_size", "32"), ("model.num_layers", "2"), ("model.intermediate_size", "64"),
+        ("model.moe.num_experts", "4"), ("model.moe.expert_hidden_size", "32"), ("model.attention.num_heads", "2"),
+        ("model.moe.aux_loss_coef", "0"), ("model.vocab_size", "512"), ("data.max_chars", "200000"),
+        ("train.seq_len", "32"), ("train.max_steps", "3"), ("train.eval_batches", "2"), ("train.eval_interval", "0"),
+        ("train.log_interval", "1"), ("train.warmup_steps", "1"), ("train.lr", "1e-2")]
+
+CASES = {  # name -> (parallel overrides, model overrides)
+    "fsdp": ([("parallel.dp_shard", "2")], [("model.mixer", "gated_deltanet"), ("model.layer_pattern", "LN")]),
+    "tp": ([("parallel.tp", "2"), ("parallel.dp_shard", "1")], [("model.mixer", "gla"), ("model.layer_pattern", "LN")]),
+    "sp": ([("parallel.sp", "2"), ("parallel.dp_shard", "1")], [("model.mixer", "gated_deltanet"), ("model.layer_pattern", "LN")]),
+    "dp_ep": ([("parallel.dp_shard", "2"), ("parallel.ep", "2")], [("model.mixer", "gated_deltanet"), ("model.layer_pattern", "LN")]),
+}
+
+
+def _job(root: str, name: str, batch: int, extra):
+    return build_job_config(overrides=BASE + list(extra) + [
+        ("train.batch_size", str(batch)), ("train.output_dir", str(Path(root) / "runs")), ("train.run_name", name),
+        ("data.cache_dir", str(Path(root) / "cache"))])
+
+
+def _worker(rank, world, root, case):
+    parallel, model = CASES[case]
+    result = train(_job(root, f"{case}-dist", 2, parallel + model), quiet=True)
+    return result.losses, result.eval_loss, str(result.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tiny_dataset(root / "cache", vocab_size=512, max_chars=200_000)  # build once, before the ranks start
+    return root
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layout_matches_one_process(root, case):
+    parallel, model = CASES[case]
+    dp = 2 if case in ("fsdp", "dp_ep") else 1
+    single = train(_job(str(root), f"{case}-single", 2 * dp, model), quiet=True)
+    results = run_distributed(_worker, 2, str(root), case, timeout=240)
+    (losses0, eval0, ckpt0), (losses1, eval1, _) = results
+    assert losses0 == losses1 and eval0 == eval1  # every rank logs the same averaged numbers
+    assert abs(losses0[0] - single.losses[0]) <= 1e-5 * abs(single.losses[0])
+    for a, b in zip(losses0, single.losses):
+        assert abs(a - b) <= 1e-3 * abs(b), (losses0, single.losses)
+    assert abs(eval0 - single.eval_loss) <= 1e-3 * abs(single.eval_loss)
+    assert (Path(ckpt0) / "dcp" / ".metadata").is_file()
+
+
+def test_torchrun_launches_the_cli(root):
+    """`torchrun --nproc-per-node 2 -m linear_moe train --parallel.tp 2 ...` on CPU (gloo)."""
+    args = []
+    for k, v in BASE + [("parallel.tp", "2"), ("parallel.dp_shard", "1"), ("model.mixer", "gated_deltanet"),
+                        ("model.layer_pattern", "LN"), ("train.batch_size", "2"), ("train.output_dir", str(root / "runs")),
+                        ("train.run_name", "torchrun"), ("data.cache_dir", str(root / "cache"))]:
+        args += [f"--{k}", v]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "linear_moe", "train", "--quiet", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (root / "runs" / "torchrun" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert (root / "runs" / "torchrun" / "checkpoints" / "step_00000003" / "dcp").is_dir()
