@@ -10,7 +10,7 @@ from linear_moe.train.checkpoint import CheckpointError, list_checkpoints, load_
 from linear_moe.train.optim import lr_at
 from linear_moe.train.trainer import train
 
-TINY = [("model.hidden_size", "32"), ("model.num_layers", "2"), ("model.intermediate_size", "64"),
+TINY = [("model.hidden_size", "32"), ("model.num_layers", "2"), ("model.layer_pattern", "LN"), ("model.intermediate_size", "64"),
         ("model.moe.num_experts", "4"), ("model.moe.expert_hidden_size", "32"), ("model.attention.num_heads", "2"),
         ("train.batch_size", "4"), ("train.seq_len", "32"), ("train.eval_batches", "2"), ("train.eval_interval", "0"),
         ("train.log_interval", "2"), ("train.warmup_steps", "2"), ("train.sample_tokens", "8")]
