@@ -127,7 +127,7 @@ def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
         if args.verbose:
             traceback.print_exc()
     finally:
-        del model, opt, x
+        model = opt = x = None  # free the GPU memory before the next configuration
         torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row

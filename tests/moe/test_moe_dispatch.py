@@ -1,7 +1,6 @@
 """Expert parallelism over 2 and 4 gloo processes equals the single-process layer: outputs, expert
 gradients (summed over the ep group's tokens), router and shared-expert gradients (per rank)."""
 import copy
-import dataclasses
 import os
 import socket
 import time

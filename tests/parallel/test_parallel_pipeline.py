@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from linear_moe.model.causal_lm import LinearMoEForCausalLM

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from ..layers.config import AttentionConfig, MixerConfig
+from ..layers.config import AttentionConfig
 from ..moe.config import MoEConfig
 from .config import FAMILIES, ModelConfig
 

@@ -34,6 +34,17 @@ def check_shape(name: str, x: Tensor | None, expected: tuple[int, ...], layout: 
         raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {got}")
 
 
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+    """q, k ``[B, T, H, K]`` and v ``[B, T, H, V]`` → (B, T, H, K, V), or a ValueError naming the bad one."""
+    check_rank("q", q, 4, "[B, T, H, K]")
+    B, T, H, K = q.shape
+    check_shape("k", k, (B, T, H, K), "[B, T, H, K] like q")
+    check_rank("v", v, 4, "[B, T, H, V]")
+    V = v.shape[-1]
+    check_shape("v", v, (B, T, H, V), "[B, T, H, V] with B, T, H of q")
+    return B, T, H, K, V
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(repr(m) for m in MODES)}")

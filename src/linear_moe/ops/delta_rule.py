@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _varlen
-from ._checks import (check_chunk_size, check_cu_seqlens, check_mode, check_rank, check_shape,
+from ._checks import (check_chunk_size, check_qkv, check_cu_seqlens, check_mode, check_shape,
                       compute_dtype, pick_mode, resolve, run_backend)
 from .context import sequence_parallel_handler
 from .delta_rule_chunk import delta_rule_chunk
@@ -36,12 +36,7 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor 
         return sp.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode=mode,
                              chunk_size=chunk_size, backend=backend)
-    check_rank("q", q, 4, "[B, T, H, K]")
-    B, T, H, K = q.shape
-    check_shape("k", k, (B, T, H, K), "[B, T, H, K] like q")
-    check_rank("v", v, 4, "[B, T, H, V]")
-    V = v.shape[-1]
-    check_shape("v", v, (B, T, H, V), "[B, T, H, V] with B, T, H of q")
+    B, T, H, K, V = check_qkv(q, k, v)
     check_shape("beta", beta, (B, T, H), "[B, T, H]")
     if log_decay is not None and (not isinstance(log_decay, Tensor) or tuple(log_decay.shape) != (B, T, H)):
         got = tuple(log_decay.shape) if isinstance(log_decay, Tensor) else type(log_decay).__name__

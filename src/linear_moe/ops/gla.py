@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _varlen
-from ._checks import (check_chunk_size, check_cu_seqlens, check_mode, check_rank, check_shape,
+from ._checks import (check_chunk_size, check_qkv, check_cu_seqlens, check_mode, check_shape,
                       compute_dtype, pick_mode, resolve, run_backend)
 from .context import sequence_parallel_handler
 from .gla_chunk import gla_chunk
@@ -79,12 +79,7 @@ def gla(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None = None, *, bon
 
 
 def _check_gla(q, k, v, log_decay, bonus, normalize, initial_state, cu_seqlens, mode, chunk_size):
-    check_rank("q", q, 4, "[B, T, H, K]")
-    B, T, H, K = q.shape
-    check_shape("k", k, (B, T, H, K), "[B, T, H, K] like q")
-    check_rank("v", v, 4, "[B, T, H, V]")
-    V = v.shape[-1]
-    check_shape("v", v, (B, T, H, V), "[B, T, H, V] with B, T, H of q")
+    B, T, H, K, V = check_qkv(q, k, v)
     kind = decay_kind(log_decay, B, T, H, K)
     check_shape("bonus", bonus, (H, K), "[H, K]")
     n = check_cu_seqlens(cu_seqlens, B, T)
