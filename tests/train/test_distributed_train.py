@@ -77,3 +77,24 @@ def test_torchrun_launches_the_cli(root):
     rows = [json.loads(x) for x in (root / "runs" / "torchrun" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert (root / "runs" / "torchrun" / "checkpoints" / "step_00000003" / "dcp").is_dir()
+
+
+def _resume_worker(rank, world, root, ckpt):
+    job = _job(root, "resume-dist", 2, [("parallel.dp_shard", "2"), ("train.max_steps", "4"), ("model.mixer", "gated_deltanet"),
+                                        ("model.layer_pattern", "LN")])
+    return train(job, resume=ckpt, quiet=True).losses
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(root):
+    """Model and AdamW state saved by one process continue under two FSDP ranks as if nothing changed."""
+    import shutil
+
+    extra = [("train.max_steps", "4"), ("train.ckpt_interval", "2"), ("model.mixer", "gated_deltanet"), ("model.layer_pattern", "LN")]
+    first = train(_job(str(root), "resume-single", 4, extra), quiet=True, stop_after=2)
+    shutil.copytree(first.run_dir, root / "runs" / "resume-copy")
+    reference = train(_job(str(root), "resume-single", 4, extra), resume=first.run_dir / "checkpoints" / "step_00000002", quiet=True)
+    ckpt = root / "runs" / "resume-copy" / "checkpoints" / "step_00000002"
+    losses0, losses1 = run_distributed(_resume_worker, 2, str(root), str(ckpt), timeout=240)
+    assert losses0 == losses1 and len(losses0) == 2
+    for a, b in zip(losses0, reference.losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses0, reference.losses)

@@ -153,24 +153,53 @@ def _load_single(ckpt: Path, model: nn.Module, optimizer, map_location) -> None:
         tensors = load_file(ckpt / "model.safetensors", device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{str(ckpt / 'model.safetensors')!r} is corrupt or unreadable: {e}") from None
+    optim_state = None
+    if optimizer is not None:
+        opt_path = ckpt / "optimizer.pt"
+        if not opt_path.is_file():
+            raise CheckpointError(f"{str(opt_path)!r} is missing; cannot resume the optimizer")
+        try:
+            optim_state = torch.load(opt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors vary; the message names the file either way
+            raise CheckpointError(f"{str(opt_path)!r} is corrupt or unreadable: {e}") from None
     if _distributed() or any(hasattr(p, "device_mesh") for p in model.parameters()):
-        # a sharded model being filled from a one-process checkpoint: let DCP's helpers scatter it
-        set_state_dict(model, [], model_state_dict=tensors, options=_partial())
-        if optimizer is not None:
-            raise CheckpointError(f"{str(ckpt)!r} is a one-process checkpoint; resuming its optimizer under a sharded layout is not supported")
+        _load_single_into_sharded(ckpt, model, optimizer, tensors, optim_state)
         return
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [n for n in missing if not _is_tied(model, n)]
     if missing or unexpected:
         raise CheckpointError(f"{str(ckpt)!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
-        opt_path = ckpt / "optimizer.pt"
-        if not opt_path.is_file():
-            raise CheckpointError(f"{str(opt_path)!r} is missing; cannot resume the optimizer")
         try:
-            optimizer.load_state_dict(torch.load(opt_path, map_location=map_location, weights_only=True))
-        except Exception as e:  # pickle errors vary; the message names the file either way
-            raise CheckpointError(f"{str(opt_path)!r} is corrupt or does not match the optimizer: {e}") from None
+            optimizer.load_state_dict(optim_state)
+        except Exception as e:
+            raise CheckpointError(f"{str(ckpt / 'optimizer.pt')!r} does not match the optimizer: {e}") from None
+
+
+def _load_single_into_sharded(ckpt: Path, model: nn.Module, optimizer, tensors: dict, optim_state: dict | None) -> None:
+    """A one-process checkpoint resumed under FSDP / TP / EP: every rank reads the full tensors and keeps its
+    shards. The optimizer state is saved by parameter index; the optimizer built the same way on the sharded
+    model lists the same parameters in the same order, which gives each index its name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    for name in model.state_dict():
+        if name not in tensors and _is_tied(model, name):  # a tied LM head is stored once, as the embedding
+            tensors[name] = next(tensors[n] for n in tensors if _is_tied(model, n) and n != name)
+    optim_sd = {}
+    if optimizer is not None:
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        saved_groups = optim_state["param_groups"]
+        if len(order) != sum(len(g["params"]) for g in saved_groups) or len(saved_groups) != len(optimizer.param_groups):
+            raise CheckpointError(f"{str(ckpt / 'optimizer.pt')!r} holds the state of a different set of parameters")
+        optim_sd = {"state": {order[i]: st for i, st in optim_state["state"].items()},
+                    "param_groups": [dict(saved, params=[names[id(p)] for p in group["params"]])
+                                     for saved, group in zip(saved_groups, optimizer.param_groups)]}
+    try:
+        set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=tensors,
+                       optim_state_dict=optim_sd, options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{str(ckpt)!r} cannot be loaded into this sharded model: {str(e).splitlines()[0][:300]}") from None
 
 
 def _load_dcp(ckpt: Path, model: nn.Module, optimizer) -> None:
@@ -182,12 +211,6 @@ def _load_dcp(ckpt: Path, model: nn.Module, optimizer) -> None:
         raise CheckpointError(f"{str(ckpt / 'dcp')!r} cannot be loaded into this model: {str(e).splitlines()[0][:300]}") from None
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=payload["model"],
                    optim_state_dict=payload.get("optim", {}))
-
-
-def _partial():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
