@@ -26,6 +26,9 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     GPU and dtype. Probing is the only reliable check.
     """
     key = (device.type, dtype)
+    if torch.compiler.is_compiling():
+        # under torch.compile the fake-tensor kernel of grouped_mm accepts bf16 only, whatever eager supports
+        return dtype == torch.bfloat16 and _grouped_mm is not None
     if key not in _probe_cache:
         ok = _grouped_mm is not None and dtype in _GROUPED_MM_DTYPES
         if ok:
