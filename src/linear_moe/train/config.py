@@ -21,6 +21,7 @@ class TrainConfig:
     precision: str = "auto"            # auto | fp32 | bf16 (auto: bf16 autocast on CUDA, fp32 on CPU)
     device: str = "auto"               # auto | cpu | cuda
     compile: bool = False              # torch.compile each block
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager traces without code generation)
     activation_checkpointing: str = "none"  # none | selective (recompute token mixers) | full (whole blocks)
     max_skipped_steps: int = 10        # steps with a NaN/inf loss or gradient skipped before the run stops
     eval_interval: int = 60           # steps between held-out evaluations (0: only at the end)

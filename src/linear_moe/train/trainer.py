@@ -117,7 +117,7 @@ def build_model(job: JobConfig, device: torch.device, ctx: Distributed) -> Linea
         apply_activation_checkpointing(model, job.train.activation_checkpointing)
     if job.train.compile:
         for block in model.layers:
-            block.compile()
+            block.compile(backend=job.train.compile_backend)
     return model
 
 
