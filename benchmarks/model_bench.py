@@ -85,6 +85,23 @@ def time_steps(model, step_fn, n_warm: int, n_steps: int) -> float:
     return (time.perf_counter() - t0) / n_steps, float(loss)
 
 
+def top_kernels(step_fn, n: int) -> list[list]:
+    """The ``n`` GPU kernels with the most total time over one profiled step: [name, ms, calls]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            ms, calls = per.get(e.name, (0.0, 0))
+            per[e.name] = (ms + e.device_time / 1e3, calls + 1)
+    total = sum(ms for ms, _ in per.values())
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:n]
+    return [["TOTAL", round(total, 2), sum(c for _, c in per.values())]] + [[k[:90], round(ms, 2), c] for k, (ms, c) in top]
+
+
 def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
     B = max(1, tokens_per_step // T)
     row = {"kind": kind, "T": T, "B": B}
@@ -116,6 +133,8 @@ def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
             return out.loss.detach()
 
         dt, loss = time_steps(model, step, args.warmup, args.steps)
+        if T in args.profile_lengths:
+            row["top_kernels"] = top_kernels(step, args.profile_top)
         row.update(tok_s=B * T / dt, step_s=dt, loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    params=sum(p.numel() for p in model.parameters()))
         if ours:
@@ -183,7 +202,10 @@ def main() -> None:
     p.add_argument("--shared-expert", action="store_true", help="add the peer's gated shared expert (same architecture)")
     p.add_argument("--pure-bf16", action="store_true")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--profile-lengths", default="", help="comma list of lengths to profile one step at (top kernels)")
+    p.add_argument("--profile-top", type=int, default=15)
     args = p.parse_args()
+    args.profile_lengths = {int(t) for t in args.profile_lengths.split(",") if t}
     env = environment()
     print(json.dumps(env), flush=True)
     rows = []

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from linear_moe.moe import MoEConfig, MoELayer, SwiGLUMLP  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_bench import environment  # noqa: E402
+from model_bench import environment, top_kernels  # noqa: E402
 
 
 class LoopMoE(torch.nn.Module):
@@ -64,6 +64,7 @@ def bench(fn, x, n_warm=3, n=10) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--profile", action="store_true", help="print the grouped layer's top kernels for one fwd+bwd")
     args = p.parse_args()
     C, E, K, H = 1024, 64, 8, 896
     cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden_size=H, norm_topk_prob=False, aux_loss_coef=0.01)
@@ -82,6 +83,10 @@ def main() -> None:
     result = {"environment": environment(), "shape": {"tokens": args.tokens, "hidden": C, "experts": E, "top_k": K, "expert_width": H},
               "rows": rows, "grouped_vs_dense_flop_rate": vs_dense, "grouped_speedup_vs_loop": vs_loop,
               "targets": {"vs_dense>=0.8": vs_dense >= 0.8, "vs_loop>=5": vs_loop >= 5}}
+    if args.profile:
+        result["top_kernels"] = top_kernels(lambda: moe(x)[0].float().sum().backward(), 25)
+        for name, ms, calls in result["top_kernels"]:
+            print(f"{ms:9.3f} ms {calls:5d}x  {name}")
     print(f"grouped MoE at {vs_dense:.2f}x the dense FLOP rate, {vs_loop:.1f}x faster than the loop")
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
