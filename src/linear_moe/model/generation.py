@@ -1,8 +1,20 @@
 """Autoregressive generation that carries each mixer's state: a linear mixer's recurrent (and
-short-conv) state, an attention layer's KV cache. Each new token costs O(1) in linear layers."""
+short-conv) state, an attention layer's KV cache. Each new token costs O(1) in linear layers.
+
+Prompts of different lengths (a list of prompts) are prefilled one by one, so no mixer ever reads a pad
+token and each row's state is exactly the state of that prompt alone; the rows' states are then stacked
+along the batch and the batch decodes together. Softmax-attention KV caches keep one cache per row (their
+lengths differ), and those layers attend row by row during the decode; linear mixers, MoE layers and the
+LM head run batched. Each row is the same as generating its prompt alone (greedy).
+"""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Sequence
+
 import torch
+
+from ..layers.attention import SoftmaxAttention
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -28,30 +40,143 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """input_ids ``[batch, time]`` (all prompts the same length) → ``[batch, time + new]``.
+def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None,
+             generator: torch.Generator | None = None, stop_check_every: int = 8):
+    """Continue prompts by up to ``max_new_tokens`` tokens.
 
-    The prompt is run once in parallel (prefill) returning every layer's state; each later step feeds one
-    token with the states. Stops early when every row has produced ``eos_id``.
+    ``input_ids`` ``[batch, time]`` (prompts of one length) → ``[batch, time + new]``; rows that produced
+    ``eos_id`` are filled with ``eos_id`` until every row has, then generation stops.
+    ``input_ids`` a list of prompts (1-D token tensors or lists of ints, any lengths) → a list of 1-D
+    tensors, row i = prompt i followed by its new tokens up to and including its first ``eos_id``.
+
+    The decode loop does not wait for the device after each token: sampling stays on the device and the
+    "every row finished" check reads back only every ``stop_check_every`` steps (the extra steps' tokens
+    are cut off, so the result is the same as checking every step).
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, time] with time >= 1, got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if stop_check_every < 1:
+        raise ValueError(f"stop_check_every={stop_check_every} must be >= 1")
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids, states=None, return_states=True, logits_to_keep=1)
-        tokens = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(out.logits[:, -1], temperature, top_p, top_k, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            tokens.append(nxt[:, None])
-            if eos_id is not None and bool(done.all()):
-                break
-            out = model(nxt[:, None], states=out.states, return_states=True)
-        return torch.cat(tokens, dim=1)
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be [batch, time] with time >= 1, got shape {tuple(input_ids.shape)}")
+            out = model(input_ids, states=None, return_states=True, logits_to_keep=1)
+            new = _decode(model, out.logits[:, -1], out.states, max_new_tokens, sampling, eos_id, stop_check_every)
+            return torch.cat([input_ids, new], dim=1)
+        prompts = _as_prompts(input_ids, _device_of(model))
+        if len({len(p) for p in prompts}) == 1:  # one length: one batched prefill, no per-row caches
+            out = model(torch.stack(prompts), states=None, return_states=True, logits_to_keep=1)
+            logits, states = out.logits[:, -1], out.states
+        else:
+            rows = [model(p[None], states=None, return_states=True, logits_to_keep=1) for p in prompts]
+            logits = torch.cat([r.logits[:, -1] for r in rows])
+            states = _stack_rows([r.states for r in rows])
+        with _attention_by_row(model):
+            new = _decode(model, logits, states, max_new_tokens, sampling, eos_id, stop_check_every)
+        return [torch.cat([p, _cut_after_eos(row, eos_id)]) for p, row in zip(prompts, new)]
     finally:
         model.train(was_training)
+
+
+def _decode(model, logits: torch.Tensor, states: list, max_new_tokens: int, sampling: dict, eos_id: int | None,
+            stop_check_every: int) -> torch.Tensor:
+    """From the last prompt logits ``[batch, vocab]`` and states, sample up to ``max_new_tokens`` tokens:
+    ``[batch, new]`` (after every row has produced ``eos_id``, no further columns)."""
+    batch = logits.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, **sampling)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done = done | (nxt == eos_id)
+        tokens.append(nxt)
+        if step == max_new_tokens - 1:
+            break
+        if eos_id is not None and (step + 1) % stop_check_every == 0 and bool(done.all()):
+            break
+        out = model(nxt[:, None], states=states, return_states=True)
+        logits, states = out.logits[:, -1], out.states
+    if not tokens:
+        return logits.new_zeros(batch, 0, dtype=torch.long)
+    new = torch.stack(tokens, dim=1)
+    if eos_id is not None:  # drop the columns sampled after the step where the last row finished
+        finished = (new == eos_id).cummax(dim=1).values.all(dim=0)
+        if bool(finished.any()):
+            new = new[:, : int(finished.nonzero()[0]) + 1]
+    return new
+
+
+def _cut_after_eos(row: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    if eos_id is None:
+        return row
+    hits = (row == eos_id).nonzero()
+    return row if len(hits) == 0 else row[: int(hits[0]) + 1]
+
+
+def _device_of(model) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _as_prompts(prompts, device: torch.device) -> list[torch.Tensor]:
+    out = []
+    for i, p in enumerate(prompts):
+        p = torch.as_tensor(p, dtype=torch.long, device=device)
+        if p.dim() != 1 or p.numel() == 0:
+            raise ValueError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got shape {tuple(p.shape)}")
+        out.append(p)
+    if not out:
+        raise ValueError("generate got an empty list of prompts; give at least one")
+    return out
+
+
+class _Rows(list):
+    """One softmax-attention layer's per-row states (KV caches of different lengths), batch order."""
+
+
+def _stack_rows(rows: list):
+    """Stack per-prompt states (each from a batch-1 call) into one batch state: tensors are concatenated
+    along the batch; a softmax-attention cache (a dict whose ``offset`` is a Python int: the position
+    shared by the whole batch) stays one entry per row."""
+    first = rows[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(rows, dim=0)
+    if isinstance(first, dict):
+        if isinstance(first.get("offset"), int):
+            return _Rows(rows)
+        return {key: _stack_rows([r[key] for r in rows]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return [_stack_rows(list(layer)) for layer in zip(*rows)]
+    raise TypeError(f"cannot stack a decoding state of type {type(first).__name__}")
+
+
+@contextmanager
+def _attention_by_row(model):
+    """While active, a softmax-attention module given a ``_Rows`` state runs once per batch row, each
+    row with its own cache (the module's own forward, so the result is the single-prompt result)."""
+    patched = [m for m in model.modules() if isinstance(m, SoftmaxAttention)]
+    for module in patched:
+        module.forward = _by_row(type(module).forward.__get__(module))
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+
+
+def _by_row(forward):
+    def run(x: torch.Tensor, state=None, cu_seqlens: torch.Tensor | None = None):
+        if not isinstance(state, _Rows):
+            return forward(x, state, cu_seqlens)
+        outs = [forward(x[i:i + 1], row_state, cu_seqlens) for i, row_state in enumerate(state)]
+        return torch.cat([y for y, _ in outs]), _Rows(s for _, s in outs)
+
+    return run
