@@ -1,7 +1,7 @@
 """``linear-moe``: the command line. Each verb maps to one module; errors are one line and exit 2.
 
     linear-moe train [--config FILE] [--preset NAME] [--resume [PATH]] [--dry-run] [--section.field VALUE ...]
-    linear-moe generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
+    linear-moe generate --checkpoint DIR [--prompt TEXT ...] [--prompt-file FILE] [--max-new-tokens N] [--temperature T]
     linear-moe prepare-data --input FILES --tokenizer DIR --output PREFIX [--text-field F] [--workers N]
     linear-moe convert from-hf --input HF_DIR --output DIR [--mixer gdn] [--layer-pattern LLLN...]
     linear-moe convert to-hf --input CHECKPOINT --output DIR
@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar or config print")
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
-    g.add_argument("--prompt", default="The ", help="text to continue")
+    g.add_argument("--prompt", action="append", help="text to continue (repeat for several prompts, batched together)")
+    g.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -190,6 +191,16 @@ def _generate(args, overrides) -> int:
     from .train.checkpoint import load_checkpoint, resolve_checkpoint
     from .train.trainer import pick_device
 
+    texts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            return _fail(f"--prompt-file {args.prompt_file!r} cannot be read: {e.strerror}")
+    texts = texts or ["The "]
+    if args.num_samples < 1:
+        return _fail(f"--num-samples={args.num_samples} must be >= 1")
     ckpt = resolve_checkpoint(args.checkpoint)
     job = build_job_config(config_file=ckpt / "config.toml", overrides=overrides)
     device = pick_device(args.device)
@@ -197,20 +208,24 @@ def _generate(args, overrides) -> int:
     load_checkpoint(ckpt, model)
     model.to(device).eval()
     tok = load_tokenizer(ckpt / "tokenizer.json")
-    ids = tok.encode(args.prompt)
-    if not ids:
-        return _fail("the prompt encodes to no tokens; give a non-empty --prompt")
-    x = torch.tensor([ids] * args.num_samples, device=device)
+    prompts = []
+    for i, text in enumerate(texts):
+        ids = tok.encode(text)
+        if not ids:
+            return _fail(f"prompt {i + 1} ({text!r}) encodes to no tokens; give non-empty prompts")
+        prompts += [ids] * args.num_samples
     gen = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         eos_id=tok.eos_id, generator=gen)
+    # prompts of different lengths are batched: each is prefilled alone, then all decode together
+    rows = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, eos_id=tok.eos_id, generator=gen)
     dt = time.perf_counter() - t0
-    new = (out.shape[1] - x.shape[1]) * out.shape[0]
-    for row in out.tolist():
-        print(tok.decode(row))
+    new = sum(len(row) - len(ids) for row, ids in zip(rows, prompts))
+    for row in rows:
+        print(tok.decode(row.tolist()))
         print("---")
-    print(f"# {new} tokens in {dt:.2f}s ({new / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    print(f"# {len(rows)} sequences, {new} new tokens in {dt:.2f}s ({new / max(dt, 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
     return 0
 
 
