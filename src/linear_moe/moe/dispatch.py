@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .permute import permute
 from .router import expert_counts
 
 
@@ -76,8 +77,10 @@ def expert_parallel_apply(x_sorted: torch.Tensor, counts: torch.Tensor, group,
     recv_splits = recv_counts.view(world, e_local).sum(1).tolist()
     x_recv = all_to_all(x_sorted, recv_splits, send_splits, group)   # [m, C], by source rank then local expert
     local_ids = torch.arange(e_local, device=counts.device).repeat(world)
-    row_expert = torch.repeat_interleave(local_ids, recv_counts)
+    row_expert = torch.repeat_interleave(local_ids, recv_counts, output_size=x_recv.shape[0])
     perm = torch.argsort(row_expert, stable=True)                   # regroup by local expert
-    y_local = local_experts(x_recv[perm], recv_counts.view(world, e_local).sum(0))
-    y_recv = y_local[torch.argsort(perm)]
+    inv_perm = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    # one-to-one regrouping: gathers both ways (index backward would scatter with atomics)
+    y_local = local_experts(permute(x_recv, perm, inv_perm), recv_counts.view(world, e_local).sum(0))
+    y_recv = permute(y_local, inv_perm, perm)
     return all_to_all(y_recv, send_splits, recv_splits, group)

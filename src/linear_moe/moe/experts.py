@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .swiglu import swiglu
+
 # Recent torch (2.11 and 2.13 here) has the public F.grouped_mm; older builds only torch._grouped_mm (same kernels).
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,16 +116,20 @@ class GroupedExperts(nn.Module):
             else:
                 nn.init.normal_(w, std=std)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        gate_w, up_w, down_w = self.gate_proj, self.up_proj, self.down_proj
-        if torch.is_autocast_enabled(x.device.type):
-            # grouped_mm is not an autocast op: cast like nn.Linear would, or fp32 master weights would
-            # send mixed-precision training down the slow per-expert loop.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, gate_w, up_w, down_w = x.to(dtype), gate_w.to(dtype), up_w.to(dtype), down_w.to(dtype)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, C] sorted by expert, counts [E], row_weight [n] (routing weight of each row, folded into the
+        SwiGLU so the caller's combine is a plain sum) or None -> [n, C].
+
+        Saved for backward: x, the gate and up outputs and the SwiGLU output (the down projection's input).
+        """
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        # grouped_mm is not an autocast op: cast like nn.Linear would (fp32 master weights would otherwise
+        # send mixed-precision training down the slow per-expert loop); weights already in dtype: no copy
+        x, gate_w, up_w, down_w = (t if t.dtype == dtype else t.to(dtype)
+                                   for t in (x, self.gate_proj, self.up_proj, self.down_proj))
         gate = grouped_linear(x, gate_w, counts, self.backend)
         up = grouped_linear(x, up_w, counts, self.backend)
-        return _ContiguousGrad.apply(grouped_linear(F.silu(gate) * up, down_w, counts, self.backend))
+        return _ContiguousGrad.apply(grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend))
 
     def shard(self, rank: int, world: int) -> "GroupedExperts":
         """A copy holding only experts ``[rank * E / world, (rank + 1) * E / world)`` (for expert parallelism)."""

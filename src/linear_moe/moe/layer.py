@@ -13,6 +13,7 @@ from .config import MoEConfig
 from .dispatch import expert_parallel_apply, sort_by_expert
 from .experts import GroupedExperts
 from .mlp import SwiGLUMLP
+from .permute import combine, dispatch, inverse_order, permute
 from .router import Router, expert_counts, load_balancing_loss, router_z_loss
 
 
@@ -94,16 +95,21 @@ class MoELayer(nn.Module):
         cfg, k = self.cfg, self.cfg.top_k
 
         r = self.router(flat)
-        order, counts, dropped = sort_by_expert(r.topk_idx, cfg.num_experts, self.capacity(flat.shape[0]))
-        token = order // k
-        x_sorted = flat[token]
+        n_slots = r.topk_idx.numel()
+        capacity = self.capacity(flat.shape[0])
+        order, counts, dropped = sort_by_expert(r.topk_idx, cfg.num_experts, capacity)
+        slot_to_row = inverse_order(order, n_slots)
+        if torch.is_autocast_enabled(flat.device.type):  # cast the N token rows, not the N * k copies
+            flat = flat.to(torch.get_autocast_dtype(flat.device.type))
+        x_sorted = dispatch(flat, order, slot_to_row, k)
         if self.ep_size == 1:
-            y_sorted = self.experts(x_sorted, counts)
+            # the routing weight rides into the experts' SwiGLU, so the combine is a plain sum
+            row_weight = permute(r.topk_weight.reshape(-1), order, slot_to_row)
+            y = combine(self.experts(x_sorted, counts, row_weight), order, slot_to_row, k)
         else:
+            # the experts' forward is wrapped by parallel/expert.py (gradient scaling): it sees rows only
             y_sorted = expert_parallel_apply(x_sorted, counts, self.ep_group, self.experts)
-        weight = r.topk_weight.reshape(-1)[order].to(y_sorted.dtype)
-        # accumulate in the experts' output dtype (bf16 under autocast, like any linear layer's output)
-        y = flat.new_zeros(flat.shape, dtype=y_sorted.dtype).index_add_(0, token, y_sorted * weight.unsqueeze(-1))
+            y = combine(y_sorted, order, slot_to_row, k, r.topk_weight)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
@@ -113,7 +119,8 @@ class MoELayer(nn.Module):
         balance = load_balancing_loss(r.probs, r.topk_idx, cfg.num_experts, seq_len if cfg.seq_aux_loss else None)
         z = router_z_loss(r.logits)
         balance_scaled, z_scaled = cfg.aux_loss_coef * balance, cfg.z_loss_coef * z
-        tokens_per_expert = expert_counts(r.topk_idx, cfg.num_experts).float()
+        # counted before dropping; dropless: the sort's counts are exactly that
+        tokens_per_expert = (counts if capacity is None else expert_counts(r.topk_idx, cfg.num_experts)).float()
         dropped_fraction = dropped.float() / r.topk_idx.numel()
         aux = MoEAux(balance_scaled + z_scaled, balance, z, balance_scaled, z_scaled, tokens_per_expert, dropped_fraction)
         self.last_stats = {"tokens_per_expert": tokens_per_expert, "dropped_fraction": dropped_fraction,

@@ -1,0 +1,134 @@
+"""Triton kernels for the MoE layer's memory-bound steps: the SwiGLU (forward and backward, with the routing
+weight folded in) and the gather-sum that combines each token's ``k`` expert rows.
+
+Imported lazily (only for CUDA tensors, or by tests under ``TRITON_INTERPRET=1`` on CPU), so the package
+imports without Triton. The pure-PyTorch forms in ``swiglu.py`` and ``permute.py`` are the references.
+Every kernel reads 16-bit or fp32 inputs, computes in fp32 and writes the output dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_fwd_kernel(g_ptr, u_ptr, w_ptr, h_ptr, M, H, stride_g, stride_u, stride_h,
+                       HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols[None, :] < H)
+    r64 = rows.to(tl.int64)[:, None]
+    g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    if HAS_W:
+        w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        h = h * w[:, None]
+    tl.store(h_ptr + r64 * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_ptr, M, H,
+                       stride_g, stride_u, stride_dh, stride_dg, stride_du, n_hblocks,
+                       HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid_h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols[None, :] < H)
+    r64 = rows.to(tl.int64)[:, None]
+    g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    a = g * s
+    if HAS_W:
+        w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        # one partial row sum per H block; the caller adds the (few) blocks: deterministic, no atomics
+        tl.store(dw_ptr + rows.to(tl.int64) * n_hblocks + pid_h, tl.sum(dh * a * u, axis=1), mask=rmask)
+        dh = dh * w[:, None]
+    du = dh * a
+    dg = dh * u * s * (1.0 + g * (1.0 - s))
+    tl.store(dg_ptr + r64 * stride_dg + cols[None, :], dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + r64 * stride_du + cols[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, n_src, C, stride_src, stride_out,
+                       K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for j in tl.static_range(K):
+        r = tl.load(idx_ptr + t * K + j).to(tl.int64)
+        v = tl.load(src_ptr + r * stride_src + cols, mask=cmask & (r < n_src), other=0.0).to(tl.float32)
+        if HAS_W:
+            v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
+        acc += v
+    tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def _block(n: int, cap: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), cap)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # the kernels index rows by stride and columns densely
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``silu(gate) * up (* weight[:, None])``: gate, up [M, H], weight [M] or None -> [M, H] in gate's dtype."""
+    gate, up = _rows(gate), _rows(up)
+    m, h = gate.shape
+    out = torch.empty((m, h), device=gate.device, dtype=gate.dtype)
+    if m == 0:
+        return out
+    bh = _block(h, 1024)
+    bm = max(1, 2048 // bh)
+    grid = (triton.cdiv(m, bm), triton.cdiv(h, bh))
+    _swiglu_fwd_kernel[grid](gate, up, weight if weight is not None else gate, out, m, h,
+                             gate.stride(0), up.stride(0), out.stride(0),
+                             HAS_W=weight is not None, BLOCK_M=bm, BLOCK_H=bh)
+    return out
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor):
+    """Gradients of ``swiglu_forward``: -> (grad_gate [M, H], grad_up [M, H], grad_weight [M] fp32 or None)."""
+    gate, up, grad = _rows(gate), _rows(up), _rows(grad)
+    m, h = gate.shape
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    bh = _block(h, 1024)
+    bm = max(1, 2048 // bh)
+    n_hblocks = triton.cdiv(h, bh)
+    dw = torch.empty((m, n_hblocks), device=gate.device, dtype=torch.float32) if weight is not None else None
+    if m == 0:
+        return dg, du, None if dw is None else dw.sum(1)
+    grid = (triton.cdiv(m, bm), n_hblocks)
+    _swiglu_bwd_kernel[grid](gate, up, weight if weight is not None else gate, grad, dg, du,
+                             dw if dw is not None else gate, m, h,
+                             gate.stride(0), up.stride(0), grad.stride(0), dg.stride(0), du.stride(0), n_hblocks,
+                             HAS_W=weight is not None, BLOCK_M=bm, BLOCK_H=bh)
+    return dg, du, None if dw is None else dw.sum(1)
+
+
+def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j weight[t, j] * src[index[t, j]]`` where rows ``index >= len(src)`` count as zero.
+
+    src [n, C], index [N, k] int64, weight [N, k] or None (all ones) -> [N, C] in src's dtype.
+    """
+    src = _rows(src)
+    index = index.contiguous()
+    n_tok, k = index.shape
+    c = src.shape[1]
+    out = torch.empty((n_tok, c), device=src.device, dtype=src.dtype)
+    if n_tok == 0 or c == 0:
+        return out
+    bc = _block(c, 2048)
+    grid = (n_tok, triton.cdiv(c, bc))
+    _gather_sum_kernel[grid](src, index, weight.contiguous() if weight is not None else src, out, src.shape[0], c,
+                             src.stride(0), out.stride(0), K=k, HAS_W=weight is not None, BLOCK_C=bc)
+    return out
