@@ -1,0 +1,59 @@
+"""The per-mixer benchmark's dry run on the CPU: every row measured or its error recorded, JSON written."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import mixer_bench  # noqa: E402
+
+TINY = ["--device", "cpu", "--tiny", "--lengths", "16,32", "--tokens", "32", "--steps", "1", "--warmup", "1"]
+
+
+def test_tiny_dry_run_measures_each_mixer_against_attention(tmp_path, capsys):
+    rows = mixer_bench.main(TINY + ["--mixers", "gated_deltanet,attention,mamba2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "mixer_bench.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert [(r["mixer"], r["T"], r["B"]) for r in rows] == [
+        ("attention", 16, 2), ("attention", 32, 1), ("gated_deltanet", 16, 2), ("gated_deltanet", 32, 1),
+        ("mamba2", 16, 2), ("mamba2", 32, 1)]  # attention first: the reference of every ratio
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["tok_s"] == pytest.approx(r["B"] * r["T"] / (r["ms"] / 1e3))
+        assert r["vs_attention"] == pytest.approx(r["tok_s"] / next(
+            a["tok_s"] for a in rows if a["mixer"] == "attention" and a["T"] == r["T"]))
+    by_mixer = {r["mixer"]: r["backend"] for r in rows}
+    assert by_mixer["gated_deltanet"] == "delta_rule:torch, short_conv:torch"  # the CPU runs the torch forms
+    assert by_mixer["mamba2"] == "gla:torch, short_conv:torch"
+    assert by_mixer["attention"] == "torch (SDPA)"
+    assert "ms fwd+bwd" in capsys.readouterr().out
+
+
+def test_a_failing_mixer_keeps_the_table(tmp_path, monkeypatch, capsys):
+    real = mixer_bench.build_mixer
+
+    def flaky(name, *a):
+        if name == "gla":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(name, *a)
+
+    monkeypatch.setattr(mixer_bench, "build_mixer", flaky)
+    rows = mixer_bench.main(TINY + ["--lengths", "16", "--mixers", "gla,linear_attention", "--out", str(tmp_path)])
+    assert "out of memory" in rows[0]["error"] and rows[0]["mixer"] == "gla"
+    assert "ms" in rows[1] and "error" not in rows[1]
+    assert "ERROR RuntimeError('CUDA out of memory" in capsys.readouterr().out
+
+
+def test_spent_budget_skips_and_bad_names_are_refused(tmp_path):
+    rows = mixer_bench.main(TINY + ["--mixers", "gla", "--budget-s", "0", "--out", str(tmp_path)])
+    assert all(r["error"] == "skipped: --budget-s spent" for r in rows) and len(rows) == 2
+    with pytest.raises(SystemExit):
+        mixer_bench.main(TINY + ["--mixers", "not_a_mixer", "--out", str(tmp_path)])
+
+
+def test_every_registered_mixer_runs_in_the_dry_run(tmp_path):
+    rows = mixer_bench.main(["--device", "cpu", "--tiny", "--lengths", "16", "--tokens", "16", "--steps", "1",
+                             "--warmup", "1", "--out", str(tmp_path)])
+    assert {r["mixer"] for r in rows} == set(mixer_bench.available_mixers())
+    assert [r for r in rows if "error" in r] == []
