@@ -1,0 +1,334 @@
+"""Decode speed of the A0.3B-2B preset (Qwen2-MoE flavour) at long context: pure Gated DeltaNet (a recurrent
+state per layer) against all-softmax attention (a KV cache per layer), bf16 weights, in one run.
+
+    python benchmarks/decode_bench.py [--contexts 1024,8192,32768] [--kinds gdn,attention] [--batch 1]
+                                      [--new-tokens 128] [--warmup 8] [--prefill-chunk 0] [--cuda-graph]
+    python benchmarks/decode_bench.py --device cpu --tiny      # a dry run of the same code on a tiny model
+
+For each context length: prefill a random prompt (the linear model optionally chunk by chunk, carrying its
+states), then time ``--new-tokens`` one-token steps with CUDA events, one event per step and no host
+synchronisation inside the loop (greedy sampling stays on the device). Reports per-token latency (median,
+p90), decode tokens/s, prefill time, and issue 8's targets: the linear model's latency flat from the shortest
+to the longest context (within ±15%) and ≥ 3× faster than softmax attention at the longest context.
+
+``--cuda-graph`` captures the linear model's whole one-token step (forward, argmax, state update) in one CUDA
+graph; attention's cache grows every step (new shapes), so it always runs eagerly. Note: the attention layer
+appends to its KV cache with ``torch.cat`` (a copy of the cache per step), as ``model.generate`` does.
+
+Writes ``$OUT/decode_bench.json`` (or ``benchmarks/results/``), rewritten after every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from linear_moe.layers.config import AttentionConfig  # noqa: E402
+from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
+from linear_moe.model.config import ModelConfig  # noqa: E402
+from linear_moe.moe.config import MoEConfig  # noqa: E402
+from mixer_bench import Timer, environment  # noqa: E402
+
+KINDS = {"gdn": ("gated_deltanet", "L"), "attention": ("attention", "N")}  # name -> (mixer, layer letter)
+FLAT_TOLERANCE = 0.15   # issue 8: per-token latency flat within ±15% from the shortest to the longest context
+SPEEDUP_TARGET = 3.0    # issue 8: ≥ 3× the softmax model's decode speed at the longest context
+
+
+def model_config(kind: str, tiny: bool) -> ModelConfig:
+    mixer, letter = KINDS[kind]
+    if tiny:
+        return ModelConfig(base_model="qwen2", vocab_size=256, hidden_size=64, num_layers=2, mixer=mixer,
+                           layer_pattern=letter * 2, intermediate_size=96, attention=AttentionConfig(num_heads=2),
+                           moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=32))
+    return ModelConfig.from_preset("A0.3B-2B", base_model="qwen2", mixer=mixer, layer_pattern=letter * 12)
+
+
+def build_model(kind: str, args, device: torch.device) -> LinearMoEForCausalLM:
+    with torch.device(device):  # initialise on the device: 2B parameters are slow to fill on the host
+        model = LinearMoEForCausalLM(model_config(kind, args.tiny))
+    return model.to(dtype=args.dtype).eval()
+
+
+def _map_states(fn, a, b=None):
+    """Apply ``fn`` to every tensor of a (nested list / dict) decoding state, pairwise with ``b`` if given."""
+    if isinstance(a, torch.Tensor):
+        return fn(a) if b is None else fn(a, b)
+    if isinstance(a, dict):
+        return {k: _map_states(fn, v, None if b is None else b[k]) for k, v in a.items()}
+    if isinstance(a, (list, tuple)):
+        return [_map_states(fn, v, None if b is None else b[i]) for i, v in enumerate(a)]
+    return a  # ints (attention's offset) are the same for every row
+
+
+def _cat_rows(rows: list):
+    """States of batch-1 prefills (same length) → one batch state (tensors concatenated along dim 0)."""
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(rows)
+    if isinstance(first, dict):
+        return {k: _cat_rows([r[k] for r in rows]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [_cat_rows(list(layer)) for layer in zip(*rows)]
+    return first
+
+
+def prefill(model, prompt: torch.Tensor, chunk: int):
+    """Run the prompt ``[batch, context]`` row by row (bounded activation memory at long context), each
+    row in chunks of ``chunk`` tokens when > 0 (states carried). Returns (last logits ``[batch, vocab]``,
+    states)."""
+    logits, states = [], []
+    for row in prompt.split(1):
+        step = chunk if chunk > 0 else row.shape[1]
+        state = None
+        for start in range(0, row.shape[1], step):
+            out = model(row[:, start:start + step], states=state, return_states=True, logits_to_keep=1)
+            state = out.states
+        logits.append(out.logits[:, -1])
+        states.append(state)
+    return torch.cat(logits), _cat_rows(states)
+
+
+def decode_eager(model, token: torch.Tensor, states, steps: int, events: list | None = None):
+    """``steps`` greedy one-token steps from ``token`` ``[batch]``; returns (tokens ``[batch, steps]``, states).
+    With ``events`` (steps + 1 CUDA events) records one before the loop and one after each step."""
+    out_tokens = []
+    if events:
+        events[0].record()
+    for i in range(steps):
+        out = model(token[:, None], states=states, return_states=True)
+        states = out.states
+        token = out.logits[:, -1].argmax(-1)  # on the device: no host sync per token
+        out_tokens.append(token)
+        if events:
+            events[i + 1].record()
+    return torch.stack(out_tokens, 1), states
+
+
+class StaticDecode:
+    """The one-token step writing into fixed buffers: forward, argmax into ``self.token``, the new states
+    copied into ``self.states``. Fixed addresses make it capturable: with ``cuda_graph`` the whole step is
+    one CUDA graph replay (the linear model only: an attention cache grows every step). ``step()`` returns
+    the new token ``[batch]`` (a view of the static buffer)."""
+
+    def __init__(self, model, token: torch.Tensor, states, cuda_graph: bool = False, warmup: int = 3):
+        self.model, self.graph = model, None
+        self.token = token[:, None].clone()
+        self.states = _map_states(torch.clone, states)
+        if cuda_graph:
+            start_token, start_states = self.token.clone(), _map_states(torch.clone, self.states)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # kernels autotune and allocate outside the capture
+                for _ in range(warmup):
+                    self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._body()
+            # the warm-up advanced the buffers: start again from the given token and states
+            self.token.copy_(start_token)
+            _map_states(lambda old, new: old.copy_(new), self.states, start_states)
+
+    def _body(self) -> None:
+        out = self.model(self.token, states=self.states, return_states=True)
+        _map_states(lambda old, new: old.copy_(new), self.states, out.states)
+        self.token.copy_(out.logits[:, -1:].argmax(-1))
+
+    def step(self) -> torch.Tensor:
+        if self.graph is None:
+            self._body()
+        else:
+            self.graph.replay()
+        return self.token[:, 0]
+
+
+def run_one(model, kind: str, context: int, args, device: torch.device) -> dict:
+    row = {"kind": kind, "context": context, "batch": args.batch}
+    prompt = states = graph = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        prompt = torch.randint(0, model.config.vocab_size, (args.batch, context), device=device)
+        chunk = args.prefill_chunk if kind != "attention" else 0  # attention's chunked prefill needs a dense mask
+        with Timer(device) as t:
+            logits, states = prefill(model, prompt, chunk)
+        row["prefill_ms"] = t.ms
+        token = logits.argmax(-1)
+        if args.warmup:  # warm the kernels and the allocator
+            tokens, states = decode_eager(model, token, states, args.warmup)
+            token = tokens[:, -1]
+        if args.cuda_graph and kind != "attention" and device.type == "cuda":
+            try:
+                want, _ = decode_eager(model, token, states, 4)
+                graph = StaticDecode(model, token, states, cuda_graph=True)
+                got = torch.stack([graph.step().clone() for _ in range(4)], 1)
+                row["cuda_graph"] = True
+                row["cuda_graph_matches_eager"] = bool(torch.equal(got, want))  # same kernels: same tokens
+                token = got[:, -1]
+            except Exception as e:  # capture is best effort: fall back to eager decoding
+                row["cuda_graph_error"] = repr(e)[:300]
+                graph = None
+                torch.cuda.synchronize()
+        latencies = time_decode(model, token, states, graph, args.new_tokens, device)
+        latencies.sort()
+        median = statistics.median(latencies)
+        row.update(latency_ms=median, latency_p90_ms=latencies[int(0.9 * (len(latencies) - 1))],
+                   latency_mean_ms=statistics.fmean(latencies), tok_s=args.batch * 1e3 / statistics.fmean(latencies),
+                   steps=len(latencies))
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    except Exception as e:  # record and go on: an OOM at 32K must not lose the rest of the table
+        row["error"] = repr(e)[:400]
+        if args.verbose:
+            traceback.print_exc()
+    finally:
+        prompt = states = graph = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def time_decode(model, token, states, graph: StaticDecode | None, steps: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``steps`` one-token steps."""
+    if device.type != "cuda":  # the CPU dry run: wall clock per step
+        out = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            token, states = decode_eager(model, token, states, 1)
+            token = token[:, 0]
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    if graph is None:
+        decode_eager(model, token, states, steps, events)
+    else:
+        events[0].record()
+        for i in range(steps):
+            graph.step()
+            events[i + 1].record()
+    torch.cuda.synchronize()
+    return [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
+
+
+def summarize(rows: list[dict], contexts: list[int]) -> dict:
+    """Flatness of each kind (latency at the longest / the shortest context) and the speed-up of each
+    linear kind over attention at the longest context, against issue 8's targets."""
+    lat = {(r["kind"], r["context"]): r["latency_ms"] for r in rows if "latency_ms" in r}
+    lo, hi = min(contexts), max(contexts)
+    out = {"flat_tolerance": FLAT_TOLERANCE, "speedup_target": SPEEDUP_TARGET, "kinds": {}}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        entry = {}
+        if (kind, lo) in lat and (kind, hi) in lat:
+            entry["flatness"] = lat[(kind, hi)] / lat[(kind, lo)]
+            entry["flat_met"] = abs(entry["flatness"] - 1) <= FLAT_TOLERANCE
+        if kind != "attention" and (kind, hi) in lat and ("attention", hi) in lat:
+            entry["speedup_vs_attention"] = lat[("attention", hi)] / lat[(kind, hi)]
+            entry["speedup_met"] = entry["speedup_vs_attention"] >= SPEEDUP_TARGET
+        out["kinds"][kind] = entry
+    return out
+
+
+def table(rows: list[dict], summary: dict) -> str:
+    lines = [f"{'kind':10s} {'context':>8s} {'B':>3s} {'ms/token':>9s} {'p90':>7s} {'tokens/s':>9s} {'prefill ms':>11s} "
+             f"{'peak GiB':>9s}"]
+    for r in rows:
+        if "latency_ms" in r:
+            peak = f"{r['peak_gib']:9.2f}" if r.get("peak_gib") is not None else "        -"
+            graph = "  (cuda graph)" if r.get("cuda_graph") else ""
+            lines.append(f"{r['kind']:10s} {r['context']:8d} {r['batch']:3d} {r['latency_ms']:9.3f} {r['latency_p90_ms']:7.3f} "
+                         f"{r['tok_s']:9.1f} {r['prefill_ms']:11.1f} {peak}{graph}")
+        else:
+            lines.append(f"{r['kind']:10s} {r['context']:8d} {r['batch']:3d}  ERROR {r['error'][:90]}")
+    for kind, e in summary["kinds"].items():
+        if "flatness" in e:
+            lines.append(f"{kind}: latency at longest / shortest context = {e['flatness']:.3f} "
+                         f"(target 1 ± {FLAT_TOLERANCE}: {'met' if e['flat_met'] else 'NOT met'})")
+        if "speedup_vs_attention" in e:
+            lines.append(f"{kind}: {e['speedup_vs_attention']:.2f}x attention's decode speed at the longest context "
+                         f"(target >= {SPEEDUP_TARGET}x: {'met' if e['speedup_met'] else 'NOT met'})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", default="", help="comma list of context lengths (default 1024,8192,32768; --tiny 16,64)")
+    p.add_argument("--kinds", default="gdn,attention", help=f"comma list of {', '.join(KINDS)}")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=0, help="timed decode steps (default 128; --tiny 4)")
+    p.add_argument("--warmup", type=int, default=8, help="untimed decode steps first")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="prefill the linear model in chunks of this many tokens (0: at once)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the linear model's one-token step in a CUDA graph")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model of width 64 and short contexts: a CPU dry run")
+    p.add_argument("--out", default="", help="output folder (default $OUT, else benchmarks/results/)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.contexts = [int(c) for c in (args.contexts or ("16,64" if args.tiny else "1024,8192,32768")).split(",") if c]
+    args.new_tokens = args.new_tokens or (4 if args.tiny else 128)
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in args.kinds if k not in KINDS]
+    if bad:
+        p.error(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}")
+    for name in ("batch", "new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.warmup < 0 or args.prefill_chunk < 0 or min(args.contexts, default=0) < 1:
+        p.error("--warmup and --prefill-chunk must be >= 0 and every context >= 1")
+    args.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    return args
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available; use --device cpu --tiny for a dry run")
+    env = environment(device)
+    print(json.dumps(env), flush=True)
+    out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def save() -> dict:
+        summary = summarize(rows, args.contexts)
+        saved_args = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()}
+        (out / "decode_bench.json").write_text(json.dumps(
+            {"environment": env, "args": saved_args, "rows": rows, "summary": summary}, indent=1))
+        return summary
+
+    for kind in args.kinds:
+        model = None
+        try:
+            model = build_model(kind, args, device)
+            for context in args.contexts:
+                rows.append(run_one(model, kind, context, args, device))
+                save()
+        except Exception as e:  # the model itself did not build (OOM): record it for every context
+            rows += [{"kind": kind, "context": c, "batch": args.batch, "error": repr(e)[:400]} for c in args.contexts
+                     if not any(r["kind"] == kind and r["context"] == c for r in rows)]
+        finally:
+            model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    summary = save()
+    print()
+    print(table(rows, summary))
+    print(f"\nwrote {out / 'decode_bench.json'}")
+    return {"rows": rows, "summary": summary}
+
+
+if __name__ == "__main__":
+    main()
