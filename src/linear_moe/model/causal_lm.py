@@ -36,6 +36,9 @@ class LinearMoEForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # ``(x [batch, time, hidden], head weight, labels [batch, time]) -> loss``; parallel/ may set one
+        # (e.g. tensor parallelism's vocab-parallel loss), which then replaces the logits path.
+        self.lm_loss_fn = None
         self.init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -82,7 +85,9 @@ class LinearMoEForCausalLM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         loss = lm_loss = logits = None
-        if labels is not None and not return_logits:
+        if labels is not None and self.lm_loss_fn is not None:  # set by parallel/ (vocab-parallel loss); no logits
+            lm_loss = self.lm_loss_fn(x, self.lm_head.weight, labels)
+        elif labels is not None and not return_logits:
             lm_loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
         else:
             logits = self.lm_head(x)
