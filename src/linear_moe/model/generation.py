@@ -163,13 +163,17 @@ def _attention_by_row(model):
     """While active, a softmax-attention module given a ``_Rows`` state runs once per batch row, each
     row with its own cache (the module's own forward, so the result is the single-prompt result)."""
     patched = [m for m in model.modules() if isinstance(m, SoftmaxAttention)]
+    previous = [vars(m).get("forward") for m in patched]  # an instance-level forward someone else set
     for module in patched:
-        module.forward = _by_row(type(module).forward.__get__(module))
+        module.forward = _by_row(module.forward)
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward  # back to the class's forward
+        for module, before in zip(patched, previous):
+            if before is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = before
 
 
 def _by_row(forward):
