@@ -3,7 +3,8 @@ in bf16 autocast at several sequence lengths with a fixed number of tokens per s
 the softmax ``attention`` mixer, in one run.
 
     python benchmarks/mixer_bench.py [--mixers all] [--lengths 2048,8192,32768] [--tokens 32768]
-                                     [--steps 5] [--warmup 2] [--budget-s 900] [--profile-lengths 32768]
+                                     [--steps 5] [--warmup 2] [--budget-s 480] [--mode auto]
+                                     [--profile-lengths 32768]
     python benchmarks/mixer_bench.py --device cpu --tiny      # a dry run of the same code on tiny shapes
 
 Columns: ms per fwd+bwd step, tokens/s, speed relative to ``attention`` at the same T (> 1: faster), peak
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -102,12 +104,12 @@ def describe_backends(mixer: str, seen: dict) -> str:
     return ", ".join(f"{op}:{'/'.join(sorted(names))}" for op, names in sorted(seen.items()))
 
 
-def layer_setup(tiny: bool) -> tuple[int, ModelConfig]:
-    """(hidden size, model config whose mixer / attention options the layers read)."""
+def layer_setup(tiny: bool, mode: str = "auto") -> ModelConfig:
+    """The model config whose width, mixer options and attention options the layers read."""
     cfg = ModelConfig.from_preset("A0.3B-2B")
     if tiny:
         cfg = ModelConfig(hidden_size=64, num_layers=cfg.num_layers, attention=AttentionConfig(num_heads=2, qkv_bias=True))
-    return cfg.hidden_size, cfg
+    return dataclasses.replace(cfg, mixer_options=dataclasses.replace(cfg.mixer_options, mode=mode))
 
 
 def run_one(mixer: str, T: int, args, cfg: ModelConfig, device: torch.device, seconds_left: float) -> dict:
@@ -193,8 +195,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=0, help="tokens per step (default 32768; --tiny 128); B = tokens / T")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (fewer if the budget is short)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--budget-s", type=float, default=900.0, help="wall-clock budget for the whole table; "
-                   "configurations past it are recorded as skipped")
+    p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for the whole table (a device "
+                   "command may run 10 minutes); configurations past it are recorded as skipped")
+    p.add_argument("--mode", default="auto", choices=["auto", "chunk", "fused_recurrent"],
+                   help="MixerConfig.mode of every linear mixer")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="hidden 64, 2 heads, short lengths: a CPU dry run")
     p.add_argument("--profile-lengths", default="", help="comma list of lengths to record the top GPU kernels at")
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available; use --device cpu --tiny for a dry run")
-    _, cfg = layer_setup(args.tiny)
+    cfg = layer_setup(args.tiny, args.mode)
     env = environment(device)
     print(json.dumps(env), flush=True)
     out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
