@@ -54,6 +54,9 @@ def cases() -> dict[str, tuple]:
         "based-window": ("based", "sp", False, {"based_window": 3}),
         "retention-groupnorm": ("retention", "heads", False, {"output_norm": "groupnorm"}),
         "gla-tied": ("gla", "sp", True, {}),
+        "gsa-conv": ("gsa", "heads", False, {"use_short_conv": True}),
+        "hgrn2-conv": ("hgrn2", "vocab", False, {"use_short_conv": True}),
+        "mamba2-noconv-nogate": ("mamba2", "heads", False, {"use_short_conv": False, "use_output_gate": False}),
         "gated_deltanet-sp-replicated-vocab": ("gated_deltanet", "sp-replicated-vocab", False, {}),
     })
     return out
@@ -117,12 +120,15 @@ def _layer_outputs_worker(rank, world, seed):
     import torch.distributed as dist
     dist.all_reduce(x2.grad)  # each rank holds its vocabulary slice's part of dL/dx
     errors = {"loss": rel_err(loss, ref), "dx": rel_err(x2.grad, x.grad), "dw": rel_err(w_local.grad, w.grad.chunk(world)[rank])}
-    torch.manual_seed(seed)
-    model = LinearMoEForCausalLM(model_config("gla")).double()
-    ids = torch.randint(0, VOCAB, (BATCH, T))
-    ref_logits = model(ids).logits
-    apply_tensor_parallel(model, mesh.submesh("tp"), vocab_parallel=True, sequence_parallel=True)
-    errors["logits"] = rel_err(model(ids).logits, ref_logits)
+    for mixer, sp in (("gla", True), ("mamba2", False)):
+        torch.manual_seed(seed)
+        model = LinearMoEForCausalLM(model_config(mixer)).double().eval()
+        ids = torch.randint(0, VOCAB, (BATCH, T))
+        ref_logits, ref_tokens = model(ids).logits, model.generate(ids, 3)
+        apply_tensor_parallel(model, mesh.submesh("tp"), vocab_parallel=True, sequence_parallel=sp)
+        errors[f"logits-{mixer}"] = rel_err(model(ids).logits, ref_logits)
+        if not sp:  # decoding one token at a time, each rank's heads carrying their own states
+            errors[f"generate-{mixer}"] = float(not torch.equal(model.generate(ids, 3), ref_tokens))
     return errors
 
 

@@ -100,7 +100,7 @@ class _LocalParams:
     module's code should see for the duration of a call."""
 
     def __init__(self, root: nn.Module, plan: dict, ctx: _Context):
-        self.ctx, self.entries = ctx, []
+        self.ctx, self.entries, self.indices = ctx, [], {}
         for path, p in list(root.named_parameters()):
             owner_path, _, name = path.rpartition(".")
             owner = root.get_submodule(owner_path)
@@ -117,7 +117,10 @@ class _LocalParams:
         if p.requires_grad and torch.is_grad_enabled():
             p = grad_all_reduce(p, self.ctx.group)  # used on this rank's heads / tokens only
         if isinstance(how, Pick):
-            p = p.index_select(how.dim, index_tensor(how, p.device))
+            key = (how, p.device)
+            if key not in self.indices:  # built once per device (no host-to-device copy per call)
+                self.indices[key] = index_tensor(how, p.device)
+            p = p.index_select(how.dim, self.indices[key])
         return p
 
     @contextlib.contextmanager
