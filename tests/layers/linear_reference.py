@@ -9,11 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-
-def _w(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().double() for n, p in module.named_parameters()}
+from layer_testing import causal_conv, float64_params
 
 
 def _lin(x, w):
@@ -30,21 +27,6 @@ def _sigmoid(x):
 
 def _softplus(x):
     return torch.log1p(torch.exp(x))
-
-
-def _causal_conv(x, w, b=None):
-    """y_t = silu(Σ_i w[:, i] x_{t-W+1+i} + b), zeros before the start. x [B, T, C], w [C, W]."""
-    B, T, C = x.shape
-    W = w.shape[1]
-    y = torch.zeros_like(x)
-    for t in range(T):
-        for i in range(W):
-            s = t - W + 1 + i
-            if s >= 0:
-                y[:, t] += w[:, i] * x[:, s]
-    if b is not None:
-        y = y + b
-    return _silu(y)
 
 
 def _heads(x, H):
@@ -108,7 +90,7 @@ def _linear_scan(q, k, v, decay=None, scale=1.0, normalize=False):
 
 
 def ref_linear_attention(m, x, feature_map="elu", normalize=False):
-    w, B, T = _w(m), x.shape[0], x.shape[1]
+    w = float64_params(m)
     H, KVH = m.num_heads, m.num_kv_heads
     q = _feature(feature_map, _heads(_lin(x, w["q_proj.weight"]), H))
     k = _rep(_feature(feature_map, _heads(_lin(x, w["k_proj.weight"]), KVH)), H // KVH)
@@ -134,7 +116,7 @@ def _rope(x, theta=10000.0):
 
 
 def ref_retention(m, x, norm="rmsnorm", gate_fn="swish"):
-    w, H = _w(m), m.num_heads
+    w, H = float64_params(m), m.num_heads
     q = _rope(_heads(_lin(x, w["q_proj.weight"]), H))
     k = _rope(_heads(_lin(x, w["k_proj.weight"]), H))
     v = _heads(_lin(x, w["v_proj.weight"]), H)
@@ -146,7 +128,7 @@ def ref_retention(m, x, norm="rmsnorm", gate_fn="swish"):
 
 
 def ref_lightning(m, x, layer_idx, num_layers):
-    w, H = _w(m), m.num_heads
+    w, H = float64_params(m), m.num_heads
     assert H & (H - 1) == 0, "reference slopes written for a power-of-two head count"
     slopes = [2.0 ** (-8.0 * (h + 1) / H) for h in range(H)]
     ratio = 1 - layer_idx / (num_layers - 1) + 1e-5
@@ -160,7 +142,7 @@ def ref_lightning(m, x, layer_idx, num_layers):
 
 
 def ref_gla(m, x, gated=True):
-    w, H, KVH = _w(m), m.num_heads, m.num_kv_heads
+    w, H, KVH = float64_params(m), m.num_heads, m.num_kv_heads
     q = _heads(_lin(x, w["q_proj.weight"]), H)
     k = _rep(_heads(_lin(x, w["k_proj.weight"]), KVH), H // KVH)
     v = _rep(_heads(_lin(x, w["v_proj.weight"]), KVH), H // KVH)
@@ -173,12 +155,12 @@ def ref_gla(m, x, gated=True):
 
 
 def ref_deltanet(m, x, gated=False, short_conv=True, gate_fn="swish"):
-    w, H = _w(m), m.num_heads
+    w, H = float64_params(m), m.num_heads
     B, T, _ = x.shape
 
     def branch(n):
         y = _lin(x, w[f"{n}_proj.weight"])
-        return _causal_conv(y, w[f"convs.{n}.weight"]) if short_conv else _silu(y)
+        return causal_conv(y, w[f"convs.{n}.weight"]) if short_conv else _silu(y)
 
     q, k = _l2(_heads(branch("q"), H)), _l2(_heads(branch("k"), H))
     v = _heads(branch("v"), H)
@@ -200,11 +182,11 @@ def ref_deltanet(m, x, gated=False, short_conv=True, gate_fn="swish"):
 
 
 def ref_mamba2(m, x, gated=True):
-    w = _w(m)
+    w = float64_params(m)
     H, G, N, P = m.num_heads, m.num_groups, m.state_size, m.head_dim
     B, T, _ = x.shape
     xbc = torch.cat([_lin(x, w["x_proj.weight"]), _lin(x, w["bc_proj.weight"])], -1)
-    xbc = _causal_conv(xbc, w["conv.weight"], w["conv.bias"])
+    xbc = causal_conv(xbc, w["conv.weight"], w["conv.bias"])
     xs = xbc[..., :H * P].reshape(B, T, H, P)
     Bm = xbc[..., H * P:H * P + G * N].reshape(B, T, G, N)
     Cm = xbc[..., H * P + G * N:].reshape(B, T, G, N)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layer_testing import float64_params, generator, jittered
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
-
-
-def jittered(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def taylor_kernel(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -31,7 +25,7 @@ def rebased_kernel(gamma: torch.Tensor, beta: torch.Tensor):
 
 def reference(layer, x: torch.Tensor, kernel) -> torch.Tensor:
     x = x.double()
-    W = {n: p.detach().double() for n, p in layer.named_parameters()}
+    W = float64_params(layer)
     B, T, _ = x.shape
     H, d, V = layer.num_heads, layer.feature_dim, layer.head_v_dim
     q = (x @ W["q_proj.weight"].T).view(B, T, H, d)
@@ -47,7 +41,7 @@ def reference(layer, x: torch.Tensor, kernel) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["based", "rebased"])
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
 def test_matches_kernel_definition(name, mode):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = generator()
     cfg = MixerConfig(head_dim=4, mode=mode, chunk_size=4)
     # ReBased's normaliser Σ (q̃·k̃)² can come close to 0 while its features are O(1), so fp32 rounding
     # is amplified on rare draws (~1e-4); it is checked in float64 (the ops run fp64 as fp64). Based's
@@ -73,7 +67,7 @@ def test_default_feature_dim_is_the_papers():
 def window_softmax_reference(attn, x: torch.Tensor, window: int) -> torch.Tensor:
     """Sliding-window causal softmax attention with half-split RoPE, float64, token by token."""
     x = x.double()
-    P = {n: p.detach().double() for n, p in attn.named_parameters()}
+    P = float64_params(attn)
     B, T, _ = x.shape
     H, D = attn.num_heads, attn.head_dim
     inv_freq = attn.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
@@ -97,7 +91,7 @@ def window_softmax_reference(attn, x: torch.Tensor, window: int) -> torch.Tensor
 
 
 def test_based_window_branch_adds_sliding_window_softmax_attention():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = generator()
     cfg = MixerConfig(head_dim=4, based_window=3, chunk_size=4)
     layer = jittered(build_mixer("based", 12, cfg, AttentionConfig(num_heads=3), 0, 1), g)
     x = torch.randn(2, 8, 12, generator=g)

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linear_moe.layers import AttentionConfig, MixerConfig
 from linear_moe.layers.common import (
-    OutputNormGate, RMSNorm, ShortConvolution, choose, l2_norm, merge_heads, op_backend, op_mode,
-    repeat_heads, split_heads,
+    OutputNormGate, RMSNorm, ShortConvolution, ShortConvQKV, choose, grouped_qkv, l2_norm, merge_heads, op_backend,
+    op_mode, op_options, op_run_options, qkv_projections, repeat_heads, resolve_dims, short_conv_enabled, split_heads,
 )
 from linear_moe.layers.feature_maps import FEATURE_MAPS, feature_map
 
@@ -134,3 +135,95 @@ def test_short_convolution_state_and_packing():
     torch.testing.assert_close(packed[:, :4], y1)
     torch.testing.assert_close(packed[:, 4:], conv(x[:, 4:])[0])
     assert states.shape == (2, 6, 2)
+
+
+def test_resolve_dims():
+    att = AttentionConfig(num_heads=4)
+    assert resolve_dims(32, MixerConfig(), att, "m") == (4, 4, 8, 8)
+    assert resolve_dims(32, MixerConfig(num_heads=2, expand_k=0.5, expand_v=2), att, "m") == (2, 2, 8, 32)
+    assert resolve_dims(32, MixerConfig(head_dim=3), att, "m", default_head_k_dim=16) == (4, 4, 3, 8)
+    assert resolve_dims(32, MixerConfig(), att, "m", default_head_k_dim=16).head_k_dim == 16
+    assert resolve_dims(32, MixerConfig(num_kv_heads=2), att, "m", grouped_kv=True) == (4, 2, 8, 8)
+    for cfg, kw, match in [(MixerConfig(num_kv_heads=2), {}, "m: num_kv_heads=2 is not supported"),
+                           (MixerConfig(num_kv_heads=3), {"grouped_kv": True}, "num_kv_heads=3 must"),
+                           (MixerConfig(expand_v=0.3), {}, "m: hidden_size \\* expand_v=9.6"),
+                           (MixerConfig(expand_k=0.1), {}, "expand_k"),
+                           (MixerConfig(head_dim=-1), {}, "head_dim=-1")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_dims(32, cfg, att, "m", **kw)
+
+
+def test_op_options():
+    assert op_options(MixerConfig(mode="fused_chunk", backend="torch", chunk_size=16), "m") == ("chunk", "torch", 16)
+    with pytest.raises(ValueError, match="m: chunk_size=0"):
+        op_options(MixerConfig(chunk_size=0), "m")
+    mixer = torch.nn.Module()
+    mixer.mode, mixer.chunk_size, mixer.backend = "chunk", 8, None
+    assert op_run_options(mixer, 5) == dict(mode="chunk", chunk_size=8, backend=None)
+    assert op_run_options(mixer, 1)["mode"] == "recurrent"  # a decoding step
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "default"), (None, "default"), (True, True), (False, False),
+                                            ("true", True), ("False", False), ("AUTO", "default")])
+def test_short_conv_enabled(value, expected):
+    for default in (True, False):
+        want = default if expected == "default" else expected
+        assert short_conv_enabled(MixerConfig(use_short_conv=value), default, "m") is want
+
+
+def test_short_conv_enabled_rejects_other_values():
+    for bad in ("yes", 1, "on"):
+        with pytest.raises(ValueError, match=f"m: use_short_conv={bad!r} is not supported"):
+            short_conv_enabled(MixerConfig(use_short_conv=bad), True, "m")
+
+
+@pytest.mark.parametrize("container", [None, "convs"])
+def test_short_conv_qkv_registers_on_the_owner_and_runs_each_branch(container):
+    g = _gen()
+    owner = torch.nn.Module()
+    convs = ShortConvQKV(owner, {"q": 4, "k": 4, "v": 6}, enabled=True, conv_size=3, activation="silu",
+                         container=container, mixer="m")
+    names = {n for n, _ in owner.named_parameters()}
+    expected = {f"convs.{b}.weight" for b in "qkv"} if container else {f"{b}_conv.weight" for b in "qkv"}
+    assert names == expected
+    with torch.no_grad():
+        for p in owner.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    xs = [torch.randn(2, 5, w, generator=g) for w in (4, 4, 6)]
+    state0 = {f"conv_{b}": torch.randn(2, w, 2, generator=g) for b, w in zip("qkv", (4, 4, 6))}
+    new_state: dict = {}
+    ys = convs(owner, xs, state0, new_state, None)
+    for b, x, y in zip("qkv", xs, ys):
+        ref, ref_state = convs.conv(owner, b)(x, state0[f"conv_{b}"])
+        assert torch.equal(y, ref) and torch.equal(new_state[f"conv_{b}"], ref_state)
+    assert set(new_state) == {"conv_q", "conv_k", "conv_v"}
+
+
+def test_short_conv_qkv_off_registers_nothing_and_applies_the_fallback():
+    owner = torch.nn.Module()
+    convs = ShortConvQKV(owner, {"q": 4, "f": 4}, enabled=False, conv_size=4, activation=None, fallback=F.silu,
+                         container="convs")
+    assert list(owner.parameters()) == [] and owner.convs is None
+    x = torch.randn(1, 3, 4)
+    new_state: dict = {}
+    q, f = convs(owner, [x, -x], None, new_state, None)
+    assert torch.equal(q, F.silu(x)) and torch.equal(f, F.silu(-x)) and new_state == {}
+    plain = ShortConvQKV(torch.nn.Module(), {"q": 4}, enabled=False, conv_size=4, activation=None)
+    assert plain(owner, [x], None, new_state, None)[0] is x
+
+
+def test_grouped_qkv_repeats_key_value_heads_over_query_groups():
+    g = _gen()
+    mixer = torch.nn.Module()
+    mixer.num_heads, mixer.num_kv_heads = 4, 2
+    mixer.q_proj, mixer.k_proj, mixer.v_proj = qkv_projections(6, 4 * 3, 2 * 3, 2 * 5)
+    assert [p.bias for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj)] == [None] * 3
+    x = torch.randn(2, 7, 6, generator=g)
+    q, k, v = grouped_qkv(mixer, x, torch.exp)
+    assert q.shape == k.shape == (2, 7, 4, 3) and v.shape == (2, 7, 4, 5)
+    torch.testing.assert_close(q, torch.exp(x @ mixer.q_proj.weight.T).view(2, 7, 4, 3))
+    kv_k = torch.exp(x @ mixer.k_proj.weight.T).view(2, 7, 2, 3)
+    kv_v = (x @ mixer.v_proj.weight.T).view(2, 7, 2, 5)
+    for h in range(4):  # query head h reads key/value head h // 2
+        torch.testing.assert_close(k[:, :, h], kv_k[:, :, h // 2])
+        torch.testing.assert_close(v[:, :, h], kv_v[:, :, h // 2])

@@ -5,37 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layer_testing import causal_conv, float64_params, generator, jittered
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
-
-
-def jittered(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return module
-
-
-def short_conv_ref(x: torch.Tensor, weight: torch.Tensor, silu: bool) -> torch.Tensor:
-    """y_t = Σ_j w[:, j] x_{t - (W-1) + j}, zero before the start; x ``[T, C]``, weight ``[C, W]``."""
-    T, W = x.shape[0], weight.shape[1]
-    padded = torch.cat([x.new_zeros(W - 1, x.shape[1]), x])
-    y = torch.stack([(padded[t:t + W] * weight.T).sum(0) for t in range(T)])
-    return y * torch.sigmoid(y) if silu else y
 
 
 def gsa_reference(layer, x: torch.Tensor) -> torch.Tensor:
     """x ``[B, T, C]`` → y ``[B, T, C]`` in float64, one token at a time."""
     x = x.double()
-    W = {n: p.detach().double() for n, p in layer.named_parameters()}
+    W = float64_params(layer)
     H, K, V, M = layer.num_heads, layer.head_k_dim, layer.head_v_dim, layer.num_slots
     silu = lambda t: t * torch.sigmoid(t)  # noqa: E731
     out = []
     for b in range(x.shape[0]):
         q, k, v = x[b] @ W["q_proj.weight"].T, x[b] @ W["k_proj.weight"].T, x[b] @ W["v_proj.weight"].T
         if layer.use_short_conv:
-            q = short_conv_ref(q, W["q_conv.weight"], True)
-            k = short_conv_ref(k, W["k_conv.weight"], True)
-            v = short_conv_ref(v, W["v_conv.weight"], True)
+            q, k, v = (causal_conv(z, W[f"{n}_conv.weight"]) for z, n in ((q, "q"), (k, "k"), (v, "v")))
         q, k, v = silu(q).view(-1, H, K), silu(k).view(-1, H, K), silu(v).view(-1, H, V)
         f = (x[b] @ W["f_proj.weight"].T).view(-1, H, M)
         alpha = torch.sigmoid(f) ** (1.0 / layer.gate_logit_normalizer)  # forget gate in (0, 1)
@@ -58,7 +42,7 @@ def gsa_reference(layer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
 @pytest.mark.parametrize("short_conv", [True, False])
 def test_gsa_matches_paper_equations(mode, short_conv):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = generator()
     cfg = MixerConfig(num_slots=3, head_dim=4, use_short_conv=short_conv, mode=mode, chunk_size=4,
                       gate_logit_normalizer=4.0)
     layer = jittered(build_mixer("gsa", 12, cfg, AttentionConfig(num_heads=2), 0, 1), g)

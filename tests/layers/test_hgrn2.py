@@ -5,33 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layer_testing import causal_conv, float64_params, generator, jittered
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
-
-
-def jittered(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return module
-
-
-def conv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Causal depthwise conv without activation: x ``[T, C]``, weight ``[C, W]`` (last tap = current token)."""
-    W = weight.shape[1]
-    padded = torch.cat([x.new_zeros(W - 1, x.shape[1]), x])
-    return torch.stack([(padded[t:t + W] * weight.T).sum(0) for t in range(x.shape[0])])
 
 
 def hgrn2_reference(layer, x: torch.Tensor) -> torch.Tensor:
     x = x.double()
-    P = {n: p.detach().double() for n, p in layer.named_parameters()}
+    P = float64_params(layer)
     H, K, V = layer.num_heads, layer.head_k_dim, layer.head_v_dim
     B, T, C = x.shape
     out = torch.zeros(B, T, C, dtype=torch.float64)
     for b in range(B):
         q, f, i = (x[b] @ P[f"{n}_proj.weight"].T for n in ("q", "f", "i"))
         if layer.use_short_conv:
-            q, f, i = (conv_ref(z, P[f"{n}_conv.weight"]) for z, n in ((q, "q"), (f, "f"), (i, "i")))
+            q, f, i = (causal_conv(z, P[f"{n}_conv.weight"], silu=False) for z, n in ((q, "q"), (f, "f"), (i, "i")))
         lower = torch.sigmoid(P["lower_bound_logit"]) if "lower_bound_logit" in P else torch.zeros(H * K)
         S = torch.zeros(H, K, V, dtype=torch.float64)
         for t in range(T):
@@ -51,7 +38,7 @@ def hgrn2_reference(layer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
 @pytest.mark.parametrize("layer_idx,short_conv", [(0, False), (2, True)])
 def test_hgrn2_matches_recurrence(mode, layer_idx, short_conv):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = generator()
     cfg = MixerConfig(head_dim=4, mode=mode, chunk_size=4, use_short_conv=short_conv)
     layer = jittered(build_mixer("hgrn2", 12, cfg, AttentionConfig(num_heads=3), layer_idx, 4), g)
     x = torch.randn(2, 9, 12, generator=g)

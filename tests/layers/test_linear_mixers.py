@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layer_testing import generator, jittered, rel_err
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
 from linear_moe.layers.retention import alibi_slopes
 from linear_reference import (
@@ -38,28 +39,16 @@ CASES = {
 QUICK = ["linear_attention", "lasp2", "retention", "lightning_attention", "gla", "deltanet", "gated_deltanet", "mamba2"]
 
 
-def _gen() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-
-
 def build(case: str, gen: torch.Generator, **extra) -> torch.nn.Module:
     name, overrides, _ = CASES[case]
     cfg = MixerConfig(num_heads=2, chunk_size=4, **{**overrides, **extra})
-    m = build_mixer(name, HIDDEN, cfg, AttentionConfig(num_heads=2), LAYER, LAYERS)
-    with torch.no_grad():  # move every parameter off its init (norm weights of 1, D of 1, ...) so each one matters
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return m
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return jittered(build_mixer(name, HIDDEN, cfg, AttentionConfig(num_heads=2), LAYER, LAYERS), gen)
 
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(case, mode):
-    g = _gen()
+    g = generator()
     m = build(case, g, mode=mode).double()
     x = torch.randn(2, 11, HIDDEN, generator=g, dtype=torch.float64)
     y, _ = m(x)
@@ -76,7 +65,7 @@ def test_matches_float64_reference(case, mode):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_decode_matches_full_forward(case):
-    g = _gen()
+    g = generator()
     m = build(case, g)
     x = torch.randn(2, 9, HIDDEN, generator=g)
     with torch.no_grad():
@@ -96,7 +85,7 @@ def test_decode_matches_full_forward(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_packed_documents_match_separate_runs(case):
-    g = _gen()
+    g = generator()
     m = build(case, g)
     lengths = [3, 6, 4]
     docs = [torch.randn(1, n, HIDDEN, generator=g) for n in lengths]
@@ -119,7 +108,7 @@ def test_packed_documents_match_separate_runs(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_reaches_every_parameter(case):
-    g = _gen()
+    g = generator()
     m = build(case, g)
     x = torch.randn(2, 7, HIDDEN, generator=g, requires_grad=True)
     y, _ = m(x)
@@ -186,7 +175,7 @@ def test_bad_inputs_raise_clear_errors(mixer):
 
 @pytest.mark.parametrize("mixer", QUICK)
 def test_bf16_keeps_dtype_and_stays_close(mixer):
-    g = _gen()
+    g = generator()
     m = build(mixer, g)
     x = torch.randn(1, 6, HIDDEN, generator=g)
     with torch.no_grad():

@@ -6,24 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layer_testing import causal_conv, float64_params, generator, jittered
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
-
-
-def jittered(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def silu(x):
     return x * torch.sigmoid(x)
-
-
-def conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    W = weight.shape[1]
-    padded = torch.cat([x.new_zeros(W - 1, x.shape[1]), x])
-    return silu(torch.stack([(padded[t:t + W] * weight.T).sum(0) for t in range(x.shape[0])]))
 
 
 def unit(x):
@@ -32,14 +20,14 @@ def unit(x):
 
 def mom_reference(layer, x: torch.Tensor, memory: str) -> torch.Tensor:
     x = x.double()
-    P = {n: p.detach().double() for n, p in layer.named_parameters()}
+    P = float64_params(layer)
     H, K, V, M = layer.num_heads, layer.head_k_dim, layer.head_v_dim, layer.num_memories
     E = M + layer.num_shared
     B, T, C = x.shape
     out = torch.zeros(B, T, C, dtype=torch.float64)
     for b in range(B):
         xb = x[b]
-        act = (lambda z, n: conv_silu(z, P[f"{n}_conv.weight"])) if layer.use_short_conv else (lambda z, n: silu(z))
+        act = (lambda z, n: causal_conv(z, P[f"{n}_conv.weight"])) if layer.use_short_conv else (lambda z, n: silu(z))
         q = act(xb @ P["q_proj.weight"].T, "q").view(T, H, K)
         k = act(xb @ P["k_proj.weight"].T, "k").view(T, E, H, K)
         v = act(xb @ P["v_proj.weight"].T, "v").view(T, E, H, V)
@@ -78,7 +66,7 @@ def mom_reference(layer, x: torch.Tensor, memory: str) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
 @pytest.mark.parametrize("shared,short_conv", [(True, True), (False, False)])
 def test_mom_matches_routed_memories(memory, mode, shared, short_conv):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = generator()
     cfg = MixerConfig(head_dim=4, num_memories=3, topk_memories=2, shared_memory=shared, mode=mode, chunk_size=4,
                       use_short_conv=short_conv)
     layer = jittered(build_mixer(f"mom_{memory}", 12, cfg, AttentionConfig(num_heads=2), 0, 1), g)
@@ -89,7 +77,7 @@ def test_mom_matches_routed_memories(memory, mode, shared, short_conv):
 
 
 def test_aux_loss_is_the_switch_balance_loss_in_training_only():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = generator()
     cfg = MixerConfig(head_dim=4, num_memories=4, topk_memories=2, memory_aux_loss_coef=0.1)
     layer = jittered(build_mixer("mom_gla", 12, cfg, AttentionConfig(num_heads=2), 0, 1), g).train()
     x = torch.randn(2, 7, 12, generator=g)

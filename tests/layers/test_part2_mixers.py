@@ -7,9 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layer_testing import generator, jittered, rel_err
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
 
 NAMES = ["gsa", "based", "rebased", "rwkv6", "hgrn2", "mom_gla", "mom_gated_deltanet"]
+# id -> (mixer, overrides): each mixer as its paper has it, plus the short convolutions GSA and HGRN2 leave
+# off by default, and MoM without its own.
+CASES = {**{name: (name, {}) for name in NAMES},
+         "gsa-short_conv": ("gsa", dict(use_short_conv=True)), "hgrn2-short_conv": ("hgrn2", dict(use_short_conv=True)),
+         "mom_gla-no_short_conv": ("mom_gla", dict(use_short_conv=False))}
 HIDDEN = 16
 
 
@@ -19,24 +25,13 @@ HIDDEN = 16
 DTYPE = {"rebased": torch.float64}
 
 
-def generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-
-
 def make(name: str, g: torch.Generator, **overrides) -> torch.nn.Module:
     """A tiny mixer whose parameters are all moved off their init (so zero-init terms such as RWKV's
     LoRAs or a bias cannot hide a bug)."""
     fields = dict(num_slots=4, head_dim=4, num_memories=3, topk_memories=2, shared_memory=True, chunk_size=4)
     fields.update(overrides)
     mixer = build_mixer(name, HIDDEN, MixerConfig(**fields), AttentionConfig(num_heads=2), layer_idx=1, num_layers=3)
-    with torch.no_grad():
-        for p in mixer.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return mixer.to(DTYPE.get(name, torch.float32))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    return jittered(mixer, g).to(DTYPE.get(name, torch.float32))
 
 
 def run(mixer, x, state=None, cu_seqlens=None, mode=None):
@@ -45,10 +40,11 @@ def run(mixer, x, state=None, cu_seqlens=None, mode=None):
     return mixer(x, state=state, cu_seqlens=cu_seqlens)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_decode_token_by_token_and_prefill_equal_full_forward(name):
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_token_by_token_and_prefill_equal_full_forward(case):
     g = generator()
-    mixer = make(name, g).eval()
+    name, overrides = CASES[case]
+    mixer = make(name, g, **overrides).eval()
     x = torch.randn(2, 10, HIDDEN, generator=g, dtype=DTYPE.get(name, torch.float32))
     with torch.no_grad():
         full, full_state = run(mixer, x, mode="chunk")
@@ -67,10 +63,11 @@ def test_decode_token_by_token_and_prefill_equal_full_forward(name):
         assert rel_err(state[key], full_state[key]) < 1e-4, key
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_packed_documents_equal_separate_runs(name):
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_documents_equal_separate_runs(case):
     g = generator()
-    mixer = make(name, g).eval()
+    name, overrides = CASES[case]
+    mixer = make(name, g, **overrides).eval()
     lengths = [5, 1, 7]  # a 1-token document is shorter than the short convolution
     docs = [torch.randn(1, n, HIDDEN, generator=g, dtype=DTYPE.get(name, torch.float32)) for n in lengths]
     cu = torch.tensor([0, 5, 6, 13])
@@ -84,10 +81,11 @@ def test_packed_documents_equal_separate_runs(name):
             assert rel_err(value[n:n + 1], s[key]) < 1e-4, (key, n)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_backward_reaches_every_parameter(name):
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_reaches_every_parameter(case):
     g = generator()
-    mixer = make(name, g).train()
+    name, overrides = CASES[case]
+    mixer = make(name, g, **overrides).train()
     x = torch.randn(2, 10, HIDDEN, generator=g, dtype=DTYPE.get(name, torch.float32), requires_grad=True)
     y, _ = run(mixer, x, mode="chunk")
     loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
@@ -110,7 +108,7 @@ BAD = {
     "based": [(dict(feature_map="elu"), "feature_map='elu'")],
     "rebased": [(dict(feature_map="taylor"), "feature_map='taylor'")],
     "rwkv6": [(dict(expand_v=0.3), "expand_v")],
-    "hgrn2": [(dict(expand_v=0.3), "expand_v"), (dict(conv_size=7), "conv_size=7")],
+    "hgrn2": [(dict(expand_v=0.3), "expand_v"), (dict(use_short_conv=True, conv_size=7), "conv_size=7")],
     "mom_gla": [(dict(topk_memories=4), "topk_memories=4"), (dict(num_memories=0), "num_memories=0"),
                 (dict(memory_aux_loss_coef=-1.0), "memory_aux_loss_coef=-1.0"),
                 (dict(gate_logit_normalizer=-1.0), "gate_logit_normalizer=-1.0")],

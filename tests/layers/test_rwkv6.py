@@ -5,20 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layer_testing import float64_params, generator, jittered
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
 from linear_moe.layers.rwkv6 import GROUP_NORM_EPS, token_shift
 
 
-def jittered(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return module
-
-
 def rwkv6_reference(layer, x: torch.Tensor) -> torch.Tensor:
     x = x.double()
-    P = {n: p.detach().double() for n, p in layer.named_parameters()}
+    P = float64_params(layer)
     H, K, V = layer.num_heads, layer.head_k_dim, layer.head_v_dim
     B, T, C = x.shape
     out = torch.zeros(B, T, C, dtype=torch.float64)
@@ -52,7 +46,7 @@ def rwkv6_reference(layer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
 def test_rwkv6_matches_finch_equations(mode):
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = generator()
     cfg = MixerConfig(head_dim=4, mode=mode, chunk_size=4)
     layer = jittered(build_mixer("rwkv6", 12, cfg, AttentionConfig(num_heads=3), 1, 4), g)
     with torch.no_grad():  # keep decays in a range where exp(-exp(w)) is neither 0 nor 1

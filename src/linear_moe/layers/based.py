@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
 from .attention import SoftmaxAttention
-from .common import init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
+from .common import init_weights, op_options, op_run_options, qkv_projections, resolve_dims, state_get
 from .config import AttentionConfig, MixerConfig
 from .feature_maps import feature_map
 from .registry import register_mixer
@@ -42,19 +42,13 @@ class _PolynomialLinearAttention(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig):
         super().__init__()
         name = self.name
-        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
-        if kv_heads != H:
-            raise ValueError(f"{name}: num_kv_heads={kv_heads} is not supported; use num_kv_heads = num_heads = {H}")
+        H, _, d, V = resolve_dims(hidden_size, mixer, attention, name, default_head_k_dim=DEFAULT_FEATURE_DIM)
         if mixer.feature_map not in ("", self.kernel):
             raise ValueError(f"{name}: feature_map={mixer.feature_map!r} is not supported; {name} uses {self.kernel!r}")
-        self.num_heads = H
-        self.feature_dim = d = mixer.head_dim or DEFAULT_FEATURE_DIM
-        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+        self.num_heads, self.feature_dim, self.head_v_dim = H, d, V
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
         self.feature_map = feature_map(self.kernel, d, name)
-        self.q_proj = nn.Linear(hidden_size, H * d, bias=False)
-        self.k_proj = nn.Linear(hidden_size, H * d, bias=False)
-        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * d, H * d, H * V)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         init_weights(self)
 
@@ -67,7 +61,7 @@ class _PolynomialLinearAttention(nn.Module):
         v = self.v_proj(x).view(B, T, H, V)
         o, kv = ops.gla(
             q, k, v, None, scale=1.0, normalize=True, initial_state=state_get(state, "kv"), output_final_state=True,
-            cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size, backend=self.backend,
+            cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
         return self.o_proj(o.reshape(B, T, H * V)), {"kv": kv}
 

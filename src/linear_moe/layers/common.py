@@ -1,13 +1,14 @@
 """Pieces every linear token mixer shares, written once.
 
 * option checks: :func:`choose` (one clear ``ValueError``), :func:`op_mode`, :func:`op_backend`,
-  :func:`resolve_heads`;
+  :func:`op_options`, :func:`resolve_heads`, :func:`resolve_dims` (heads and per-head widths of a
+  linear mixer), :func:`short_conv_enabled` (``MixerConfig.use_short_conv`` against a mixer's default);
 * head split / merge and :func:`repeat_heads` (grouped key/value heads);
 * :func:`l2_norm` and :class:`RMSNorm` (fp32 compute, output in the input dtype);
 * :class:`OutputNormGate`: per-head output norm (``rmsnorm`` | ``groupnorm`` | ``none``) times an
   activated output gate, the last step before ``o_proj`` in GLA, RetNet, Gated DeltaNet, Mamba2, ...;
 * :class:`ShortConvolution`: the causal depthwise convolution (weight ``[C, W]``) over ``ops.short_conv``,
-  with its decode state;
+  with its decode state; :class:`ShortConvQKV`: one per input branch (q / k / v), set up and run together;
 * :func:`init_weights`: the parameter init every mixer applies in its constructor.
 
 Shapes follow the ops: ``[batch, time, heads, dim]``; recurrent states ``[batch, heads, k_dim, v_dim]``.
@@ -15,7 +16,7 @@ Shapes follow the ops: ``[batch, time, heads, dim]``; recurrent states ``[batch,
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,71 @@ def resolve_heads(hidden_size: int, mixer: MixerConfig, attention: AttentionConf
     return heads, kv_heads
 
 
+def op_options(mixer: MixerConfig, name: str = "") -> tuple[str, str | None, int]:
+    """``(mode, backend, chunk_size)`` for the ops, from ``MixerConfig.mode`` / ``backend`` / ``chunk_size``."""
+    if mixer.chunk_size < 1:
+        raise ValueError(f"{name + ': ' if name else ''}chunk_size={mixer.chunk_size} must be >= 1")
+    return op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+
+
+def op_run_options(mixer: nn.Module, T: int) -> dict:
+    """The ``mode`` / ``chunk_size`` / ``backend`` arguments of a mixer's op call over ``T`` tokens, from the
+    mixer's attributes of those names (set by :func:`op_options`); one token (decoding) takes the recurrent step."""
+    return dict(mode="recurrent" if T == 1 else mixer.mode, chunk_size=mixer.chunk_size, backend=mixer.backend)
+
+
+class MixerDims(NamedTuple):
+    """Head counts and per-head widths of a linear mixer (see :func:`resolve_dims`)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_k_dim: int
+    head_v_dim: int
+
+
+def resolve_dims(hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, name: str, *,
+                 grouped_kv: bool = False, default_head_k_dim: int = 0) -> MixerDims:
+    """Heads and per-head key / value widths of a linear mixer, checked.
+
+    * ``num_heads``: ``mixer.num_heads``, else the attention config's;
+    * ``num_kv_heads``: ``mixer.num_kv_heads``, else ``num_heads``; it must equal ``num_heads`` unless the
+      mixer shares keys and values across query groups (``grouped_kv``, e.g. GLA, linear attention);
+    * ``head_k_dim``: ``mixer.head_dim``, else ``default_head_k_dim`` when the mixer has a fixed one
+      (Based's feature dim), else ``hidden_size * expand_k / num_heads``;
+    * ``head_v_dim``: ``hidden_size * expand_v / num_heads``.
+
+    Raises ``ValueError`` naming the mixer and the bad value.
+    """
+    heads, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
+    if not grouped_kv and kv_heads != heads:
+        raise ValueError(f"{name}: num_kv_heads={kv_heads} is not supported; use 0 or num_heads={heads} "
+                         "(keys and values have as many heads as queries)")
+    head_k_dim = mixer.head_dim or default_head_k_dim or per_head(
+        hidden_size * mixer.expand_k, heads, "hidden_size * expand_k", name)
+    if head_k_dim < 1:
+        raise ValueError(f"{name}: head_dim={head_k_dim} must be >= 1")
+    head_v_dim = per_head(hidden_size * mixer.expand_v, heads, "hidden_size * expand_v", name)
+    return MixerDims(heads, kv_heads, head_k_dim, head_v_dim)
+
+
+def short_conv_enabled(mixer: MixerConfig, default: bool, name: str) -> bool:
+    """Whether a mixer runs short convolutions: ``MixerConfig.use_short_conv`` when it is True / False,
+    the mixer's own (paper's) ``default`` when it is ``"auto"`` or None.
+
+    Also takes the strings ``"true"`` / ``"false"`` (as a command-line override arrives); anything else
+    raises a ``ValueError`` naming the value.
+    """
+    value = mixer.use_short_conv
+    if isinstance(value, str):
+        value = {"auto": None, "none": None, "true": True, "false": False}.get(value.lower(), value)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: use_short_conv={mixer.use_short_conv!r} is not supported; choose one of: "
+                         "True, False, 'auto' (the mixer's own default)")
+    return value
+
+
 def per_head(total: float, heads: int, what: str, name: str = "") -> int:
     """``int(total) // heads``, raising when ``heads`` does not divide it (e.g. ``hidden * expand_k``)."""
     total_i = int(total)
@@ -77,7 +143,29 @@ def per_head(total: float, heads: int, what: str, name: str = "") -> int:
     return total_i // heads
 
 
-# ---- heads -----------------------------------------------------------------------------------------
+# ---- projections and heads -------------------------------------------------------------------------
+
+def qkv_projections(hidden_size: int, q_width: int, k_width: int, v_width: int) -> tuple[nn.Linear, ...]:
+    """The bias-free input projections ``hidden → q_width``, ``k_width``, ``v_width`` (a mixer's
+    ``q_proj``, ``k_proj``, ``v_proj``, in that order)."""
+    return tuple(nn.Linear(hidden_size, width, bias=False) for width in (q_width, k_width, v_width))
+
+
+def grouped_qkv(mixer: nn.Module, x: torch.Tensor, feature_map: Callable[[torch.Tensor], torch.Tensor]):
+    """Queries, keys and values of a mixer whose keys and values have ``num_kv_heads`` heads shared by
+    groups of its ``num_heads`` query heads (GLA, linear attention).
+
+    Reads the mixer's ``q_proj`` / ``k_proj`` / ``v_proj`` and ``num_heads`` / ``num_kv_heads`` (at call
+    time: tensor parallelism sets them to the local heads). x ``[batch, time, hidden]`` →
+    (q ``[B, T, H, K']`` = φ(x W_q), k ``[B, T, H, K']`` = φ(x W_k), v ``[B, T, H, V]``), with φ = ``feature_map``
+    and k, v repeated over each query group.
+    """
+    H, KVH = mixer.num_heads, mixer.num_kv_heads
+    q = feature_map(split_heads(mixer.q_proj(x), H))
+    k = repeat_heads(feature_map(split_heads(mixer.k_proj(x), KVH)), H // KVH)
+    v = repeat_heads(split_heads(mixer.v_proj(x), KVH), H // KVH)
+    return q, k, v
+
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[batch, time, heads * dim]`` → ``[batch, time, heads, dim]`` (a view)."""
@@ -218,6 +306,57 @@ class ShortConvolution(nn.Module):
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.short_conv(x, self.weight, self.bias, activation=self.activation, initial_state=state,
                           output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+class ShortConvQKV:
+    """The short convolutions over a mixer's input branches (q / k / v; HGRN2's q / f / i), set up and
+    run together, with their decode states.
+
+    Not an ``nn.Module``: the :class:`ShortConvolution` of each branch is registered on the owning mixer
+    itself, as ``<branch>_conv`` (GSA, MoM, HGRN2) or, with ``container="convs"``, in an
+    ``nn.ModuleDict`` ``convs.<branch>`` (DeltaNet), so parameter and checkpoint names stay the mixer's
+    own (``q_conv.weight``, ``convs.q.weight``) and tensor-parallel plans find them by those paths. This
+    object only remembers the branches and where their convolutions live. With short convolutions off
+    (``enabled=False``) nothing is registered (``container`` is set to None) and each branch goes
+    through ``fallback`` instead (SiLU for the mixers that put SiLU after the conv, else identity).
+
+    ``__call__(owner, branches, state, new_state, cu_seqlens)``: ``branches`` ``[batch, time, width_i]``
+    in the order of ``widths`` → the same shapes, convolved; the decode state of branch ``b`` is read
+    from ``state["conv_<b>"]`` and written to ``new_state["conv_<b>"]`` (``[batch, width, conv_size - 1]``,
+    ``[N, width, conv_size - 1]`` for N packed documents).
+    """
+
+    def __init__(self, owner: nn.Module, widths: dict[str, int], *, enabled: bool, conv_size: int,
+                 activation: str | None, fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 container: str | None = None, mixer: str = ""):
+        self.branches = tuple(widths)
+        self.enabled = enabled
+        self.container = container
+        self.fallback = fallback
+        if not enabled:
+            if container is not None:
+                setattr(owner, container, None)
+            return
+        convs = {b: ShortConvolution(width, conv_size, activation, mixer=mixer) for b, width in widths.items()}
+        if container is not None:
+            owner.add_module(container, nn.ModuleDict(convs))
+        else:
+            for b, conv in convs.items():
+                owner.add_module(f"{b}_conv", conv)
+
+    def conv(self, owner: nn.Module, branch: str) -> nn.Module:
+        """The convolution of ``branch`` registered on ``owner``."""
+        return getattr(owner, self.container)[branch] if self.container else getattr(owner, f"{branch}_conv")
+
+    def __call__(self, owner: nn.Module, branches: Sequence[torch.Tensor], state: dict | None, new_state: dict,
+                 cu_seqlens: torch.Tensor | None) -> list[torch.Tensor]:
+        if not self.enabled:
+            return [self.fallback(x) if self.fallback is not None else x for x in branches]
+        out = []
+        for b, x in zip(self.branches, branches, strict=True):
+            y, new_state[f"conv_{b}"] = self.conv(owner, b)(x, state_get(state, f"conv_{b}"), cu_seqlens)
+            out.append(y)
+        return out
 
 
 # ---- init ------------------------------------------------------------------------------------------

@@ -21,7 +21,13 @@ class MixerConfig:
     """Options of the linear token mixers (the `L` / `M` layers).
 
     Option names follow the original Linear-MoE / fla names. Every field has a default that gives
-    the paper's formulation for the chosen mixer; 0 / "" mean "the mixer's own default".
+    the paper's formulation for the chosen mixer; 0 / "" / "auto" mean "the mixer's own default".
+
+    ``use_short_conv``: ``"auto"`` (or None) follows each mixer's paper: short causal convolutions on
+    q/k/v in DeltaNet, Gated DeltaNet and MoM, on x/B/C in Mamba2; none in HGRN2 and GSA. True / False
+    force them on or off for those six mixers (``conv_size`` sets their width). The other mixers
+    (GLA, RetNet, Lightning, linear attention / LASP-2, Based, ReBased, RWKV6) have no short
+    convolution and do not read it. (It is ``"auto"`` rather than None because TOML cannot hold None.)
     """
 
     num_heads: int = 0             # 0: AttentionConfig.num_heads
@@ -33,7 +39,7 @@ class MixerConfig:
     gate_fn: str = "swish"         # activation of the output gate
     output_norm: str = "rmsnorm"   # rmsnorm | groupnorm | none
     use_output_gate: bool = True
-    use_short_conv: bool = True
+    use_short_conv: bool | str | None = "auto"  # "auto": the mixer's own default (see above); True / False override
     conv_size: int = 4
     mode: str = "auto"             # chunk | fused_recurrent | auto
     chunk_size: int = 64

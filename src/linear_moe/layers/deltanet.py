@@ -21,8 +21,8 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    OutputNormGate, ShortConvolution, init_weights, l2_norm, op_backend, op_mode, per_head, resolve_heads, state_get,
-    upcast,
+    OutputNormGate, ShortConvQKV, init_weights, l2_norm, op_options, op_run_options, qkv_projections, resolve_dims,
+    short_conv_enabled, state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
@@ -44,22 +44,17 @@ class _DeltaRuleAttention(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = self.mixer_name
-        H, _ = resolve_heads(hidden_size, mixer, attention, name)
-        if mixer.num_kv_heads not in (0, H):
-            raise ValueError(f"{name}: num_kv_heads={mixer.num_kv_heads} is not supported; use 0 or num_heads={H}")
-        self.num_heads = H
-        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+        H, _, K, V = resolve_dims(hidden_size, mixer, attention, name)
+        self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
 
-        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, H * K, H * V)
         self.b_proj = nn.Linear(hidden_size, H, bias=False)
-        self.convs = nn.ModuleDict({
-            n: ShortConvolution(width, mixer.conv_size, activation="silu", mixer=name)
-            for n, width in (("q", H * K), ("k", H * K), ("v", H * V))
-        }) if mixer.use_short_conv else None
+        # Parameters ``convs.q.weight``, ...; without convolutions, SiLU alone (as the paper's ablation).
+        self.use_short_conv = short_conv_enabled(mixer, True, name)
+        self.short_convs = ShortConvQKV(self, {"q": H * K, "k": H * K, "v": H * V}, enabled=self.use_short_conv,
+                                        conv_size=mixer.conv_size, activation="silu", fallback=F.silu,
+                                        container="convs", mixer=name)
         if self.gated:
             self.a_proj = nn.Linear(hidden_size, H, bias=False)
             self.A_log = nn.Parameter(torch.empty(H))
@@ -77,29 +72,21 @@ class _DeltaRuleAttention(nn.Module):
                 self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1e-4, 16).log())  # a = exp(-A·dt), A ∈ (0, 16]
             init_dt_bias_(self.dt_bias)
 
-    def _conv(self, name: str, x: torch.Tensor, state: dict | None, new_state: dict, cu_seqlens) -> torch.Tensor:
-        if self.convs is None:
-            return F.silu(x)
-        y, new_state[f"conv_{name}"] = self.convs[name](x, state_get(state, f"conv_{name}"), cu_seqlens)
-        return y
-
     def forward(self, x: torch.Tensor, state: dict | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state)."""
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         new_state: dict = {}
-        q = l2_norm(self._conv("q", self.q_proj(x), state, new_state, cu_seqlens).view(B, T, H, K))
-        k = l2_norm(self._conv("k", self.k_proj(x), state, new_state, cu_seqlens).view(B, T, H, K))
-        v = self._conv("v", self.v_proj(x), state, new_state, cu_seqlens).view(B, T, H, V)
+        q, k, v = self.short_convs(self, (self.q_proj(x), self.k_proj(x), self.v_proj(x)), state, new_state, cu_seqlens)
+        q, k, v = l2_norm(q.view(B, T, H, K)), l2_norm(k.view(B, T, H, K)), v.view(B, T, H, V)
         beta = torch.sigmoid(upcast(self.b_proj(x)))
         log_decay = None
         if self.gated:
             log_decay = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
         o, new_state["recurrent"] = ops.delta_rule(
             q, k, v, beta, log_decay, scale=K ** -0.5, initial_state=state_get(state, "recurrent"),
-            output_final_state=True, cu_seqlens=cu_seqlens, mode="recurrent" if T == 1 else self.mode,
-            chunk_size=self.chunk_size, backend=self.backend,
+            output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
         gate = self.g_proj(x) if self.gated and self.g_proj is not None else None
         y = self.o_proj(self.out_norm(o, gate).reshape(B, T, H * V))
@@ -110,7 +97,7 @@ class _DeltaRuleAttention(nn.Module):
 class DeltaNet(_DeltaRuleAttention):
     """DeltaNet token mixer.
 
-    Reads ``MixerConfig``: num_heads, head_dim / expand_k, expand_v, use_short_conv, conv_size,
+    Reads ``MixerConfig``: num_heads, head_dim / expand_k, expand_v, use_short_conv (default on), conv_size,
     output_norm, mode, chunk_size, backend. The paper's layer has no output gate (``use_output_gate`` and
     ``gate_fn`` are not read) and fixes q, k to SiLU + L2 norm (``feature_map`` is not read).
 

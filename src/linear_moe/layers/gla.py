@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    OutputNormGate, init_weights, op_backend, op_mode, per_head, repeat_heads, resolve_heads, state_get, upcast,
+    OutputNormGate, grouped_qkv, init_weights, op_options, op_run_options, qkv_projections, repeat_heads, resolve_dims,
+    state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
 from .feature_maps import feature_map
@@ -41,9 +42,8 @@ class GatedLinearAttention(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = "gla"
-        self.num_heads, self.num_kv_heads = H, KVH = resolve_heads(hidden_size, mixer, attention, name)
-        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        H, KVH, K, V = resolve_dims(hidden_size, mixer, attention, name, grouped_kv=True)
+        self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim = H, KVH, K, V
         if mixer.gate_logit_normalizer <= 0:
             raise ValueError(f"gla: gate_logit_normalizer={mixer.gate_logit_normalizer} must be > 0")
         if mixer.gate_low_rank_dim < 1:
@@ -53,11 +53,9 @@ class GatedLinearAttention(nn.Module):
         if self.feature_map.out_dim != K:
             raise ValueError(f"gla: feature_map={mixer.feature_map!r} changes the key width; the gate is per key "
                              "channel, so use an elementwise one (identity, elu, relu, swish)")
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
 
-        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.k_proj = nn.Linear(hidden_size, KVH * K, bias=False)
-        self.v_proj = nn.Linear(hidden_size, KVH * V, bias=False)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, KVH * K, KVH * V)
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, mixer.gate_low_rank_dim, bias=False),
                                      nn.Linear(mixer.gate_low_rank_dim, KVH * K, bias=True))
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
@@ -73,15 +71,11 @@ class GatedLinearAttention(nn.Module):
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state)."""
         B, T, _ = x.shape
         H, KVH, K, V = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
-        groups = H // KVH
-        q = self.feature_map(self.q_proj(x).view(B, T, H, K))
-        k = repeat_heads(self.feature_map(self.k_proj(x).view(B, T, KVH, K)), groups)
-        v = repeat_heads(self.v_proj(x).view(B, T, KVH, V), groups)
+        q, k, v = grouped_qkv(self, x, self.feature_map)
         log_decay = F.logsigmoid(upcast(self.gk_proj(x)).view(B, T, KVH, K)) / self.gate_logit_normalizer
         o, recurrent = ops.gla(
-            q, k, v, repeat_heads(log_decay, groups), scale=K ** -0.5,
-            initial_state=state_get(state, "recurrent"), output_final_state=True, cu_seqlens=cu_seqlens,
-            mode="recurrent" if T == 1 else self.mode, chunk_size=self.chunk_size, backend=self.backend,
+            q, k, v, repeat_heads(log_decay, H // KVH), scale=K ** -0.5, initial_state=state_get(state, "recurrent"),
+            output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
         gate = self.g_proj(x) if self.g_proj is not None else None
         y = self.o_proj(self.out_norm(o, gate).reshape(B, T, H * V))

@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
-from .common import RMSNorm, ShortConvolution, init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
+from .common import (
+    RMSNorm, ShortConvQKV, init_weights, op_options, op_run_options, qkv_projections, resolve_dims, short_conv_enabled,
+    state_get,
+)
 from .config import AttentionConfig, MixerConfig
 from .feature_maps import feature_map
 from .registry import register_mixer
@@ -33,8 +36,9 @@ class GatedSlotAttention(nn.Module):
     """GSA token mixer.
 
     Reads ``MixerConfig``: num_heads, head_dim / expand_k (key dim per head), expand_v, num_slots,
-    feature_map (swish (default) | relu | identity, on q and k), gate_logit_normalizer, use_short_conv,
-    conv_size, mode, chunk_size, backend. The output is ``o_proj(RMSNorm(swish(o)))`` as in the paper (no extra output gate).
+    feature_map (swish (default) | relu | identity, on q and k), gate_logit_normalizer, use_short_conv
+    (default off, as the paper), conv_size, mode, chunk_size, backend. The output is
+    ``o_proj(RMSNorm(swish(o)))`` as in the paper (no extra output gate).
 
     State: ``slot_keys [B, H*M, K, 1]`` (first pass, one head per slot), ``slot_values [B, H, M, V]``,
     and ``conv_q / conv_k / conv_v [B, C, W-1]`` when short convolutions are on.
@@ -43,32 +47,25 @@ class GatedSlotAttention(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = "gsa"
-        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
-        if kv_heads != H:
-            raise ValueError(f"gsa: num_kv_heads={kv_heads} is not supported; GSA uses num_kv_heads = num_heads = {H}")
+        H, _, K, V = resolve_dims(hidden_size, mixer, attention, name)
         if mixer.num_slots < 1:
             raise ValueError(f"gsa: num_slots={mixer.num_slots} must be >= 1")
         if mixer.gate_logit_normalizer <= 0:
             raise ValueError(f"gsa: gate_logit_normalizer={mixer.gate_logit_normalizer} must be > 0")
         if mixer.feature_map not in ("",) + FEATURE_MAPS:
             raise ValueError(f"gsa: feature_map={mixer.feature_map!r} is not supported; choose one of: {', '.join(FEATURE_MAPS)}")
-        self.num_heads, self.num_slots = H, mixer.num_slots
-        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        self.num_heads, self.num_slots, self.head_k_dim, self.head_v_dim = H, mixer.num_slots, K, V
         self.feature_map = feature_map(mixer.feature_map or "swish", K, name)
         self.gate_logit_normalizer = mixer.gate_logit_normalizer
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
         self.scale = 1.0  # the paper reads the slots with unscaled q·k (then softmax over slots)
 
-        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, H * K, H * V)
         self.f_proj = nn.Linear(hidden_size, H * self.num_slots, bias=False)
-        self.use_short_conv = mixer.use_short_conv
-        if self.use_short_conv:
-            self.q_conv = ShortConvolution(H * K, mixer.conv_size, "silu", mixer=name)
-            self.k_conv = ShortConvolution(H * K, mixer.conv_size, "silu", mixer=name)
-            self.v_conv = ShortConvolution(H * V, mixer.conv_size, "silu", mixer=name)
+        # The paper has no short convolution; with use_short_conv=True: q_conv / k_conv / v_conv (SiLU).
+        self.use_short_conv = short_conv_enabled(mixer, False, name)
+        self.short_convs = ShortConvQKV(self, {"q": H * K, "k": H * K, "v": H * V}, enabled=self.use_short_conv,
+                                        conv_size=mixer.conv_size, activation="silu", mixer=name)
         self.norm = RMSNorm(H * V, eps=1e-5)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         init_weights(self)
@@ -78,18 +75,13 @@ class GatedSlotAttention(nn.Module):
         B, T, _ = x.shape
         H, K, V, M = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_slots
         new_state: dict = {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            q, new_state["conv_q"] = self.q_conv(q, state_get(state, "conv_q"), cu_seqlens)
-            k, new_state["conv_k"] = self.k_conv(k, state_get(state, "conv_k"), cu_seqlens)
-            v, new_state["conv_v"] = self.v_conv(v, state_get(state, "conv_v"), cu_seqlens)
+        q, k, v = self.short_convs(self, (self.q_proj(x), self.k_proj(x), self.v_proj(x)), state, new_state, cu_seqlens)
         q = self.feature_map(q.view(B, T, H, K))
         k = self.feature_map(k.view(B, T, H, K))
         v = F.silu(v.view(B, T, H, V))
         log_f = F.logsigmoid(self.f_proj(x).float().view(B, T, H, M)) / self.gate_logit_normalizer
         s = -torch.expm1(log_f)  # 1 - a_t, without cancellation when a_t is close to 1
-        run = dict(output_final_state=True, cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size,
-                   backend=self.backend)
+        run = dict(output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T))
 
         # Pass 1: one head per (head, slot) with scalar decay; its 1-dim "value" is the slot write weight.
         per_slot = lambda t: t.unsqueeze(3).expand(B, T, H, M, K).reshape(B, T, H * M, K)  # noqa: E731

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
-from .common import RMSNorm, ShortConvolution, init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
+from .common import (
+    RMSNorm, ShortConvQKV, init_weights, op_options, op_run_options, resolve_dims, short_conv_enabled, state_get,
+)
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
 
@@ -30,7 +32,8 @@ from .registry import register_mixer
 @register_mixer("hgrn2")
 class HGRN2(nn.Module):
     """HGRN2 token mixer. Reads num_heads, head_dim / expand_k (state expansion per head), expand_v,
-    use_short_conv, conv_size (convolutions without activation, as in fla's HGRN2), mode, chunk_size, backend.
+    use_short_conv (default off, as the paper; on: convolutions without activation, as in fla's HGRN2), conv_size,
+    mode, chunk_size, backend.
 
     State: ``{"hidden": [B, H, K, V]}`` plus ``conv_q / conv_f / conv_i [B, C, W-1]`` with short convolutions.
     """
@@ -38,25 +41,20 @@ class HGRN2(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = "hgrn2"
-        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
-        if kv_heads != H:
-            raise ValueError(f"hgrn2: num_kv_heads={kv_heads} is not supported; use num_kv_heads = num_heads = {H}")
+        H, _, K, V = resolve_dims(hidden_size, mixer, attention, name)
         if not 0 <= layer_idx < num_layers:
             raise ValueError(f"hgrn2: layer_idx={layer_idx} must be in [0, num_layers={num_layers})")
-        self.num_heads = H
-        self.head_k_dim = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
-        key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
+        self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
+        key_dim, value_dim = H * K, H * V
 
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.f_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.i_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.use_short_conv = mixer.use_short_conv
-        if self.use_short_conv:
-            self.q_conv = ShortConvolution(key_dim, mixer.conv_size, None, mixer=name)
-            self.f_conv = ShortConvolution(key_dim, mixer.conv_size, None, mixer=name)
-            self.i_conv = ShortConvolution(value_dim, mixer.conv_size, None, mixer=name)
+        # The paper has no short convolution; with use_short_conv=True: q_conv / f_conv / i_conv, no activation.
+        self.use_short_conv = short_conv_enabled(mixer, False, name)
+        self.short_convs = ShortConvQKV(self, {"q": key_dim, "f": key_dim, "i": value_dim}, enabled=self.use_short_conv,
+                                        conv_size=mixer.conv_size, activation=None, mixer=name)
         if layer_idx > 0:
             start = layer_idx / num_layers
             self.lower_bound_logit = nn.Parameter(torch.full((key_dim,), math.log(start / (1 - start))))
@@ -80,16 +78,12 @@ class HGRN2(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         new_state: dict = {}
-        q, f, i = self.q_proj(x), self.f_proj(x), self.i_proj(x)
-        if self.use_short_conv:
-            q, new_state["conv_q"] = self.q_conv(q, state_get(state, "conv_q"), cu_seqlens)
-            f, new_state["conv_f"] = self.f_conv(f, state_get(state, "conv_f"), cu_seqlens)
-            i, new_state["conv_i"] = self.i_conv(i, state_get(state, "conv_i"), cu_seqlens)
+        q, f, i = self.short_convs(self, (self.q_proj(x), self.f_proj(x), self.i_proj(x)), state, new_state, cu_seqlens)
         log_f = self.log_forget(f).view(B, T, H, K)
         k = -torch.expm1(log_f)  # 1 - f_t
         o, new_state["hidden"] = ops.gla(
             F.silu(q).view(B, T, H, K), k.to(x.dtype), i.view(B, T, H, V), log_f, scale=1.0,
-            initial_state=state_get(state, "hidden"), output_final_state=True,
-            cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size, backend=self.backend,
+            initial_state=state_get(state, "hidden"), output_final_state=True, cu_seqlens=cu_seqlens,
+            **op_run_options(self, T),
         )
         return self.o_proj(self.norm(o.reshape(B, T, H * V))), new_state

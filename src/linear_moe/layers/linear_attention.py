@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from .common import OutputNormGate, init_weights, op_backend, op_mode, per_head, repeat_heads, resolve_heads, state_get
+from .common import (
+    OutputNormGate, grouped_qkv, init_weights, op_options, op_run_options, qkv_projections, resolve_dims, state_get,
+)
 from .config import AttentionConfig, MixerConfig
 from .feature_maps import feature_map
 from .registry import register_mixer
@@ -40,16 +42,13 @@ class LinearAttention(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = self.mixer_name
-        self.num_heads, self.num_kv_heads = H, KVH = resolve_heads(hidden_size, mixer, attention, name)
-        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        H, KVH, K, V = resolve_dims(hidden_size, mixer, attention, name, grouped_kv=True)
+        self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim = H, KVH, K, V
         self.feature_map = feature_map(mixer.feature_map or self.default_feature_map, K, name)
         self.normalize = mixer.normalize
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
 
-        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.k_proj = nn.Linear(hidden_size, KVH * K, bias=False)
-        self.v_proj = nn.Linear(hidden_size, KVH * V, bias=False)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, KVH * K, KVH * V)
         self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn="none", mixer=name)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         self.reset_parameters()
@@ -61,18 +60,14 @@ class LinearAttention(nn.Module):
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state)."""
         B, T, _ = x.shape
-        H, KVH, K, V = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
-        q = self.feature_map(self.q_proj(x).view(B, T, H, K))
-        k = repeat_heads(self.feature_map(self.k_proj(x).view(B, T, KVH, K)), H // KVH)
-        v = repeat_heads(self.v_proj(x).view(B, T, KVH, V), H // KVH)
+        q, k, v = grouped_qkv(self, x, self.feature_map)
         # With the denominator the scale cancels; without it, K'^-0.5 keeps φ(q)·φ(k) of order one.
         scale = 1.0 if self.normalize else q.shape[-1] ** -0.5
         o, recurrent = ops.gla(
-            q, k, v, None, scale=scale, normalize=self.normalize,
-            initial_state=state_get(state, "recurrent"), output_final_state=True, cu_seqlens=cu_seqlens,
-            mode="recurrent" if T == 1 else self.mode, chunk_size=self.chunk_size, backend=self.backend,
+            q, k, v, None, scale=scale, normalize=self.normalize, initial_state=state_get(state, "recurrent"),
+            output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
-        y = self.o_proj(self.out_norm(o).reshape(B, T, H * V))
+        y = self.o_proj(self.out_norm(o).reshape(B, T, -1))
         return y, {"recurrent": recurrent}
 
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    ShortConvolution, choose, init_weights, op_backend, op_mode, per_head, repeat_heads, state_get, upcast,
+    ShortConvolution, choose, init_weights, op_options, op_run_options, per_head, repeat_heads, short_conv_enabled,
+    state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
 from .deltanet import init_dt_bias_
@@ -34,7 +35,7 @@ class Mamba2(nn.Module):
 
     Reads ``MixerConfig``: num_heads (0: attention's), head_dim (P; 0: ``2 * expand_v * hidden / heads``,
     i.e. Mamba2's expand = 2), num_kv_heads (number of B/C groups; 0: 1 group, as Mamba2), state_size (N),
-    use_short_conv, conv_size, use_output_gate (the z gate), output_norm (rmsnorm | none), mode,
+    use_short_conv (default on), conv_size, use_output_gate (the z gate), output_norm (rmsnorm | none), mode,
     chunk_size, backend. Parameters beyond the projections: ``A_log [H]`` (A ∈ [1, 16]), ``dt_bias [H]``,
     ``D [H]`` (ones), ``norm_weight [H*P]``.
 
@@ -53,7 +54,7 @@ class Mamba2(nn.Module):
         self.num_heads, self.num_groups, self.state_size = H, G, N = H, G, mixer.state_size
         self.head_dim = P = mixer.head_dim or per_head(2 * hidden_size * mixer.expand_v, H, "2 * hidden_size * expand_v", name)
         self.norm = choose(mixer.output_norm, ("rmsnorm", "none"), "output_norm", name)
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
         self.eps = 1e-5
         d_inner = H * P
 
@@ -61,8 +62,9 @@ class Mamba2(nn.Module):
         self.x_proj = nn.Linear(hidden_size, d_inner, bias=False)
         self.bc_proj = nn.Linear(hidden_size, 2 * G * N, bias=False)
         self.dt_proj = nn.Linear(hidden_size, H, bias=False)
+        self.use_short_conv = short_conv_enabled(mixer, True, name)
         self.conv = (ShortConvolution(d_inner + 2 * G * N, mixer.conv_size, activation="silu", bias=True, mixer=name)
-                     if mixer.use_short_conv else None)
+                     if self.use_short_conv else None)
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.D = nn.Parameter(torch.empty(H))
@@ -99,7 +101,7 @@ class Mamba2(nn.Module):
         y, new_state["recurrent"] = ops.gla(
             c, b, (upcast(xs) * dt[..., None]).to(xs.dtype), log_decay, scale=1.0,
             initial_state=state_get(state, "recurrent"), output_final_state=True, cu_seqlens=cu_seqlens,
-            mode="recurrent" if T == 1 else self.mode, chunk_size=self.chunk_size, backend=self.backend,
+            **op_run_options(self, T),
         )
         y = upcast(y) + upcast(self.D)[:, None] * upcast(xs)                  # D skip
         y = y.reshape(Bsz, T, H * P)

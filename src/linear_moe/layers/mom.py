@@ -30,7 +30,8 @@ from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
 from .common import (
-    OutputNormGate, ShortConvolution, init_weights, l2_norm, op_backend, op_mode, per_head, resolve_heads, state_get,
+    OutputNormGate, ShortConvQKV, init_weights, l2_norm, op_options, op_run_options, qkv_projections, resolve_dims,
+    short_conv_enabled, state_get,
 )
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
@@ -64,12 +65,8 @@ class _MixtureOfMemories(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig):
         super().__init__()
         name = self.name
-        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
-        if kv_heads != H:
-            raise ValueError(f"{name}: num_kv_heads={kv_heads} is not supported; use num_kv_heads = num_heads = {H}")
-        self.num_heads = H
-        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
+        H, _, K, V = resolve_dims(hidden_size, mixer, attention, name)
+        self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
         if mixer.num_memories < 1:
             raise ValueError(f"{name}: num_memories={mixer.num_memories} must be >= 1")
         if not 1 <= mixer.topk_memories <= mixer.num_memories:
@@ -79,18 +76,15 @@ class _MixtureOfMemories(nn.Module):
         self.num_memories, self.topk = mixer.num_memories, mixer.topk_memories
         self.num_shared = int(mixer.shared_memory)
         self.aux_loss_coef = mixer.memory_aux_loss_coef
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
         E = self.num_memories + self.num_shared  # memories with their own state; the shared one is last
 
         self.router = nn.Linear(hidden_size, self.num_memories, bias=False)
-        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.k_proj = nn.Linear(hidden_size, E * H * K, bias=False)
-        self.v_proj = nn.Linear(hidden_size, E * H * V, bias=False)
-        self.use_short_conv = mixer.use_short_conv
-        if self.use_short_conv:
-            self.q_conv = ShortConvolution(H * K, mixer.conv_size, "silu", mixer=name)
-            self.k_conv = ShortConvolution(E * H * K, mixer.conv_size, "silu", mixer=name)
-            self.v_conv = ShortConvolution(E * H * V, mixer.conv_size, "silu", mixer=name)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, E * H * K, E * H * V)
+        # q_conv / k_conv / v_conv with SiLU (the paper's Gated DeltaNet memories have them); without: SiLU alone.
+        self.use_short_conv = short_conv_enabled(mixer, True, name)
+        self.short_convs = ShortConvQKV(self, {"q": H * K, "k": E * H * K, "v": E * H * V}, enabled=self.use_short_conv,
+                                        conv_size=mixer.conv_size, activation="silu", fallback=F.silu, mixer=name)
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
         self.out_norm = OutputNormGate(V, mixer.output_norm, mixer.gate_fn, mixer=name)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
@@ -114,13 +108,7 @@ class _MixtureOfMemories(nn.Module):
             weights, routed = torch.cat([weights, ones], -1), torch.cat([routed, ones], -1)
 
         new_state: dict = {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            q, new_state["conv_q"] = self.q_conv(q, state_get(state, "conv_q"), cu_seqlens)
-            k, new_state["conv_k"] = self.k_conv(k, state_get(state, "conv_k"), cu_seqlens)
-            v, new_state["conv_v"] = self.v_conv(v, state_get(state, "conv_v"), cu_seqlens)
-        else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k, v = self.short_convs(self, (self.q_proj(x), self.k_proj(x), self.v_proj(x)), state, new_state, cu_seqlens)
         q = q.view(B, T, 1, H, K).expand(B, T, E, H, K)
         o, new_state["memories"] = self.recur(
             x, q, k.view(B, T, E, H, K), v.view(B, T, E * H, V), routed, state, cu_seqlens)
@@ -128,18 +116,17 @@ class _MixtureOfMemories(nn.Module):
         o = self.out_norm(o, None if self.g_proj is None else self.g_proj(x))
         return self.o_proj(o.reshape(B, T, H * V)), new_state
 
-    def _op_kwargs(self, state, cu_seqlens) -> dict:
+    def _op_kwargs(self, state, cu_seqlens, T) -> dict:
         return dict(scale=self.head_k_dim ** -0.5, initial_state=state_get(state, "memories"),
-                    output_final_state=True, cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size,
-                    backend=self.backend)
+                    output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T))
 
 
 @register_mixer("mom_gla")
 class MoMGLA(_MixtureOfMemories):
     """MoM with GLA memories: each memory's forget gate is ``logsigmoid(low-rank(x)) / gate_logit_normalizer``
     per key channel. Reads num_heads, head_dim / expand_k, expand_v, num_memories, topk_memories,
-    shared_memory, memory_aux_loss_coef, gate_logit_normalizer, gate_low_rank_dim, use_short_conv, conv_size, use_output_gate,
-    mode, chunk_size, backend."""
+    shared_memory, memory_aux_loss_coef, gate_logit_normalizer, gate_low_rank_dim, use_short_conv (default on),
+    conv_size, use_output_gate, mode, chunk_size, backend."""
 
     name = "mom_gla"
 
@@ -162,7 +149,7 @@ class MoMGLA(_MixtureOfMemories):
         log_decay = log_decay.view(B, T, E, H, K) * mask
         k = k * mask.to(k.dtype)
         return ops.gla(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, log_decay.view(B, T, E * H, K),
-                   **self._op_kwargs(state, cu_seqlens))
+                   **self._op_kwargs(state, cu_seqlens, T))
 
 
 @register_mixer("mom_gated_deltanet")
@@ -192,4 +179,4 @@ class MoMGatedDeltaNet(_MixtureOfMemories):
         log_decay = log_decay * mask
         q, k = l2_norm(q), l2_norm(k) * mask[..., None].to(k.dtype)
         return ops.delta_rule(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, beta.view(B, T, E * H).to(v.dtype),
-                          log_decay.view(B, T, E * H), **self._op_kwargs(state, cu_seqlens))
+                          log_decay.view(B, T, E * H), **self._op_kwargs(state, cu_seqlens, T))

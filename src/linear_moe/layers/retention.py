@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from .common import OutputNormGate, init_weights, op_backend, op_mode, per_head, resolve_heads, state_get, upcast
+from .common import (
+    OutputNormGate, init_weights, op_options, op_run_options, qkv_projections, resolve_dims, state_get, upcast,
+)
 from .config import AttentionConfig, MixerConfig
 from .feature_maps import feature_map
 from .registry import register_mixer
@@ -69,16 +71,10 @@ class _ConstantDecayAttention(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig):
         super().__init__()
         name = self.mixer_name
-        H, _ = resolve_heads(hidden_size, mixer, attention, name)
-        self.num_heads = H
-        if mixer.num_kv_heads not in (0, H):
-            raise ValueError(f"{name}: num_kv_heads={mixer.num_kv_heads} is not supported; use 0 or num_heads={H}")
-        self.head_k_dim = K = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = V = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
-        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.k_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
+        H, _, K, V = resolve_dims(hidden_size, mixer, attention, name)
+        self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, H * K, H * V)
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
         self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn, mixer=name)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
@@ -101,8 +97,7 @@ class _ConstantDecayAttention(nn.Module):
         B, T, _ = x.shape
         o, new_state["recurrent"] = ops.gla(
             q, k, v, log_decay, scale=scale, initial_state=state_get(state, "recurrent"),
-            output_final_state=True, cu_seqlens=cu_seqlens, mode="recurrent" if T == 1 else self.mode,
-            chunk_size=self.chunk_size, backend=self.backend,
+            output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
         gate = self.g_proj(x) if self.g_proj is not None else None
         return self.o_proj(self.out_norm(o, gate).reshape(B, T, -1)), new_state

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
-from .common import init_weights, op_backend, op_mode, per_head, resolve_heads, state_get
+from .common import init_weights, op_options, op_run_options, resolve_dims, state_get
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
 
@@ -53,14 +53,10 @@ class RWKV6TimeMix(nn.Module):
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
         name = "rwkv6"
-        H, kv_heads = resolve_heads(hidden_size, mixer, attention, name)
-        if kv_heads != H:
-            raise ValueError(f"rwkv6: num_kv_heads={kv_heads} is not supported; use num_kv_heads = num_heads = {H}")
-        self.num_heads = H
-        self.head_k_dim = mixer.head_dim or per_head(hidden_size * mixer.expand_k, H, "hidden_size * expand_k", name)
-        self.head_v_dim = per_head(hidden_size * mixer.expand_v, H, "hidden_size * expand_v", name)
-        self.mode, self.backend, self.chunk_size = op_mode(mixer.mode, name), op_backend(mixer.backend, name), mixer.chunk_size
-        C, key_dim, value_dim = hidden_size, H * self.head_k_dim, H * self.head_v_dim
+        H, _, K, V = resolve_dims(hidden_size, mixer, attention, name)
+        self.num_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        self.mode, self.backend, self.chunk_size = op_options(mixer, name)
+        C, key_dim, value_dim = hidden_size, H * K, H * V
 
         self.mix_x = nn.Parameter(torch.zeros(C))
         self.mix_bias = nn.Parameter(torch.zeros(5, C))                 # μ_w, μ_k, μ_v, μ_r, μ_g
@@ -117,7 +113,7 @@ class RWKV6TimeMix(nn.Module):
         log_decay = -torch.exp(w.float()).view(B, T, H, K)
         o, wkv = ops.gla(
             r, k, v, log_decay, bonus=self.bonus, scale=1.0, initial_state=state_get(state, "wkv"), output_final_state=True,
-            cu_seqlens=cu_seqlens, mode=self.mode, chunk_size=self.chunk_size, backend=self.backend,
+            cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
         # GroupNorm with one group per head = LayerNorm over each head's channels, then a per-channel affine.
         o = F.layer_norm(o.float(), (V,), eps=GROUP_NORM_EPS).to(x.dtype).reshape(B, T, H * V)
