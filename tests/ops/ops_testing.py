@@ -1,4 +1,5 @@
-"""Helpers shared by the ops tests: fresh random inputs, the float64 references, error measures.
+"""Helpers shared by the ops tests: fresh random inputs, the float64 references, error measures, and
+the output-and-gradient comparison of an op against its reference.
 
 `reference.py` is loaded by path under a unique module name, so a `reference.py` in another test
 folder can never shadow it.
@@ -80,3 +81,37 @@ def grads_of(fn, args: dict, weights: list[torch.Tensor]) -> tuple[list[torch.Te
     loss.backward()
     return [o.detach() for o in outs], {n: x.grad for n, x in args.items()
                                        if isinstance(x, torch.Tensor) and x.grad is not None}
+
+
+def assert_close_with_grads(actual: tuple, expected: tuple, tol: float, where: str = "",
+                            names: set[str] | None = None) -> None:
+    """Compare two ``grads_of`` results (outputs, grads by name): every output and every input gradient
+    within relative error ``tol``, the same inputs receiving gradients (``names``, when given)."""
+    (outs, grads), (ref_outs, ref_grads) = actual, expected
+    for i, (o, r) in enumerate(zip(outs, ref_outs, strict=True)):
+        err = rel_err(o, r)
+        assert err < tol, f"output {i} {where}: {err}"
+    assert set(grads) == set(ref_grads), f"{where}: gradients of {sorted(grads)}, reference {sorted(ref_grads)}"
+    if names is not None:
+        assert set(grads) == names, f"{where}: gradients of {sorted(grads)}, expected {sorted(names)}"
+    for name in ref_grads:
+        err = rel_err(grads[name], ref_grads[name])
+        assert err < tol, f"d{name} {where}: {err}"
+
+
+def time_slice(args: dict, lo: int, hi: int) -> dict:
+    """``args`` with every per-token tensor (``[batch, time, ...]``, 3 or more dims) cut to tokens lo:hi;
+    per-head tensors (a constant decay ``[H]``, a bonus ``[H, K]``) and other values kept."""
+    return {n: (x[:, lo:hi] if isinstance(x, torch.Tensor) and x.dim() >= 3 else x) for n, x in args.items()}
+
+
+def assert_varlen_equals_one_by_one(out: torch.Tensor, final_state: torch.Tensor, cu_seqlens: torch.Tensor,
+                                    initial_state: torch.Tensor, ref, args: dict, tol: float) -> None:
+    """An op's packed result over ``cu_seqlens`` (out ``[1, T, ...]``, final state ``[N, ...]``) equals
+    ``ref(**args)`` on each sequence alone, started from its own ``initial_state[n]`` (empty ones included)."""
+    for n in range(cu_seqlens.numel() - 1):
+        lo, hi = int(cu_seqlens[n]), int(cu_seqlens[n + 1])
+        ref_out, ref_state = ref(**time_slice(args, lo, hi), initial_state=initial_state[n:n + 1])
+        if hi > lo:
+            assert rel_err(out[:, lo:hi], ref_out) < tol, f"sequence {n}"
+        assert rel_err(final_state[n:n + 1], ref_state) < tol, f"final state of sequence {n}"

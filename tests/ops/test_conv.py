@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from linear_moe.ops import short_conv
-from ops_testing import generator, grads_of, randn, reference, rel_err
+from ops_testing import assert_close_with_grads, generator, grads_of, randn, reference, rel_err
 
 TOL = 1e-5
 
@@ -25,12 +25,8 @@ def test_short_conv_matches_reference_with_gradients(width, activation):
     def ref(**a):
         return reference.short_conv_ref(**a, activation=activation)
 
-    (y, s), grads = grads_of(run, args, weights)
-    (ry, rs), rgrads = grads_of(ref, args, weights)
-    assert rel_err(y, ry) < TOL and rel_err(s, rs) < TOL
-    assert set(grads) == set(rgrads) == {"x", "weight", "bias", "initial_state"}
-    for name in rgrads:
-        assert rel_err(grads[name], rgrads[name]) < TOL, name
+    assert_close_with_grads(grads_of(run, args, weights), grads_of(ref, args, weights), TOL,
+                            names={"x", "weight", "bias", "initial_state"})
 
 
 def test_short_conv_short_input_keeps_older_state():

@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.ops import delta_rule
-from ops_testing import delta_inputs, generator, grads_of, randn, reference, rel_err
+from ops_testing import (
+    assert_close_with_grads, assert_varlen_equals_one_by_one, delta_inputs, generator, grads_of, randn, reference,
+    rel_err, time_slice,
+)
 
 TOL = 1e-4
 
@@ -15,18 +18,11 @@ def _check_against_reference(args, forms, g):
     B, T, H, K = args["q"].shape
     V = args["v"].shape[-1]
     weights = [randn(g, B, T, H, V).double(), randn(g, B, H, K, V).double()]
-    (ro, rs), rgrads = grads_of(reference.delta_rule_ref, args, weights)
+    expected = grads_of(reference.delta_rule_ref, args, weights)
     for mode, chunk_size in forms:
         def run(**a):
             return delta_rule(**a, output_final_state=True, mode=mode, chunk_size=chunk_size)
-        (o, s), grads = grads_of(run, args, weights)
-        where = f"mode={mode} chunk_size={chunk_size}"
-        assert rel_err(o, ro) < TOL, f"output {where}: {rel_err(o, ro)}"
-        assert rel_err(s, rs) < TOL, f"final state {where}: {rel_err(s, rs)}"
-        assert set(grads) == set(rgrads), where
-        for name in rgrads:
-            err = rel_err(grads[name], rgrads[name])
-            assert err < TOL, f"d{name} {where}: {err}"
+        assert_close_with_grads(grads_of(run, args, weights), expected, TOL, f"mode={mode} chunk_size={chunk_size}")
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
@@ -53,12 +49,7 @@ def test_delta_rule_varlen_equals_sequences_one_by_one(gated, mode):
     args = delta_inputs(gated, g, B=1, T=T, with_state=False)
     h0 = randn(g, N, 2, 8, 6)
     o, s = delta_rule(**args, initial_state=h0, output_final_state=True, cu_seqlens=cu, mode=mode, chunk_size=8)
-    for n in range(N):
-        lo, hi = int(cu[n]), int(cu[n + 1])
-        ro, rs = reference.delta_rule_ref(**{k: x[:, lo:hi] for k, x in args.items()}, initial_state=h0[n:n + 1])
-        if hi > lo:
-            assert rel_err(o[:, lo:hi], ro) < TOL, f"sequence {n}"
-        assert rel_err(s[n:n + 1], rs) < TOL, f"final state of sequence {n}"
+    assert_varlen_equals_one_by_one(o, s, cu, h0, reference.delta_rule_ref, args, TOL)
 
 
 def test_delta_rule_varlen_chunk_gradients_match_reference():
@@ -73,16 +64,12 @@ def test_delta_rule_varlen_chunk_gradients_match_reference():
 
     def one_by_one(**a):
         h0 = a.pop("initial_state")
-        parts = [reference.delta_rule_ref(**{n: x[:, lo:hi] for n, x in a.items()}, initial_state=h0[i:i + 1])
+        parts = [reference.delta_rule_ref(**time_slice(a, lo, hi), initial_state=h0[i:i + 1])
                  for i, (lo, hi) in enumerate([(0, 19), (19, 40)])]
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
 
-    (o, s), grads = grads_of(varlen, args, weights)
-    (ro, rs), rgrads = grads_of(one_by_one, args, weights)
-    assert rel_err(o, ro) < TOL and rel_err(s, rs) < TOL
-    assert set(grads) == set(rgrads) == {"q", "k", "v", "beta", "log_decay", "initial_state"}
-    for name in rgrads:
-        assert rel_err(grads[name], rgrads[name]) < TOL, name
+    assert_close_with_grads(grads_of(varlen, args, weights), grads_of(one_by_one, args, weights), TOL,
+                            names={"q", "k", "v", "beta", "log_decay", "initial_state"})
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])

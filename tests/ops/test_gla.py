@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from linear_moe.ops import gla
-from ops_testing import GLA_KINDS, generator, gla_inputs, grads_of, randn, reference, rel_err
+from ops_testing import (
+    GLA_KINDS, assert_close_with_grads, assert_varlen_equals_one_by_one, generator, gla_inputs, grads_of, randn,
+    reference, rel_err, time_slice,
+)
 
 TOL = 1e-4
 
@@ -26,17 +29,11 @@ def _check_against_reference(args, forms, g):
     state_cols = args["v"].shape[-1] + int(args.get("normalize", False))
     weights = [randn(g, B, T, H, args["v"].shape[-1]).double(),
                randn(g, B, H, args["q"].shape[-1], state_cols).double()]
-    (ro, rs), rgrads = grads_of(_ref, args, weights)
+    expected = grads_of(_ref, args, weights)
     for mode, chunk_size in forms:
-        (o, s), grads = grads_of(_run(mode, chunk_size), args, weights)
-        where = f"mode={mode} chunk_size={chunk_size}"
-        assert o.dtype == torch.float32 and s.dtype == torch.float32
-        assert rel_err(o, ro) < TOL, f"output {where}: {rel_err(o, ro)}"
-        assert rel_err(s, rs) < TOL, f"final state {where}: {rel_err(s, rs)}"
-        assert set(grads) == set(rgrads), where
-        for name in rgrads:
-            err = rel_err(grads[name], rgrads[name])
-            assert err < TOL, f"d{name} {where}: {err}"
+        actual = grads_of(_run(mode, chunk_size), args, weights)
+        assert all(out.dtype == torch.float32 for out in actual[0])
+        assert_close_with_grads(actual, expected, TOL, f"mode={mode} chunk_size={chunk_size}")
 
 
 @pytest.mark.parametrize("kind", GLA_KINDS)
@@ -63,20 +60,12 @@ def test_gla_varlen_equals_sequences_one_by_one(kind, mode):
     cu = torch.tensor([0, 9, 9, 30, 44])  # includes an empty sequence
     N, T = len(cu) - 1, int(cu[-1])
     args = gla_inputs(kind, g, B=1, T=T, with_state=False)
-    if args.get("log_decay") is not None and args["log_decay"].dim() == 1:
-        pass  # a constant decay has no time axis
     cols = args["v"].shape[-1] + int(kind == "normalize")
     h0 = randn(g, N, 2, 8, cols)
     h0 = h0.abs() + 0.1 if kind == "normalize" else h0
     o, s = gla(**args, initial_state=h0, output_final_state=True, cu_seqlens=cu, mode=mode, chunk_size=8)
     assert s.shape == (N, 2, 8, cols)
-    for n in range(N):
-        lo, hi = int(cu[n]), int(cu[n + 1])
-        seq = {name: (x[:, lo:hi] if isinstance(x, torch.Tensor) and x.dim() >= 3 else x) for name, x in args.items()}
-        ro, rs = reference.gla_ref(**seq, initial_state=h0[n:n + 1])
-        if hi > lo:
-            assert rel_err(o[:, lo:hi], ro) < TOL, f"sequence {n}"
-        assert rel_err(s[n:n + 1], rs) < TOL, f"final state of sequence {n}"
+    assert_varlen_equals_one_by_one(o, s, cu, h0, reference.gla_ref, args, TOL)  # a constant decay [H] is not cut
 
 
 def test_gla_varlen_chunk_gradients_match_reference():
@@ -90,15 +79,12 @@ def test_gla_varlen_chunk_gradients_match_reference():
         return gla(**a, initial_state=h0, output_final_state=True, cu_seqlens=cu, mode="chunk", chunk_size=8)
 
     def one_by_one(**a):
-        parts = [reference.gla_ref(**{n: x[:, lo:hi] for n, x in a.items()}, initial_state=h0[i:i + 1])
+        parts = [reference.gla_ref(**time_slice(a, lo, hi), initial_state=h0[i:i + 1])
                  for i, (lo, hi) in enumerate([(0, 13), (13, 40)])]
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
 
-    (o, s), grads = grads_of(varlen, args, weights)
-    (ro, rs), rgrads = grads_of(one_by_one, args, weights)
-    assert rel_err(o, ro) < TOL and rel_err(s, rs) < TOL
-    for name in rgrads:
-        assert rel_err(grads[name], rgrads[name]) < TOL, name
+    assert_close_with_grads(grads_of(varlen, args, weights), grads_of(one_by_one, args, weights), TOL,
+                            names={"q", "k", "v", "log_decay"})
 
 
 @pytest.mark.parametrize("kind", GLA_KINDS)
