@@ -2,10 +2,11 @@
 forward + backward in bf16, against a dense SwiGLU of the same active FLOPs (width 8 × 896) and against a
 per-expert loop (how HF transformers' Qwen2-MoE block computes experts), in one run.
 
-    python benchmarks/moe_bench.py [--tokens 16384]
+    python benchmarks/moe_bench.py [--tokens 16384] [--profile] [--autocast] [--skip-loop]
+    python benchmarks/moe_bench.py --device cpu --tokens 256 --skip-loop     # dry run off the GPU
 
 Writes ``$OUT/moe_bench.json`` (or ``benchmarks/results/``): device, versions, commit, shapes, times,
-FLOP rates, and the targets (≥ 0.8× the dense layer's FLOP rate, ≥ 5× the loop).
+FLOP rates, activation memory saved for backward and peak memory of one fwd+bwd, and the targets (≥ 0.8× the dense layer's FLOP rate, ≥ 5× the loop).
 """
 from __future__ import annotations
 
@@ -46,51 +47,116 @@ class LoopMoE(torch.nn.Module):
                 continue
             h = flat[token]
             y = (F.silu(h @ e.gate_proj[expert].T) * (h @ e.up_proj[expert].T)) @ e.down_proj[expert].T
-            out.index_add_(0, token, y * w[token, slot, None].to(y.dtype))
+            out.index_add_(0, token, (y * w[token, slot, None].to(y.dtype)).to(out.dtype))
         return out.view_as(x)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bench(fn, x, n_warm=3, n=10) -> float:
     for _ in range(n_warm):
         fn(x).float().sum().backward()
-    torch.cuda.synchronize()
+    _sync(x.device)
     t0 = time.perf_counter()
     for _ in range(n):
         fn(x).float().sum().backward()
-    torch.cuda.synchronize()
+    _sync(x.device)
     return (time.perf_counter() - t0) / n
+
+
+def saved_activation_mib(fn, x) -> float:
+    """MiB of tensors autograd keeps for backward in one forward (parameters excluded, shared storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in _params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    del y
+    return sum(seen.values()) / 2**20
+
+
+def peak_memory_mib(fn, x) -> float | None:
+    """Peak CUDA memory of one fwd+bwd above what was allocated before it (None off CUDA)."""
+    if x.device.type != "cuda":
+        return None
+    x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(x).float().sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+_params: list[torch.Tensor] = []
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a quick dry run with small --tokens")
+    p.add_argument("--autocast", action="store_true", help="fp32 weights under bf16 autocast (how training runs)")
+    p.add_argument("--iters", type=int, default=10, help="timed fwd+bwd steps per row (after 3 warm-up steps)")
+    p.add_argument("--skip-loop", action="store_true", help="leave out the per-expert loop (slow)")
     p.add_argument("--profile", action="store_true", help="print the grouped layer's top kernels for one fwd+bwd")
     args = p.parse_args()
+    device = torch.device(args.device)
     C, E, K, H = 1024, 64, 8, 896
     cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden_size=H, norm_topk_prob=False, aux_loss_coef=0.01)
-    moe = MoELayer(C, cfg).cuda().to(torch.bfloat16)
-    dense = SwiGLUMLP(C, K * H).cuda().to(torch.bfloat16)
+    wdtype = torch.float32 if args.autocast else torch.bfloat16
+    moe = MoELayer(C, cfg).to(device, wdtype)
+    dense = SwiGLUMLP(C, K * H).to(device, wdtype)
+    _params.extend(list(moe.parameters()) + list(dense.parameters()))
     loop = LoopMoE(moe)
-    x = torch.randn(1, args.tokens, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(1, args.tokens, C, device=device, dtype=wdtype, requires_grad=True)
     active_flops = 3 * 2 * args.tokens * 3 * C * K * H  # fwd + bwd of three expert matmuls, top-k experts per token
+
+    def amp(fn):
+        if not args.autocast:
+            return fn
+        return lambda t: _autocast_call(fn, t, device)
+
     rows = {}
-    for name, fn in [("moe_grouped", lambda t: moe(t)[0]), ("dense_same_active_flops", dense), ("moe_loop", loop)]:
-        dt = bench(fn, x)
-        rows[name] = {"ms": 1e3 * dt, "tflops": active_flops / dt / 1e12}
-        print(f"{name:26s} {1e3 * dt:8.2f} ms  {active_flops / dt / 1e12:7.1f} TFLOP/s (expert FLOPs)", flush=True)
+    cases = [("moe_grouped", lambda t: moe(t)[0]), ("dense_same_active_flops", dense)]
+    if not args.skip_loop:
+        cases.append(("moe_loop", loop))
+    for name, fn in cases:
+        fn = amp(fn)
+        dt = bench(fn, x, n_warm=min(3, args.iters), n=args.iters)
+        rows[name] = {"ms": 1e3 * dt, "tflops": active_flops / dt / 1e12,
+                      "saved_activations_mib": saved_activation_mib(fn, x), "peak_memory_mib": peak_memory_mib(fn, x)}
+        peak = rows[name]["peak_memory_mib"]
+        print(f"{name:26s} {1e3 * dt:8.2f} ms  {active_flops / dt / 1e12:7.1f} TFLOP/s (expert FLOPs)  "
+              f"saved {rows[name]['saved_activations_mib']:8.1f} MiB  peak {'-' if peak is None else f'{peak:.1f}'} MiB", flush=True)
     vs_dense = rows["moe_grouped"]["tflops"] / rows["dense_same_active_flops"]["tflops"]
-    vs_loop = rows["moe_loop"]["ms"] / rows["moe_grouped"]["ms"]
-    result = {"environment": environment(), "shape": {"tokens": args.tokens, "hidden": C, "experts": E, "top_k": K, "expert_width": H},
-              "rows": rows, "grouped_vs_dense_flop_rate": vs_dense, "grouped_speedup_vs_loop": vs_loop,
-              "targets": {"vs_dense>=0.8": vs_dense >= 0.8, "vs_loop>=5": vs_loop >= 5}}
-    if args.profile:
-        result["top_kernels"] = top_kernels(lambda: moe(x)[0].float().sum().backward(), 25)
+    vs_loop = rows["moe_loop"]["ms"] / rows["moe_grouped"]["ms"] if "moe_loop" in rows else None
+    env = environment() if device.type == "cuda" else {"device": "cpu", "torch": torch.__version__}
+    result = {"environment": env, "shape": {"tokens": args.tokens, "hidden": C, "experts": E, "top_k": K, "expert_width": H},
+              "autocast": args.autocast, "rows": rows, "grouped_vs_dense_flop_rate": vs_dense, "grouped_speedup_vs_loop": vs_loop,
+              "targets": {"vs_dense>=0.8": vs_dense >= 0.8, "vs_loop>=5": None if vs_loop is None else vs_loop >= 5}}
+    if args.profile and device.type == "cuda":
+        result["top_kernels"] = top_kernels(lambda: amp(lambda t: moe(t)[0])(x).float().sum().backward(), 25)
         for name, ms, calls in result["top_kernels"]:
             print(f"{ms:9.3f} ms {calls:5d}x  {name}")
-    print(f"grouped MoE at {vs_dense:.2f}x the dense FLOP rate, {vs_loop:.1f}x faster than the loop")
+    loop_note = "" if vs_loop is None else f", {vs_loop:.1f}x faster than the loop"
+    print(f"grouped MoE at {vs_dense:.2f}x the dense FLOP rate{loop_note}")
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "moe_bench.json").write_text(json.dumps(result, indent=1))
+
+
+def _autocast_call(fn, t, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        return fn(t)
 
 
 if __name__ == "__main__":
