@@ -114,3 +114,37 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype():
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
     y.float().sum().backward()
     assert experts.gate_proj.grad.dtype == torch.float32 and torch.isfinite(experts.gate_proj.grad).all()
+
+
+@pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
+def test_fused_grouped_experts_match_the_loop_in_every_gradient():
+    """The one-node grouped path (recomputes the SwiGLU output in backward) against the differentiable
+    per-expert loop, with empty experts and per-row routing weights."""
+    grouped = GroupedExperts(5, 16, 8)
+    loop = GroupedExperts(5, 16, 8, backend="loop")
+    loop.load_state_dict(grouped.state_dict())
+    counts = torch.tensor([3, 0, 6, 0, 4])
+    x = torch.randn(13, 16, requires_grad=True)
+    w = torch.rand(13, requires_grad=True)
+    g = torch.randn(13, 16)
+    results = []
+    for ex in (grouped, loop):
+        y = ex(x, counts, w)
+        results.append((y, *torch.autograd.grad((y * g).sum(), (x, w, *ex.parameters()))))
+    for a, b in zip(*results):
+        assert _rel(a, b) < 1e-5
+    assert torch.equal(results[0][-3][1], torch.zeros(8, 16))  # an expert without rows gets a zero gradient
+
+
+@pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
+def test_grouped_experts_keep_only_x_gate_up_for_backward():
+    ex = GroupedExperts(4, 16, 8)
+    x = torch.randn(10, 16, requires_grad=True)
+    w = torch.rand(10, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ex(x, torch.tensor([4, 0, 5, 1]), w)
+    params = {p.data_ptr() for p in ex.parameters()}
+    activations = [t for t in saved if t.data_ptr() not in params and t.dim() == 2]
+    # x [10, 16], gate [10, 8], up [10, 8]: not the SwiGLU output, not the down projection's output
+    assert sorted(tuple(t.shape) for t in activations) == [(10, 8), (10, 8), (10, 16)]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .swiglu import swiglu
+from .swiglu import swiglu, swiglu_backward, swiglu_forward
 
 # Recent torch (2.11 and 2.13 here) has the public F.grouped_mm; older builds only torch._grouped_mm (same kernels).
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -66,6 +66,22 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _use_grouped_mm(x: torch.Tensor, weights: tuple[torch.Tensor, ...], backend: str) -> bool:
+    """Whether ``backend`` takes grouped_mm for rows ``x`` and these ``[G, out, in]`` weights; raises for an
+    unknown backend, or when ``grouped_mm`` is forced but the rows are not 16-byte aligned."""
+    if backend not in ("auto", "grouped_mm", "loop"):
+        raise ValueError(f"expert backend {backend!r} is not one of: auto, grouped_mm, loop")
+    if backend == "loop" or (backend == "auto" and not (
+            _grouped_mm_runs(x.device, x.dtype) and all(w.dtype == x.dtype for w in weights))):
+        return False
+    if all(_aligned(t) for t in (x, *weights)):
+        return True
+    if backend == "grouped_mm":
+        shapes = ", ".join(f"{tuple(w.shape[1:])}" for w in weights)
+        raise ValueError(f"grouped_mm needs 16-byte aligned rows: x {tuple(x.shape)}, weights [out, in] {shapes}, dtype={x.dtype}")
+    return False
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Per-group ``x_g @ weight[g].T`` for rows already sorted by group.
 
@@ -75,21 +91,46 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     """
     if x.shape[0] == 0:
         return x @ weight[0].T  # keeps the graph (zero grads) for a rank that received no tokens
+    x = x.contiguous()
     wt = weight.transpose(-2, -1)
-    use_grouped = backend == "grouped_mm" or (
-        backend == "auto" and _grouped_mm_runs(x.device, x.dtype) and weight.dtype == x.dtype)
-    if use_grouped:
-        x = x.contiguous()
-        if not (_aligned(x) and _aligned(wt)):
-            if backend == "grouped_mm":
-                raise ValueError(f"grouped_mm needs 16-byte aligned rows: in={x.shape[1]}, out={weight.shape[1]}, dtype={x.dtype}")
-        else:
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            return _grouped_mm(x, wt, offs=offs)
-    elif backend not in ("auto", "loop"):
-        raise ValueError(f"expert backend {backend!r} is not one of: auto, grouped_mm, loop")
+    if _use_grouped_mm(x, (weight,), backend):
+        return _grouped_mm(x, wt, offs=torch.cumsum(counts, 0).to(torch.int32))
     chunks = x.split(counts.tolist())  # host sync on GPU; the fallback only
     return torch.cat([c @ wt[g] for g, c in enumerate(chunks)])
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """All experts' ``down(swiglu(gate(x), up(x), w))`` as one autograd node over grouped_mm.
+
+    Saves x, the gate and up outputs and w; the SwiGLU output (the down projection's input, needed for
+    its weight gradient) is recomputed in backward by the same pass that differentiates the SwiGLU, so a
+    layer keeps ``C + 2H`` values per routed row instead of ``C + 3H``. Weight gradients come out of
+    grouped_mm directly in the ``[E, out, in]`` layout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_w, up_w, down_w, offs, row_weight):
+        gate = _grouped_mm(x, gate_w.transpose(-2, -1), offs=offs)
+        up = _grouped_mm(x, up_w.transpose(-2, -1), offs=offs)
+        y = _grouped_mm(swiglu_forward(gate, up, row_weight), down_w.transpose(-2, -1), offs=offs)
+        ctx.save_for_backward(x, gate, up, row_weight, gate_w, up_w, down_w, offs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, up, row_weight, gate_w, up_w, down_w, offs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad = grad.contiguous()
+        dh = _grouped_mm(grad, down_w, offs=offs)                                    # [n, H]
+        dgate, dup, dweight, h = swiglu_backward(gate, up, row_weight, dh, want_output=need[3])
+        # weight gradients: per expert, the rows' outer products (grouped_mm over the row dimension)
+        d_down = _grouped_mm(grad.t(), h, offs=offs) if need[3] else None          # [E, C, H]
+        d_gate = _grouped_mm(dgate.t(), x, offs=offs) if need[1] else None         # [E, H, C]
+        d_up = _grouped_mm(dup.t(), x, offs=offs) if need[2] else None
+        dx = _grouped_mm(dgate, gate_w, offs=offs) + _grouped_mm(dup, up_w, offs=offs) if need[0] else None
+        if dweight is not None:
+            dweight = dweight.to(row_weight.dtype)
+        return dx, d_gate, d_up, d_down, None, dweight
 
 
 class GroupedExperts(nn.Module):
@@ -120,16 +161,21 @@ class GroupedExperts(nn.Module):
         """x [n, C] sorted by expert, counts [E], row_weight [n] (routing weight of each row, folded into the
         SwiGLU so the caller's combine is a plain sum) or None -> [n, C].
 
-        Saved for backward: x, the gate and up outputs and the SwiGLU output (the down projection's input).
+        Saved for backward on the grouped_mm path: x, the gate and up outputs (and row_weight).
         """
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         # grouped_mm is not an autocast op: cast like nn.Linear would (fp32 master weights would otherwise
         # send mixed-precision training down the slow per-expert loop); weights already in dtype: no copy
         x, gate_w, up_w, down_w = (t if t.dtype == dtype else t.to(dtype)
                                    for t in (x, self.gate_proj, self.up_proj, self.down_proj))
-        gate = grouped_linear(x, gate_w, counts, self.backend)
-        up = grouped_linear(x, up_w, counts, self.backend)
-        return _ContiguousGrad.apply(grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend))
+        if x.shape[0] > 0 and _use_grouped_mm(x.contiguous(), (gate_w, up_w, down_w), self.backend):
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            y = _GroupedSwiGLU.apply(x.contiguous(), gate_w, up_w, down_w, offs, row_weight)
+        else:  # the loop fallback (or no rows): the same math from differentiable pieces
+            gate = grouped_linear(x, gate_w, counts, self.backend)
+            up = grouped_linear(x, up_w, counts, self.backend)
+            y = grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend)
+        return _ContiguousGrad.apply(y)
 
     def shard(self, rank: int, world: int) -> "GroupedExperts":
         """A copy holding only experts ``[rank * E / world, (rank + 1) * E / world)`` (for expert parallelism)."""

@@ -30,9 +30,9 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, w_ptr, h_ptr, M, H, stride_g, stride_u, str
 
 
 @triton.jit
-def _swiglu_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_ptr, M, H,
-                       stride_g, stride_u, stride_dh, stride_dg, stride_du, n_hblocks,
-                       HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _swiglu_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_ptr, h_ptr, M, H,
+                       stride_g, stride_u, stride_dh, stride_dg, stride_du, stride_h, n_hblocks,
+                       HAS_W: tl.constexpr, STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     pid_h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -44,6 +44,11 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_ptr, M, H
     dh = tl.load(dh_ptr + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
     a = g * s
+    if STORE_H:  # the forward output again, for a weight gradient that did not keep it
+        hw = a * u
+        if HAS_W:
+            hw = hw * tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        tl.store(h_ptr + r64 * stride_h + cols[None, :], hw.to(h_ptr.dtype.element_ty), mask=mask)
     if HAS_W:
         w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         # one partial row sum per H block; the caller adds the (few) blocks: deterministic, no atomics
@@ -96,23 +101,26 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | 
     return out
 
 
-def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor):
-    """Gradients of ``swiglu_forward``: -> (grad_gate [M, H], grad_up [M, H], grad_weight [M] fp32 or None)."""
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor,
+                    want_output: bool = False):
+    """Gradients of ``swiglu_forward``: -> (grad_gate [M, H], grad_up [M, H], grad_weight [M] fp32 or None,
+    the forward output [M, H] recomputed in the same pass when ``want_output``, else None)."""
     gate, up, grad = _rows(gate), _rows(up), _rows(grad)
     m, h = gate.shape
     dg, du = torch.empty_like(gate), torch.empty_like(up)
+    out = torch.empty_like(gate) if want_output else None
     bh = _block(h, 1024)
     bm = max(1, 2048 // bh)
     n_hblocks = triton.cdiv(h, bh)
     dw = torch.empty((m, n_hblocks), device=gate.device, dtype=torch.float32) if weight is not None else None
-    if m == 0:
-        return dg, du, None if dw is None else dw.sum(1)
-    grid = (triton.cdiv(m, bm), n_hblocks)
-    _swiglu_bwd_kernel[grid](gate, up, weight if weight is not None else gate, grad, dg, du,
-                             dw if dw is not None else gate, m, h,
-                             gate.stride(0), up.stride(0), grad.stride(0), dg.stride(0), du.stride(0), n_hblocks,
-                             HAS_W=weight is not None, BLOCK_M=bm, BLOCK_H=bh)
-    return dg, du, None if dw is None else dw.sum(1)
+    if m > 0:
+        grid = (triton.cdiv(m, bm), n_hblocks)
+        _swiglu_bwd_kernel[grid](gate, up, weight if weight is not None else gate, grad, dg, du,
+                                 dw if dw is not None else gate, out if out is not None else gate, m, h,
+                                 gate.stride(0), up.stride(0), grad.stride(0), dg.stride(0), du.stride(0),
+                                 out.stride(0) if out is not None else 0, n_hblocks,
+                                 HAS_W=weight is not None, STORE_H=want_output, BLOCK_M=bm, BLOCK_H=bh)
+    return dg, du, None if dw is None else dw.sum(1), out
 
 
 def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

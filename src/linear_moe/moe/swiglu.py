@@ -43,40 +43,50 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor 
     return h.to(gate.dtype)
 
 
-def _forward_torch(gate, up, weight):
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """No-autograd ``silu(gate) * up (* weight[:, None])`` -> [M, H] (Triton on CUDA, torch otherwise)."""
+    if use_fused_kernels(gate):
+        return fused_kernels().swiglu_forward(gate, up, weight)
     with torch.no_grad():
         return swiglu_reference(gate, up, weight)
 
 
-def _backward_torch(gate, up, weight, grad):
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor,
+                    want_output: bool = False):
+    """No-autograd gradients of ``swiglu_forward`` given ``grad [M, H]`` -> (grad_gate, grad_up, grad_weight
+    [M] in fp32/float64 or None, and the forward output recomputed in the same pass if ``want_output``)."""
+    if use_fused_kernels(gate):
+        return fused_kernels().swiglu_backward(gate, up, weight, grad, want_output)
+    return _backward_torch(gate, up, weight, grad, want_output)
+
+
+def _backward_torch(gate, up, weight, grad, want_output=False):
     acc = _acc(gate)
     g, u, dh = gate.to(acc), up.to(acc), grad.to(acc)
     s = torch.sigmoid(g)
     a = g * s
+    out = a * u if want_output else None
     dw = None
     if weight is not None:
         dw = (dh * a * u).sum(-1)
         dh = dh * weight.to(acc).unsqueeze(-1)
+        if out is not None:
+            out = out * weight.to(acc).unsqueeze(-1)
     du = dh * a
     dg = dh * u * (s * (1 + g * (1 - s)))
-    return dg.to(gate.dtype), du.to(up.dtype), dw
+    return dg.to(gate.dtype), du.to(up.dtype), dw, None if out is None else out.to(gate.dtype)
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight):
         ctx.save_for_backward(gate, up, weight)
-        if use_fused_kernels(gate):
-            return fused_kernels().swiglu_forward(gate, up, weight)
-        return _forward_torch(gate, up, weight)
+        return swiglu_forward(gate, up, weight)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
-        if use_fused_kernels(gate):
-            dg, du, dw = fused_kernels().swiglu_backward(gate, up, weight, grad)
-        else:
-            dg, du, dw = _backward_torch(gate, up, weight, grad)
+        dg, du, dw, _ = swiglu_backward(gate, up, weight, grad)
         if dw is not None:
             dw = dw.to(weight.dtype)
         return dg, du, dw
