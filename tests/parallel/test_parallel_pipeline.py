@@ -10,7 +10,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from linear_moe.model.causal_lm import LinearMoEForCausalLM
-from linear_moe.parallel.config import ParallelConfig, ParallelOptions
+from linear_moe.parallel.config import ParallelConfig
 from linear_moe.parallel.fsdp import clip_grad_norm_
 from linear_moe.parallel.mesh import build_mesh
 from linear_moe.parallel.parallelize import local_batch, parallelize_model
@@ -19,14 +19,14 @@ from parallel_testing import rel_err, run_distributed
 from test_parallel_model import BATCH, LR, STEPS, T, VOCAB, model_config, reference
 
 
-def _pp_worker(rank, world, cfg, pcfg, options, state, ids, labels, clip):
+def _pp_worker(rank, world, cfg, pcfg, state, ids, labels, clip):
     mesh = build_mesh(pcfg, world)
     model = LinearMoEForCausalLM(cfg)
     model.load_state_dict(state)
-    modules, stage_ids, num_stages = split_model(model, mesh, options)
+    modules, stage_ids, num_stages = split_model(model, mesh)
     for module in modules:
-        parallelize_model(module, pcfg, mesh, options=options)
-    schedule = build_schedule(modules, stage_ids, num_stages, mesh, torch.device("cpu"), options)
+        parallelize_model(module, pcfg, mesh)
+    schedule = build_schedule(modules, stage_ids, num_stages, mesh, torch.device("cpu"))
     opt = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=LR)
     my_ids, my_labels = local_batch(ids, mesh), local_batch(labels, mesh)
     first, last = 0 in stage_ids, num_stages - 1 in stage_ids
@@ -48,11 +48,10 @@ def _pp_worker(rank, world, cfg, pcfg, options, state, ids, labels, clip):
 
 
 CASES = {
-    # id: (ParallelConfig, options, world, layers)
-    "pp2-1F1B": (ParallelConfig(pp=2), ParallelOptions(), 2, 2),
-    "pp2xdp2-1F1B": (ParallelConfig(pp=2), ParallelOptions(pp_microbatches=2), 4, 2),
-    "pp2-interleaved": (ParallelConfig(pp=2), ParallelOptions(pp_schedule="Interleaved1F1B", pp_stages_per_rank=2,
-                                                              pp_microbatches=4), 2, 4),
+    # id: (ParallelConfig, world, layers)
+    "pp2-1F1B": (ParallelConfig(pp=2), 2, 2),
+    "pp2xdp2-1F1B": (ParallelConfig(pp=2, pp_microbatches=2), 4, 2),
+    "pp2-interleaved": (ParallelConfig(pp=2, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2, pp_microbatches=4), 2, 4),
 }
 
 
@@ -60,7 +59,7 @@ def _jobs_worker(rank, world, jobs):
     return [_pp_worker(rank, world, *job) for job in jobs]
 
 
-def _prepare(pcfg, options, world, layers):
+def _prepare(pcfg, world, layers):
     cfg = dataclasses.replace(model_config("gla", "LN" * (layers // 2)), num_layers=layers, ffn_pattern="DE" * (layers // 2))
     gen = torch.Generator().manual_seed(torch.seed())
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -68,16 +67,16 @@ def _prepare(pcfg, options, world, layers):
     ids = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
     labels = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
     dp = world // pcfg.pp
-    microbatches = options.pp_microbatches or 2 * pcfg.pp
+    microbatches = pcfg.pp_microbatches_resolved
     clip = 0.05
     # the single-process loss: mean over every (data-parallel rank, microbatch) piece of the batch
     ref = reference(cfg, state, ids, labels, dp * microbatches, clip)
-    return ref, dp, (cfg, pcfg, options, state, ids, labels, clip)
+    return ref, dp, (cfg, pcfg, state, ids, labels, clip)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_pipeline_matches_single_process(world):
-    names = [name for name, case in CASES.items() if case[2] == world]
+    names = [name for name, case in CASES.items() if case[1] == world]
     prepared = [_prepare(*CASES[name]) for name in names]
     results = run_distributed(_jobs_worker, world, [job for *_, job in prepared], timeout=300)
     for name, (ref, dp, _), per_rank in zip(names, prepared, zip(*results)):

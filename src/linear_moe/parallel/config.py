@@ -1,7 +1,9 @@
-"""Sizes of the parallel dimensions. Validated against the world size and the model."""
+"""Sizes of the parallel dimensions and the pipeline schedule. Validated against the world size and the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe")
 
 
 @dataclass
@@ -12,6 +14,23 @@ class ParallelConfig:
     pp: int = 1             # pipeline parallel
     sp: int = 1             # sequence parallel (LASP-2 for linear mixers, all-gather KV for attention)
     ep: int = 1             # expert parallel (over the same ranks as data parallel)
+    pp_schedule: str = "1F1B"       # 1F1B | Interleaved1F1B | GPipe
+    pp_microbatches: int = 0        # microbatches per data-parallel batch (0: 2 * pp)
+    pp_stages_per_rank: int = 0     # stages per pp rank (0: 1, or 2 with Interleaved1F1B)
+
+    @property
+    def pp_stages_per_rank_resolved(self) -> int:
+        if self.pp_stages_per_rank:
+            return self.pp_stages_per_rank
+        return 2 if self.pp_schedule == "Interleaved1F1B" else 1
+
+    @property
+    def pp_num_stages(self) -> int:
+        return self.pp * self.pp_stages_per_rank_resolved
+
+    @property
+    def pp_microbatches_resolved(self) -> int:
+        return self.pp_microbatches or 2 * self.pp
 
     def validate(self, world_size: int = 1, num_heads: int | None = None, num_experts: int | None = None) -> "ParallelConfig":
         for name in ("dp_replicate", "tp", "pp", "sp", "ep"):
@@ -34,17 +53,38 @@ class ParallelConfig:
             raise ValueError(f"parallel.ep={self.ep} must divide the number of experts {num_experts}")
         if (self.dp_replicate * dp_shard * self.sp) % self.ep:
             raise ValueError(f"parallel.ep={self.ep} must divide the data-parallel ranks dp*sp={self.dp_replicate * dp_shard * self.sp}")
+        self._validate_pipeline()
         return self
+
+    def _validate_pipeline(self) -> None:
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"parallel.pp_schedule={self.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}")
+        per_rank = self.pp_stages_per_rank_resolved
+        interleaved = self.pp_schedule == "Interleaved1F1B"
+        if per_rank < 1 or (per_rank > 1) != interleaved:
+            raise ValueError(f"parallel.pp_stages_per_rank={self.pp_stages_per_rank}: use 1 (or 0) with 1F1B / GPipe "
+                             "and >= 2 (0: 2) with Interleaved1F1B")
+        if self.pp_microbatches < 0:
+            raise ValueError(f"parallel.pp_microbatches={self.pp_microbatches} must be >= 1 (or 0 for 2 * pp)")
+        if self.pp == 1:
+            return
+        n, stages = self.pp_microbatches_resolved, self.pp_num_stages
+        # Schedule1F1B refuses fewer microbatches than stages (the warm-up would have nothing to run);
+        # interleaved 1F1B runs rounds of pp microbatches.
+        if self.pp_schedule == "1F1B" and n < stages:
+            raise ValueError(f"parallel.pp_microbatches={n} must be >= the {stages} pipeline stages for pp_schedule=1F1B")
+        if interleaved:
+            rounds = max(1, n // self.pp)
+            if n % rounds:
+                raise ValueError(f"parallel.pp_microbatches={n} must be a multiple of the number of rounds "
+                                 f"{rounds} (= microbatches // pp) for pp_schedule=Interleaved1F1B; try {rounds * self.pp}")
 
 
 @dataclass
 class ParallelOptions:
-    """How the parallelisms are applied (the sizes live in `ParallelConfig`)."""
+    """How the parallelisms are applied (the sizes and the pipeline schedule live in `ParallelConfig`)."""
 
     param_dtype: str = "float32"        # FSDP mixed precision: dtype of the gathered parameters (float32 | bfloat16 | float16)
     reduce_dtype: str = "float32"       # dtype of the gradient reduction
     reshard_after_forward: bool = True  # FSDP: free the gathered parameters after each block's forward (ZeRO-3)
     sp_layout: str = "contiguous"       # sequence split: contiguous | zigzag (attention-only models)
-    pp_schedule: str = "1F1B"           # 1F1B | Interleaved1F1B | GPipe
-    pp_microbatches: int = 0            # 0: 2 * pp
-    pp_stages_per_rank: int = 1         # > 1 with Interleaved1F1B

@@ -2,8 +2,9 @@
 
     tensor parallel -> expert parallel -> sequence parallel (LASP-2) -> activation checkpointing -> FSDP2
 
-(pipeline parallelism comes first, outside: `pipeline.split_model` cuts the stack and each stage
-is then parallelised with this function). Each step is a no-op when its size is 1.
+Pipeline parallelism comes first: `parallelize_pipeline` cuts the stack into stages
+(`pipeline.split_model`), parallelises each stage with `parallelize_model` and returns this rank's
+`PipelineModel` with its schedule. Each step is a no-op when its size is 1.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .expert import apply_expert_parallel
 from .fsdp import apply_fsdp
 from .lasp2 import apply_sequence_parallel, shard_sequence
 from .mesh import ParallelMesh
+from .pipeline import PipelineModel, split_model
 from .tensor import apply_tensor_parallel
 
 
@@ -37,6 +39,18 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
     apply_activation_checkpointing(model, activation_checkpointing)
     apply_fsdp(model, mesh, options)
     return model
+
+
+def parallelize_pipeline(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh, device: torch.device, *,
+                         options: ParallelOptions | None = None, activation_checkpointing: str = "none") -> PipelineModel:
+    """Split ``model`` into pipeline stages (``parallel_cfg.pp_schedule``, ``pp_stages_per_rank``), keep
+    this rank's, apply tp / ep / sp / activation checkpointing / FSDP to each, and build the schedule.
+    Step the result with ``train_step(input_ids, labels)`` (every pp rank calls it with its data-parallel
+    batch ``[batch, time]``; batch must divide into ``pp_microbatches``)."""
+    modules, stage_ids, num_stages = split_model(model, mesh)
+    for module in modules:
+        parallelize_model(module, parallel_cfg, mesh, options=options, activation_checkpointing=activation_checkpointing)
+    return PipelineModel(model, modules, stage_ids, num_stages).attach_schedule(mesh, device)
 
 
 def local_batch(batch: torch.Tensor, mesh: ParallelMesh, layout: str = "contiguous") -> torch.Tensor:

@@ -2,16 +2,21 @@
 
 `split_model` keeps, on each pp rank, the stage(s) it runs: a `StageModule` holds a contiguous run
 of blocks (the first stage also the embeddings, the last the final norm and LM head), with the full
-model's parameter names (``layers.<i>.…``), so checkpoints are layout-free. Each stage module is then
-parallelised like a model (`parallelize_model`), and `build_schedule` wraps them in a schedule:
+model's parameter names (``layers.<i>.…``). Each stage module is then parallelised like a model
+(`parallelize_model`), and `build_schedule` wraps them in a schedule:
 
 * ``1F1B`` / ``GPipe``: one stage per rank;
 * ``Interleaved1F1B``: ``pp_stages_per_rank`` stages per rank, stage s on rank ``s % pp``.
 
-MoE / MoM auxiliary losses ride along: every stage outputs ``(hidden, aux)`` where ``aux`` ``[1]`` is
-the running sum of the scaled aux losses, and the loss (`pipeline_loss`) adds it to the LM loss, so
-its gradient flows back through every stage's routers. The schedule averages the gradients over
-microbatches (each microbatch's loss is a mean over its tokens).
+`PipelineModel` is what the trainer holds on a pp rank: the rank's embeddings / blocks / norm / head
+under the full model's names (so optimizer, clipping, checkpoints and MoE bias updates treat it like
+the model; a DCP checkpoint loads into any other layout) plus the schedule, stepped by `train_step`.
+
+MoE / MoM auxiliary losses ride along: every stage outputs ``(hidden, aux)`` where ``aux``
+``[len(AUX_NAMES)]`` holds, per kind of aux loss, the running sum over the layers so far (scaled by
+their coefficients). The loss (`PipelineLoss`) adds their sum to the LM loss, so its gradient flows
+back through every stage's routers, and records LM loss and aux values apart for the log. The
+schedule averages the gradients over microbatches (each microbatch's loss is a mean over its tokens).
 """
 from __future__ import annotations
 
@@ -20,15 +25,30 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from .config import ParallelOptions
 from .mesh import ParallelMesh
 
 SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "Interleaved1F1B": ScheduleInterleaved1F1B}
+# the aux losses a block can return (model/block.py), in the order of the aux vector sent between stages
+AUX_NAMES = ("moe_balance_loss", "moe_z_loss", "mixer_aux_loss")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity; its gradient is made contiguous. A stage's input gradients are sent to the previous
+    stage into buffers shaped like the first microbatch's (``aux.sum()`` gives an expanded, stride-0
+    gradient, which gloo refuses to send)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class StageModule(nn.Module):
     """``forward(input_ids)`` on the first stage, ``forward(hidden, aux)`` on the others; returns
-    ``(hidden [batch, time, hidden] or logits [batch, time, vocab] on the last stage, aux [1])``."""
+    ``(hidden [batch, time, hidden] or logits [batch, time, vocab] on the last stage, aux [len(AUX_NAMES)])``."""
 
     def __init__(self, model: nn.Module, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
@@ -42,18 +62,36 @@ class StageModule(nn.Module):
             x = self.embed(x)
             # Tied to the hidden state (with a zero gradient) so that it requires grad even in a
             # stage without MoE: the pipeline sends back a gradient for every output.
-            aux = (x.float().sum() * 0.0).reshape(1)
+            aux = x.float().sum() * 0.0 + x.new_zeros(len(AUX_NAMES), dtype=torch.float32)
+        else:
+            x, aux = _ContiguousGrad.apply(x), _ContiguousGrad.apply(aux)
         for block in self.layers.values():
             x, _, block_aux = block(x)
-            for value in block_aux.values():
-                aux = aux + value
+            if block_aux:
+                aux = aux + torch.stack([block_aux[n].float() if n in block_aux else aux.new_zeros(())
+                                         for n in AUX_NAMES])
         if self.lm_head is not None:
             x = self.lm_head(self.norm(x))
-        return x, aux
+        # P2P buffers copy the first microbatch's strides, and gloo sends only contiguous tensors
+        return x.contiguous(), aux.contiguous()
+
+
+class PipelineLoss:
+    """The last stage's loss for one microbatch: mean token cross-entropy (-100 ignored) + the aux
+    losses. Keeps each microbatch's detached ``(lm_loss, aux)`` in ``records`` for the log."""
+
+    def __init__(self):
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits, aux = output
+        lm = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        self.records.append((lm.detach(), aux.detach().float()))
+        return lm + aux.sum()
 
 
 def pipeline_loss(output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """The last stage's loss for one microbatch: mean token cross-entropy (-100 ignored) + aux losses."""
+    """`PipelineLoss` without the records."""
     logits, aux = output
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100) + aux.sum()
 
@@ -71,21 +109,16 @@ def stage_layer_ids(num_layers: int, num_stages: int) -> list[list[int]]:
     return out
 
 
-def split_model(model: nn.Module, mesh: ParallelMesh, options: ParallelOptions | None = None
-                ) -> tuple[list[StageModule], list[int], int]:
-    """This pp rank's stage modules, their stage indices and the total number of stages."""
-    options = options or ParallelOptions()
-    if options.pp_schedule not in SCHEDULES:
-        raise ValueError(f"parallel option pp_schedule={options.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    per_rank = options.pp_stages_per_rank
-    if per_rank < 1 or (per_rank > 1) != (options.pp_schedule == "Interleaved1F1B"):
-        raise ValueError(f"parallel option pp_stages_per_rank={per_rank}: use 1 with 1F1B / GPipe and >= 2 "
-                         "with Interleaved1F1B")
-    if getattr(model.config, "tie_embeddings", False) and mesh.cfg.pp > 1:
+def split_model(model: nn.Module, mesh: ParallelMesh) -> tuple[list[StageModule], list[int], int]:
+    """This pp rank's stage modules, their stage indices and the total number of stages (schedule
+    and stages per rank from ``mesh.cfg``)."""
+    cfg = mesh.cfg
+    cfg.validate(mesh.world_size)
+    if getattr(model.config, "tie_embeddings", False) and cfg.pp > 1:
         raise ValueError("pipeline parallelism (pp > 1) needs model.tie_embeddings=false: the embedding and the "
                          "LM head live on different stages")
-    pp, rank = mesh.cfg.pp, mesh.coordinate("pp")
-    num_stages = pp * per_rank
+    pp, rank, per_rank = cfg.pp, mesh.coordinate("pp"), cfg.pp_stages_per_rank_resolved
+    num_stages = cfg.pp_num_stages
     runs = stage_layer_ids(len(model.layers), num_stages)
     ids = [rank + k * pp for k in range(per_rank)]
     modules = [StageModule(model, runs[s], s == 0, s == num_stages - 1) for s in ids]
@@ -93,17 +126,66 @@ def split_model(model: nn.Module, mesh: ParallelMesh, options: ParallelOptions |
 
 
 def build_schedule(modules: list[nn.Module], stage_ids: list[int], num_stages: int, mesh: ParallelMesh,
-                   device: torch.device, options: ParallelOptions | None = None, loss_fn=pipeline_loss):
+                   device: torch.device, loss_fn=pipeline_loss):
     """The schedule over this rank's (already parallelised) stage modules. Step it with
     ``schedule.step(input_ids)`` on the rank holding stage 0, ``schedule.step(target=labels,
     losses=out)`` on the one holding the last stage, ``schedule.step()`` elsewhere (a rank holding
     both passes both). ``input_ids`` is this data-parallel rank's batch; it is cut into
     ``pp_microbatches`` (default 2 pp) along the batch dim."""
-    options = options or ParallelOptions()
     group = mesh.group("pp")
     stages = [PipelineStage(m, i, num_stages, device, group=group) for m, i in zip(modules, stage_ids)]
-    microbatches = options.pp_microbatches or 2 * mesh.cfg.pp
-    cls = SCHEDULES[options.pp_schedule]
+    microbatches = mesh.cfg.pp_microbatches_resolved
+    cls = SCHEDULES[mesh.cfg.pp_schedule]
     if cls is ScheduleInterleaved1F1B:
         return cls(stages, microbatches, loss_fn=loss_fn)
     return cls(stages[0], microbatches, loss_fn=loss_fn)
+
+
+class PipelineModel(nn.Module):
+    """This pp rank's part of the model, under the full model's parameter names (``embed`` on the
+    first stage's rank, ``layers.<i>`` for its blocks, ``norm`` / ``lm_head`` on the last stage's),
+    and the schedule that runs it. The stage modules share these submodules (not registered twice)."""
+
+    def __init__(self, model: nn.Module, modules: list[StageModule], stage_ids: list[int], num_stages: int):
+        super().__init__()
+        self.config = model.config
+        self.has_first, self.has_last = 0 in stage_ids, num_stages - 1 in stage_ids
+        self.embed = model.embed if self.has_first else None
+        self.layers = nn.ModuleDict({k: b for m in modules for k, b in m.layers.items()})
+        self.norm = model.norm if self.has_last else None
+        self.lm_head = model.lm_head if self.has_last else None
+        self.stages, self.stage_ids, self.num_stages = list(modules), stage_ids, num_stages
+        self.loss_fn = PipelineLoss()
+        self.schedule = None  # set by `attach_schedule`
+
+    def attach_schedule(self, mesh: ParallelMesh, device: torch.device) -> "PipelineModel":
+        self.schedule = build_schedule(self.stages, self.stage_ids, self.num_stages, mesh, device, self.loss_fn)
+        self.microbatches = mesh.cfg.pp_microbatches_resolved
+        return self
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline stage runs through its schedule: call train_step / eval_step")
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of this data-parallel rank's batch ``[batch, time]`` over all stages.
+        Returns ``(lm_loss [], aux [len(AUX_NAMES)])`` averaged over microbatches on the rank holding
+        the last stage, zeros elsewhere; device tensors (nothing is read back to the host)."""
+        return self._run(self.schedule.step, input_ids, labels)
+
+    @torch.no_grad()
+    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`train_step` without the backward pass."""
+        return self._run(self.schedule.eval, input_ids, labels)
+
+    def _run(self, run, input_ids, labels):
+        self.loss_fn.records.clear()
+        run(*((input_ids,) if self.has_first else ()), target=labels if self.has_last else None,
+            losses=[] if self.has_last else None)
+        if not self.has_last:
+            return torch.zeros((), device=input_ids.device), torch.zeros(len(AUX_NAMES), device=input_ids.device)
+        # The first step also calls the loss once on uninitialised buffers (the stage's shape inference,
+        # before the microbatches): keep the microbatches' records only.
+        records = self.loss_fn.records[-self.microbatches:]
+        lm = torch.stack([r[0] for r in records]).mean()
+        aux = torch.stack([r[1] for r in records]).mean(0)
+        return lm, aux

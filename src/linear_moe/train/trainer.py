@@ -1,5 +1,12 @@
-"""The single-process trainer, top to bottom: data, model, optimizer, then the loop
-(forward, backward, clip, step, log, evaluate, checkpoint), then a generated sample."""
+"""The trainer, top to bottom: data, model, optimizer, then the loop (forward, backward, clip, step,
+log, evaluate, checkpoint), then a generated sample. One process, or every rank under torchrun; with
+pipeline parallelism the model is this rank's `PipelineModel` and its schedule runs forward and backward.
+
+The step does not wait for the device: loss, aux losses and gradient norm stay device tensors, kept
+by `StepLog` and read back at logging and checkpoint steps only. The non-finite guard still skips a bad
+update exactly: a fused AdamW skips it on the device (``found_inf``, as the AMP grad scaler does); other
+optimizers (the CPU default) read one flag per step.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -18,12 +25,14 @@ from ..config import JobConfig
 from ..model.causal_lm import LinearMoEForCausalLM
 from ..moe import collect_expert_load, plot_expert_load, update_moe_biases
 from ..parallel.activation_checkpoint import apply_activation_checkpointing
+from ..parallel.blocks import blocks
 from ..parallel.fsdp import clip_grad_norm_
 from ..parallel.lasp2 import shard_sequence
-from ..parallel.parallelize import local_cu_seqlens, parallelize_model
+from ..parallel.parallelize import local_cu_seqlens, parallelize_model, parallelize_pipeline
+from ..parallel.pipeline import AUX_NAMES, PipelineModel
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import Batch, TrainingData, open_training_data
-from .distributed import Distributed, init_distributed
+from .distributed import Distributed, StepLog, init_distributed
 from .flops import peak_flops, training_flops_per_token
 from .metrics import MetricsLogger, plot_run, read_metrics
 from .optim import build_optimizer, lr_at, set_lr
@@ -106,19 +115,55 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def build_model(job: JobConfig, device: torch.device, ctx: Distributed) -> LinearMoEForCausalLM:
-    """The plain model, then (under torchrun) tensor / expert / sequence parallelism, activation
-    checkpointing and FSDP2 applied from outside; then per-block compile."""
+def build_model(job: JobConfig, device: torch.device, ctx: Distributed) -> LinearMoEForCausalLM | PipelineModel:
+    """The plain model, then (under torchrun) pipeline stages and tensor / expert / sequence parallelism,
+    activation checkpointing and FSDP2 applied from outside; then per-block compile."""
     torch.manual_seed(job.train.seed)  # every rank starts from the same weights
     model = LinearMoEForCausalLM(job.model).to(device)
-    if ctx.enabled:
-        parallelize_model(model, job.parallel, ctx.mesh, activation_checkpointing=job.train.activation_checkpointing)
+    ac = job.train.activation_checkpointing
+    if ctx.enabled and job.parallel.pp > 1:
+        model = parallelize_pipeline(model, job.parallel, ctx.mesh, device, activation_checkpointing=ac)
+    elif ctx.enabled:
+        parallelize_model(model, job.parallel, ctx.mesh, activation_checkpointing=ac)
     else:
-        apply_activation_checkpointing(model, job.train.activation_checkpointing)
+        apply_activation_checkpointing(model, ac)
     if job.train.compile:
-        for block in model.layers:
+        for block in blocks(model):
             block.compile(backend=job.train.compile_backend)
     return model
+
+
+def forward_backward(model, batches: list[Batch], amp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one optimizer step's micro-batches (already on the device and sliced
+    for this rank). Returns this rank's mean ``(lm_loss [], aux [len(AUX_NAMES)])``, device tensors."""
+    if isinstance(model, PipelineModel):  # the schedule cuts the batch into its microbatches
+        (batch,) = batches
+        with amp:
+            return model.train_step(batch.input_ids, batch.labels)
+    lm, aux = 0.0, 0.0
+    for batch in batches:
+        with amp:
+            out = model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens, return_logits=False)
+        (out.loss / len(batches)).backward()
+        lm = lm + out.lm_loss.detach().float() / len(batches)
+        aux = aux + torch.stack([out.aux_losses[n].detach().float() if n in out.aux_losses else out.lm_loss.new_zeros((), dtype=torch.float32)
+                                 for n in AUX_NAMES]) / len(batches)
+    return lm, aux
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool | None:
+    """``optimizer.step()`` when ``finite`` (a device bool) holds, else leave weights and optimizer state
+    as they are. A fused Adam(W) does this on the device (its ``found_inf`` input, which also undoes the
+    step count) and None is returned: nothing was read back. Other optimizers cannot, so the flag is
+    read (one host sync per step) and returned."""
+    if optimizer.defaults.get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        optimizer.step()
+        return None
+    ok = bool(finite)
+    if ok:
+        optimizer.step()
+    return ok
 
 
 def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
@@ -181,73 +226,91 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    last = time.perf_counter()
-    with Progress(total=steps, start=start_step, enabled=ctx.is_main and not quiet) as progress, _StopSignal() as stop:
-        for step in range(start_step, steps):
-            lr = lr_at(step, t, steps)
-            set_lr(optimizer, lr)
-            loss_sum, aux_sums = 0.0, {}
-            for micro in range(t.grad_accum):
-                batch = local(data.train_batch(step * t.grad_accum + micro)).to(device)
-                with amp:
-                    out = model(batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens, return_logits=False)
-                (out.loss / t.grad_accum).backward()
-                loss_sum += out.lm_loss.item() / t.grad_accum
-                for k, v in out.aux_losses.items():
-                    aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / t.grad_accum
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = float(clip_grad_norm_(model, max_norm, mesh) if ctx.enabled
-                              else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            loss_sum = ctx.mean(loss_sum)  # every rank sees the same value: they skip or step together
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                # A bad batch or a spike: drop this update, keep the weights, count it.
-                optimizer.zero_grad(set_to_none=True)
+    pipeline = isinstance(model, PipelineModel)
+    steplog = StepLog(ctx, AUX_NAMES, contributes=model.has_last if pipeline else True)
+    aux_logged = _aux_names(job)
+    max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+    interval_start, interval_steps, tok_s, shown_loss = time.perf_counter(), 0, 0.0, float("nan")
+
+    def read_back(step: int, log_now: bool) -> None:
+        """Read the steps kept since the last read (one collective, one host copy); log them."""
+        nonlocal interval_start, interval_steps, tok_s, shown_loss
+        rows = steplog.flush()
+        now = time.perf_counter()
+        tok_s = tokens_per_step * interval_steps / max(now - interval_start, 1e-9)
+        interval_start, interval_steps = now, 0
+        for r in rows:
+            if not r["finite"]:
+                # A bad batch or a spike: the update was dropped, the weights kept.
                 result.skipped_steps += 1
-                log(step + 1, {"skipped_nonfinite": 1, "loss": loss_sum, "grad_norm": grad_norm})
+                log(r["step"], {"skipped_nonfinite": 1, "loss": r["loss"], "grad_norm": r["grad_norm"]})
                 if result.skipped_steps > t.max_skipped_steps:
                     if logger is not None:
                         logger.close()
                     last_good = list_checkpoints(run_dir)
                     raise TrainingDiverged(
-                        f"step {step + 1}: {result.skipped_steps} steps with a non-finite loss or gradient "
+                        f"step {r['step']}: {result.skipped_steps} steps with a non-finite loss or gradient "
                         f"(train.max_skipped_steps={t.max_skipped_steps}); last good checkpoint: "
                         f"{last_good[-1] if last_good else 'none'}")
-                result.step = step + 1
                 continue
-            optimizer.step()
-            update_moe_biases(model, mesh.group("dp_sp") if ctx.enabled else None)
+            result.losses.append(r["loss"])
+            shown_loss = r["loss"]
+        good = [r for r in rows if r["finite"]]
+        if log_now and good and good[-1]["step"] == step:
+            r = good[-1]
+            row = {"loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tok_s,
+                   "tokens": step * tokens_per_step,
+                   **{k: v for k, v in r["aux"].items() if k in aux_logged or v != 0.0}}
+            if peak:
+                row["mfu"] = tok_s * flops_per_token / (peak * ctx.world)
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            load = collect_expert_load(model)  # under pp: the layers of this rank's stages
+            if load.numel():
+                row["expert_load"] = load.tolist()
+                share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
+                row["expert_load_max_over_mean"] = float((share.max(-1).values * load.shape[-1]).mean())
+            log(step, row)
+            progress.note(format_row(step, row))
+
+    with Progress(total=steps, start=start_step, enabled=ctx.is_main and not quiet) as progress, _StopSignal() as stop:
+        for step in range(start_step, steps):
+            lr = lr_at(step, t, steps)
+            set_lr(optimizer, lr)
+            batches = [local(data.train_batch(step * t.grad_accum + micro)).to(device) for micro in range(t.grad_accum)]
+            loss, aux = forward_backward(model, batches, amp)
+            grad_norm = (clip_grad_norm_(model, max_norm, mesh) if ctx.enabled
+                         else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            # The norm is reduced over every mesh and stage, so this flag is the same on every rank and
+            # they skip or step together; a non-finite loss gives non-finite gradients.
+            finite = torch.isfinite(grad_norm)
+            stepped = step_unless_nonfinite(optimizer, finite)
+            if stepped is not False:  # None: the device decided; the bias step uses token counts only
+                update_moe_biases(model, mesh.group("dp_sp") if ctx.enabled else None)
             optimizer.zero_grad(set_to_none=True)
-            now = time.perf_counter()
-            tok_s = tokens_per_step / max(now - last, 1e-9)
-            last = now
-            result.losses.append(loss_sum)
-            result.step = step + 1
-            progress.update(step + 1, loss=loss_sum, tokens_per_s=tok_s)
-            if (step + 1) % t.log_interval == 0 or step + 1 == steps:
-                row = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                       "tokens": (step + 1) * tokens_per_step, **aux_sums}
-                if peak:
-                    row["mfu"] = tok_s * flops_per_token / (peak * ctx.world)
-                if device.type == "cuda":
-                    row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                load = collect_expert_load(model)
-                if load.numel():
-                    row["expert_load"] = load.tolist()
-                    share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
-                    row["expert_load_max_over_mean"] = float((share.max(-1).values * load.shape[-1]).mean())
-                log(step + 1, row)
-                progress.note(format_row(step + 1, row))
+            steplog.add(step + 1, lr, loss, aux, grad_norm, finite)
+            result.step, interval_steps = step + 1, interval_steps + 1
+            log_now = (step + 1) % t.log_interval == 0 or step + 1 == steps
+            ckpt_now = (step + 1) % t.ckpt_interval == 0 and step + 1 < steps
+            # The stop flag is agreed on at the steps that read back anyway (and at every step when the
+            # step already read its flag, or in one process, where reading it costs nothing).
+            check_stop = not ctx.enabled or stepped is not None or log_now or ckpt_now
+            if log_now or ckpt_now:
+                read_back(step + 1, log_now)
+            progress.update(step + 1, loss=shown_loss, tokens_per_s=tok_s)
             if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < steps:
                 result.eval_loss = evaluate(model, data, t.eval_batches, device, amp, ctx, local)
                 log(step + 1, {"eval_loss": result.eval_loss})
                 progress.note(f"step {step + 1}: eval loss {result.eval_loss:.3f} (unigram entropy {data.unigram_entropy:.3f})")
-            if ctx.broadcast(stop.received) is not None:
+            if check_stop and ctx.broadcast(stop.received) is not None:
+                read_back(step + 1, False)
                 result.stopped_by_signal = True
                 break
-            if (step + 1) % t.ckpt_interval == 0 and step + 1 < steps:
+            if ckpt_now:
                 save(step + 1)
             if stop_after is not None and step + 1 >= stop_after:
                 break
+    read_back(result.step, False)
     finished = result.step == steps
     if finished:
         result.eval_loss = evaluate(model, data, t.eval_batches, device, amp, ctx, local)
@@ -283,7 +346,17 @@ def _sizes(job: JobConfig) -> tuple[int, int, float]:
 
 def _layout(job: JobConfig, ctx: Distributed) -> str:
     p = ctx.mesh.cfg
-    return f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} sp={p.sp} ep={p.ep}"
+    pp = (f"pp={p.pp} ({p.pp_schedule}, {p.pp_num_stages} stages, {p.pp_microbatches_resolved} microbatches) "
+          if p.pp > 1 else "")
+    return pp + f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} sp={p.sp} ep={p.ep}"
+
+
+def _aux_names(job: JobConfig) -> set[str]:
+    """The aux losses the model reports (the others are logged only when non-zero)."""
+    names = {"moe_balance_loss"} if "E" in job.model.resolved_ffn_pattern() else set()
+    if names and job.model.moe.z_loss_coef:
+        names.add("moe_z_loss")
+    return names
 
 
 def format_row(step: int, row: dict) -> str:
@@ -308,10 +381,14 @@ def evaluate(model: LinearMoEForCausalLM, data: TrainingData, n_batches: int, de
     model.eval()
     total = 0.0
     batches = data.eval_batches(n_batches)
+    pipeline = isinstance(model, PipelineModel)
     for batch in batches:
         batch = local(batch).to(device)
         with amp:
-            total += model(batch.input_ids, labels=batch.labels, return_logits=False).lm_loss.item()
+            if pipeline:
+                total += model.eval_step(batch.input_ids, batch.labels)[0].item()
+            else:
+                total += model(batch.input_ids, labels=batch.labels, return_logits=False).lm_loss.item()
     model.train()
     mean = total / max(1, len(batches))
-    return ctx.mean(mean) if ctx is not None else mean
+    return ctx.mean(mean, contributes=model.has_last if pipeline else True) if ctx is not None else mean
