@@ -53,10 +53,12 @@ def test_gather_sum_kernel_matches_torch(dtype, tol):
     n_src, n_tok, k, c = 11, 6, 3, 20
     src = torch.randn(n_src, c, device=DEVICE).to(dtype)
     index = torch.randint(0, n_src + 1, (n_tok, k), device=DEVICE)  # n_src = a dropped slot
+    src2 = torch.randn(n_src, c, device=DEVICE).to(dtype)
     w = torch.rand(n_tok, k, device=DEVICE)
-    for weight in (None, w):
-        got = kernels.gather_sum(src, index, weight)
-        src64 = torch.cat([src.double(), torch.zeros(1, c, dtype=torch.float64, device=DEVICE)])
+    for weight, second in ((None, None), (w, None), (None, src2), (w, src2)):
+        got = kernels.gather_sum(src, index, weight, second)
+        both = src.double() + (0 if second is None else second.double())
+        src64 = torch.cat([both, torch.zeros(1, c, dtype=torch.float64, device=DEVICE)])
         want = (src64[index] * (1 if weight is None else weight.double()[..., None])).sum(1)
         assert got.dtype == dtype
         _close(got, want, tol)

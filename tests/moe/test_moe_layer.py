@@ -201,3 +201,21 @@ def test_moe_layer_trains_under_bf16_autocast_with_fp32_weights():
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in layer.parameters())
+
+
+def test_layer_keeps_only_gate_and_up_per_routed_row():
+    """Dropless single rank: of the [N * k, ...] activations, backward keeps the gate and up outputs only
+    (no gathered inputs, no SwiGLU output, no expert outputs)."""
+    from linear_moe.moe.experts import _grouped_mm_runs
+
+    if not _grouped_mm_runs(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8)
+    layer = MoELayer(C, cfg).train()
+    x = torch.randn(10, C, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    params = {p.data_ptr() for p in layer.parameters()}
+    per_row = [tuple(t.shape) for t in saved if t.data_ptr() not in params and t.dim() == 2 and t.shape[0] == 20]
+    assert sorted(per_row) == [(20, 8), (20, 8)]

@@ -61,8 +61,8 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_ptr, h_pt
 
 
 @triton.jit
-def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, n_src, C, stride_src, stride_out,
-                       K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gather_sum_kernel(src_ptr, src2_ptr, idx_ptr, w_ptr, out_ptr, n_src, C, stride_src, stride_src2, stride_out,
+                       K: tl.constexpr, HAS_W: tl.constexpr, HAS_SRC2: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -70,6 +70,8 @@ def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, n_src, C, stride_src, s
     for j in tl.static_range(K):
         r = tl.load(idx_ptr + t * K + j).to(tl.int64)
         v = tl.load(src_ptr + r * stride_src + cols, mask=cmask & (r < n_src), other=0.0).to(tl.float32)
+        if HAS_SRC2:
+            v += tl.load(src2_ptr + r * stride_src2 + cols, mask=cmask & (r < n_src), other=0.0).to(tl.float32)
         if HAS_W:
             v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
         acc += v
@@ -123,12 +125,14 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
     return dg, du, None if dw is None else dw.sum(1), out
 
 
-def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[t] = sum_j weight[t, j] * src[index[t, j]]`` where rows ``index >= len(src)`` count as zero.
+def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None,
+               src2: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j weight[t, j] * (src + src2)[index[t, j]]`` where rows ``index >= len(src)`` count as zero.
 
-    src [n, C], index [N, k] int64, weight [N, k] or None (all ones) -> [N, C] in src's dtype.
+    src, src2 [n, C] (src2 optional), index [N, k] int64, weight [N, k] or None (all ones) -> [N, C] in src's dtype.
     """
     src = _rows(src)
+    src2 = _rows(src2) if src2 is not None else None
     index = index.contiguous()
     n_tok, k = index.shape
     c = src.shape[1]
@@ -137,6 +141,8 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | No
         return out
     bc = _block(c, 2048)
     grid = (n_tok, triton.cdiv(c, bc))
-    _gather_sum_kernel[grid](src, index, weight.contiguous() if weight is not None else src, out, src.shape[0], c,
-                             src.stride(0), out.stride(0), K=k, HAS_W=weight is not None, BLOCK_C=bc)
+    _gather_sum_kernel[grid](src, src2 if src2 is not None else src, index,
+                             weight.contiguous() if weight is not None else src, out, src.shape[0], c,
+                             src.stride(0), src2.stride(0) if src2 is not None else 0, out.stride(0),
+                             K=k, HAS_W=weight is not None, HAS_SRC2=src2 is not None, BLOCK_C=bc)
     return out

@@ -98,18 +98,21 @@ class MoELayer(nn.Module):
         n_slots = r.topk_idx.numel()
         capacity = self.capacity(flat.shape[0])
         order, counts, dropped = sort_by_expert(r.topk_idx, cfg.num_experts, capacity)
-        slot_to_row = inverse_order(order, n_slots)
+        slot_to_row = inverse_order(order, n_slots)          # [N * k]: sorted row of each slot, n if dropped
+        token = order // k                                     # [n]: token of each sorted row
         if torch.is_autocast_enabled(flat.device.type):  # cast the N token rows, not the N * k copies
             flat = flat.to(torch.get_autocast_dtype(flat.device.type))
-        x_sorted = dispatch(flat, order, slot_to_row, k)
         if self.ep_size == 1:
-            # the routing weight rides into the experts' SwiGLU, so the combine is a plain sum
+            # the experts gather the rows themselves (and redo it in backward instead of keeping them), and
+            # the routing weight rides into their SwiGLU, so the combine is a plain sum
             row_weight = permute(r.topk_weight.reshape(-1), order, slot_to_row)
-            y = combine(self.experts(x_sorted, counts, row_weight), order, slot_to_row, k)
+            y_sorted = self.experts(flat, counts, row_weight, token=token, slot_to_row=slot_to_row.view(-1, k))
+            y = combine(y_sorted, token, slot_to_row.view(-1, k))
         else:
             # the experts' forward is wrapped by parallel/expert.py (gradient scaling): it sees rows only
+            x_sorted = dispatch(flat, token, slot_to_row.view(-1, k))
             y_sorted = expert_parallel_apply(x_sorted, counts, self.ep_group, self.experts)
-            y = combine(y_sorted, order, slot_to_row, k, r.topk_weight)
+            y = combine(y_sorted, token, slot_to_row.view(-1, k), r.topk_weight)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:

@@ -4,11 +4,11 @@ accumulators, no host sync).
 The routing of ``N`` tokens to ``k`` experts each gives ``N * k`` slots (slot ``t * k + j`` is token ``t``'s
 ``j``-th choice). ``sort_by_expert`` keeps ``n <= N * k`` of them in expert order: ``order [n]`` (slot of each
 sorted row). Its inverse ``slot_to_row [N * k]`` (``inverse_order``) names the sorted row of each slot, or
-``n`` for a dropped slot. With both maps every step and its gradient is a gather:
+``n`` for a dropped slot; the functions below take it as ``[N, k]``. With both maps every step and its gradient is a gather:
 
-    dispatch  x_sorted = x[order // k]                 backward: grad_x[t] = sum_j grad[slot_to_row[t, j]]
+    dispatch  x_sorted = x[token]  (token = order // k)  backward: grad_x[t] = sum_j grad[slot_to_row[t, j]]
     combine   y[t] = sum_j w[t, j] y_sorted[slot_to_row[t, j]]
-                                                       backward: grad_y_sorted = w_sorted * grad_y[order // k]
+                                                       backward: grad_y_sorted = w_sorted * grad_y[token]
     permute   v[order] of a one-to-one map             backward: grad[inverse] (zero where nothing came from)
 
 The ``sum_j`` gather is one Triton kernel on CUDA (``kernels.gather_sum``), else gather + sum / bmm.
@@ -27,14 +27,18 @@ def inverse_order(order: torch.Tensor, num_slots: int) -> torch.Tensor:
     return inv.scatter_(0, order, torch.arange(n, device=order.device))
 
 
-def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[t] = sum_j weight[t, j] * src[index[t, j]]``; index values ``>= len(src)`` add zero. No autograd.
+def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None,
+               src2: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j weight[t, j] * (src + src2)[index[t, j]]``; index values ``>= len(src)`` add zero. No autograd.
 
-    src [n, C], index [N, k] int64, weight [N, k] or None -> [N, C] in src's dtype (accumulated in fp32 on
-    the Triton path, in bf16/fp16 sum or bmm otherwise).
+    src (and src2) [n, C], index [N, k] int64, weight [N, k] or None -> [N, C] in src's dtype (accumulated in
+    fp32 on the Triton path, in bf16/fp16 sum or bmm otherwise). ``src2`` lets two partial gradients be summed
+    in the same pass instead of by a separate add.
     """
     if use_fused_kernels(src):
-        return fused_kernels().gather_sum(src, index, weight)
+        return fused_kernels().gather_sum(src, index, weight, src2)
+    if src2 is not None:
+        src = src + src2
     n_tok, k = index.shape
     if src.shape[0] < index.numel():  # some slots may be dropped: they read an appended zero row
         src = torch.cat([src, src.new_zeros((1,) + tuple(src.shape[1:]))])
@@ -48,34 +52,41 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token, slot_to_row):
         ctx.save_for_backward(slot_to_row)
-        ctx.num_tokens = x.shape[0]
         return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
         (slot_to_row,) = ctx.saved_tensors
-        return gather_sum(grad, slot_to_row.view(ctx.num_tokens, -1)), None, None
+        return gather_sum(grad, slot_to_row), None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_sorted, slot_weight, slot_to_row, order, k):
-        ctx.k = k
+    def forward(ctx, y_sorted, slot_weight, token, slot_to_row):
         # the weight's gradient needs y_sorted: only kept when a weight is given
-        ctx.save_for_backward(order, slot_to_row, slot_weight, y_sorted if slot_weight is not None else None)
-        return gather_sum(y_sorted, slot_to_row.view(-1, k), slot_weight)
+        ctx.save_for_backward(token, slot_to_row, slot_weight, y_sorted if slot_weight is not None else None)
+        return gather_sum(y_sorted, slot_to_row, slot_weight)
 
     @staticmethod
     def backward(ctx, grad):
-        order, slot_to_row, slot_weight, y_sorted = ctx.saved_tensors
-        grad_rows = grad.index_select(0, order // ctx.k)                     # [n, C]
+        token, slot_to_row, slot_weight, y_sorted = ctx.saved_tensors
+        grad_rows = grad.index_select(0, token)                                  # [n, C]
         grad_weight = None
         if slot_weight is not None:
             acc = torch.promote_types(grad_rows.dtype, torch.float32)          # fp32 at least, float64 stays
-            dw = (grad_rows.to(acc) * y_sorted.to(acc)).sum(-1)              # per sorted row
-            grad_weight = torch.cat([dw, dw.new_zeros(1)])[slot_to_row].view_as(slot_weight).to(slot_weight.dtype)
-            grad_rows = grad_rows * slot_weight.reshape(-1)[order].to(grad_rows.dtype).unsqueeze(-1)
-        return grad_rows, grad_weight, None, None, None
+            dw = (grad_rows.to(acc) * y_sorted.to(acc)).sum(-1)                # per sorted row
+            padded = torch.cat([dw, dw.new_zeros(1)])
+            grad_weight = padded[slot_to_row].to(slot_weight.dtype)
+            row_weight = torch.cat([slot_weight.reshape(-1), slot_weight.new_zeros(1)])
+            order = _order_of(slot_to_row, grad_rows.shape[0])
+            grad_rows = grad_rows * row_weight[order].to(grad_rows.dtype).unsqueeze(-1)
+        return grad_rows, grad_weight, None, None
+
+
+def _order_of(slot_to_row: torch.Tensor, n: int) -> torch.Tensor:
+    # the slot of each sorted row: the inverse of slot_to_row on the kept slots (dropped slots land on row n)
+    order = torch.empty(n + 1, dtype=torch.long, device=slot_to_row.device)
+    return order.scatter_(0, slot_to_row.reshape(-1), torch.arange(slot_to_row.numel(), device=slot_to_row.device))[:n]
 
 
 class _Permute(torch.autograd.Function):
@@ -93,22 +104,22 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def dispatch(x: torch.Tensor, order: torch.Tensor, slot_to_row: torch.Tensor, k: int) -> torch.Tensor:
-    """Token rows in expert order: x [N, C], order [n], slot_to_row [N * k] -> x[order // k] [n, C].
+def dispatch(x: torch.Tensor, token: torch.Tensor, slot_to_row: torch.Tensor) -> torch.Tensor:
+    """Token rows in expert order: x [N, C], token [n] (= order // k), slot_to_row [N, k] -> x[token] [n, C].
 
     Backward sums each token's ``k`` row gradients by gathering them (no index_add_ atomics).
     """
-    return _Dispatch.apply(x, order // k, slot_to_row)
+    return _Dispatch.apply(x, token, slot_to_row)
 
 
-def combine(y_sorted: torch.Tensor, order: torch.Tensor, slot_to_row: torch.Tensor, k: int,
+def combine(y_sorted: torch.Tensor, token: torch.Tensor, slot_to_row: torch.Tensor,
             slot_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum each token's expert rows back: y_sorted [n, C] -> [N, C] (``N = len(slot_to_row) // k``).
+    """Sum each token's expert rows back: y_sorted [n, C], token [n], slot_to_row [N, k] -> [N, C].
 
     ``slot_weight [N, k]`` (routing weights in slot order) multiplies the rows; leave it None when the
     experts already applied it. Dropped slots (``slot_to_row == n``) add zero. No zero-filled accumulator.
     """
-    return _Combine.apply(y_sorted, slot_weight, slot_to_row, order, k)
+    return _Combine.apply(y_sorted, slot_weight, token, slot_to_row)
 
 
 def permute(v: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
