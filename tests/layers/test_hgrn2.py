@@ -10,29 +10,26 @@ from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
 
 
 def hgrn2_reference(layer, x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
+    """x ``[B, T, C]`` → y ``[B, T, C]`` in float64, one token at a time with an explicit state ``[B, H, K, V]``."""
     P = float64_params(layer)
     H, K, V = layer.num_heads, layer.head_k_dim, layer.head_v_dim
-    B, T, C = x.shape
-    out = torch.zeros(B, T, C, dtype=torch.float64)
-    for b in range(B):
-        q, f, i = (x[b] @ P[f"{n}_proj.weight"].T for n in ("q", "f", "i"))
-        if layer.use_short_conv:
-            q, f, i = (causal_conv(z, P[f"{n}_conv.weight"], silu=False) for z, n in ((q, "q"), (f, "f"), (i, "i")))
-        lower = torch.sigmoid(P["lower_bound_logit"]) if "lower_bound_logit" in P else torch.zeros(H * K)
-        S = torch.zeros(H, K, V, dtype=torch.float64)
-        for t in range(T):
-            forget = (lower + (1 - lower) * torch.sigmoid(f[t])).view(H, K)
-            query = (q[t] * torch.sigmoid(q[t])).view(H, K)
-            inp = i[t].view(H, V)
-            o = torch.zeros(H, V, dtype=torch.float64)
-            for h in range(H):
-                S[h] = forget[h][:, None] * S[h] + torch.outer(1 - forget[h], inp[h])
-                o[h] = query[h] @ S[h]
-            o = o.reshape(-1)
-            o = o / torch.sqrt(o.pow(2).mean() + 1e-5) * P["norm.weight"]
-            out[b, t] = P["o_proj.weight"] @ o
-    return out
+    B, T, _ = x.shape
+    q, f, i = (x.double() @ P[f"{n}_proj.weight"].T for n in "qfi")
+    if layer.use_short_conv:
+        q, f, i = (causal_conv(z, P[f"{n}_conv.weight"], silu=False) for z, n in zip((q, f, i), "qfi"))
+    lower = torch.sigmoid(P["lower_bound_logit"]) if "lower_bound_logit" in P else torch.zeros(H * K)
+    forget = (lower + (1 - lower) * torch.sigmoid(f)).view(B, T, H, K)
+    query = (q * torch.sigmoid(q)).view(B, T, H, K)
+    inp = i.view(B, T, H, V)
+    S = torch.zeros(B, H, K, V, dtype=torch.float64)
+    out = []
+    for t in range(T):
+        f_t = forget[:, t, :, :, None]
+        S = f_t * S + (1 - f_t) * inp[:, t, :, None, :]  # input gate 1 - f_t, outer product with the input
+        o = (query[:, t, :, :, None] * S).sum(-2).reshape(B, H * V)
+        o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * P["norm.weight"]
+        out.append(o @ P["o_proj.weight"].T)
+    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("mode", ["recurrent", "chunk"])
