@@ -75,6 +75,10 @@ def test_torchrun_pipeline_trains_and_logs_lm_and_aux_losses(pp_run):
     assert abs(losses[1]["loss"] - lm1) <= 1e-5 * lm1, (losses[1], lm1)  # the LM loss alone is logged
     assert aux1 > 0 and abs(losses[1]["moe_balance_loss"] - aux1) <= 1e-5 * aux1, (losses[1], aux1)
     assert losses[4]["loss"] < losses[1]["loss"]
+    # expert load gathered from both pp ranks: one row per MoE layer (of its last microbatch: 1 x 16 tokens)
+    load = torch.tensor(losses[1]["expert_load"])
+    assert load.shape == (job.model.resolved_ffn_pattern().count("E"), job.model.moe.num_experts)
+    assert torch.all(load.sum(-1) == 16 * job.model.moe.top_k)
     # the pp checkpoint (each rank saved its stages) is one whole model for one process
     ckpt = root / "runs" / "pp" / "checkpoints" / "step_00000004"
     assert (ckpt / "dcp" / ".metadata").is_file()

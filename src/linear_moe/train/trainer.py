@@ -265,7 +265,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
                 row["mfu"] = tok_s * flops_per_token / (peak * ctx.world)
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            load = collect_expert_load(model)  # under pp: the layers of this rank's stages
+            load = _expert_load(model, ctx)
             if load.numel():
                 row["expert_load"] = load.tolist()
                 share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
@@ -349,6 +349,18 @@ def _layout(job: JobConfig, ctx: Distributed) -> str:
     pp = (f"pp={p.pp} ({p.pp_schedule}, {p.pp_num_stages} stages, {p.pp_microbatches_resolved} microbatches) "
           if p.pp > 1 else "")
     return pp + f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} sp={p.sp} ep={p.ep}"
+
+
+def _expert_load(model, ctx: Distributed) -> torch.Tensor:
+    """Tokens per expert of every MoE layer in the last step, ``[moe layers, E]``; under pipeline
+    parallelism gathered from the pp ranks (each holds its stages' layers) in layer order."""
+    if not isinstance(model, PipelineModel):
+        return collect_expert_load(model)
+    mine = {int(i): collect_expert_load(block) for i, block in model.layers.items()}
+    parts = [None] * dist.get_world_size(ctx.mesh.group("pp"))
+    dist.all_gather_object(parts, {i: load for i, load in mine.items() if load.numel()}, group=ctx.mesh.group("pp"))
+    rows = [load for _, load in sorted(((i, load) for part in parts for i, load in part.items()), key=lambda kv: kv[0])]
+    return torch.cat(rows) if rows else torch.zeros(0, 0)
 
 
 def _aux_names(job: JobConfig) -> set[str]:
