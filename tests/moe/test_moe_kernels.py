@@ -77,6 +77,7 @@ def test_layer_with_kernels_matches_reference(monkeypatch, capacity_factor):
     grads = torch.autograd.grad((y * g).sum(), [x] + list(layer.parameters()))
     ry = reference_moe_forward(layer, x)
     rgrads = torch.autograd.grad((ry * g).sum(), [x] + list(layer.parameters()))
-    _close(y, ry, 1e-5)
+    tol = 1e-5 if DEVICE == "cpu" else 1e-4  # GPU GEMMs may reorder sums
+    _close(y, ry, tol)
     for a, b in zip(grads, rgrads):
-        _close(a, b, 1e-5)
+        _close(a, b, tol)

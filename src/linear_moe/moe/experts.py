@@ -4,6 +4,10 @@ Weights are stacked ``[E, out, in]`` (each slice is an HF ``nn.Linear.weight``),
 shards dim 0. The fast path is grouped_mm (``F.grouped_mm``, or ``torch._grouped_mm`` on older torch): one
 kernel for all experts, no host sync. It runs on CPU too (torch 2.13: fp32/bf16/fp16 with 16-byte aligned
 rows). The fallback loops over experts and needs the per-expert counts on the host (one sync on GPU).
+
+On the grouped_mm path the whole expert MLP is one autograd node (``_GroupedSwiGLU``) that keeps only
+the gate and up outputs per routed row; the loop path builds the same math from differentiable pieces
+and is the reference the tests hold it to.
 """
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The MoE channel mixer: router -> sort by expert (-> all-to-all) -> grouped experts -> weighted combine,
-plus optional shared experts. ``MoELayer(hidden, cfg)(x) -> (y, aux)``."""
+plus optional shared experts. ``MoELayer(hidden, cfg)(x) -> (y, aux)``.
+
+Single rank, the path is gathers and grouped GEMMs only: no atomics, no host sync when dropless (the
+expert counts stay on the device, as do the statistics in ``last_stats``), and the routing weight folded
+into the experts' SwiGLU so the combine is a plain per-token sum (``permute.py``, ``experts.py``)."""
 from __future__ import annotations
 
 import math
