@@ -1,11 +1,13 @@
 """Combined layouts on 4 gloo processes, driven by the trainer: dp=2 × tp=2 with the experts over
 ep=2, and pp=2 × dp=2 (1F1B); each trains 3 steps from the same initial weights and data as one
-process and logs the same losses (fp32, rel err < 1e-4), then evaluates the same held-out loss."""
+process and logs the same losses (fp32, rel err < 1e-4), then evaluates the same held-out loss.
+The same processes check the trainer's device-side skip of a non-finite step on FSDP shards."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from linear_moe.config import build_job_config
 from linear_moe.data.testing import tiny_dataset
@@ -31,11 +33,32 @@ def _job(root: str, name: str, batch: int, parallel=()):
         ("data.cache_dir", str(Path(root) / "cache"))])
 
 
+def _fused_adamw_skips_on_fsdp_shards(world):
+    """The trainer's device-side skip (fused AdamW ``found_inf``) on FSDP-sharded (DTensor) parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from linear_moe.train.trainer import step_unless_nonfinite
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.randn(3, 4)).sum().backward()
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    skipped = step_unless_nonfinite(opt, torch.tensor(False))
+    kept = all(torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
+    counts = {s["step"].item() for s in opt.state.values()}
+    stepped = step_unless_nonfinite(opt, torch.tensor(True))
+    moved = all(not torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
+    return skipped is None and stepped is None and kept and counts == {0.0} and moved
+
+
 def _worker(rank, world, root, names):
     out = {}
     for name in names:
         result = train(_job(root, name, 2, LAYOUTS[name]), quiet=True)
         out[name] = (result.losses, result.eval_loss)
+    out["fused_skip"] = _fused_adamw_skips_on_fsdp_shards(world)
     return out
 
 
@@ -56,3 +79,4 @@ def test_combined_layouts_match_one_process(root):
         for a, b in zip(losses, single.losses):
             assert abs(a - b) <= 1e-4 * abs(b), (name, losses, single.losses)
         assert abs(eval_loss - single.eval_loss) <= 1e-4 * abs(single.eval_loss), (name, eval_loss, single.eval_loss)
+    assert all(r["fused_skip"] for r in per_rank)
