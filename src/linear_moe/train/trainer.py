@@ -277,7 +277,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
         for step in range(start_step, steps):
             lr = lr_at(step, t, steps)
             set_lr(optimizer, lr)
-            batches = [local(data.train_batch(step * t.grad_accum + micro)).to(device) for micro in range(t.grad_accum)]
+            batches = [_to_device(local(data.train_batch(step * t.grad_accum + micro)), device) for micro in range(t.grad_accum)]
             loss, aux = forward_backward(model, batches, amp)
             grad_norm = (clip_grad_norm_(model, max_norm, mesh) if ctx.enabled
                          else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
@@ -349,6 +349,14 @@ def _layout(job: JobConfig, ctx: Distributed) -> str:
     pp = (f"pp={p.pp} ({p.pp_schedule}, {p.pp_num_stages} stages, {p.pp_microbatches_resolved} microbatches) "
           if p.pp > 1 else "")
     return pp + f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} sp={p.sp} ep={p.ep}"
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    """A copy from pageable memory waits for the GPU to drain; from pinned memory it is queued."""
+    if device.type != "cuda":
+        return batch
+    pin = [None if x is None else x.pin_memory() for x in (batch.input_ids, batch.labels, batch.cu_seqlens)]
+    return Batch(*pin).to(device)
 
 
 def _expert_load(model, ctx: Distributed) -> torch.Tensor:
