@@ -3,8 +3,9 @@ accumulators, no host sync).
 
 The routing of ``N`` tokens to ``k`` experts each gives ``N * k`` slots (slot ``t * k + j`` is token ``t``'s
 ``j``-th choice). ``sort_by_expert`` keeps ``n <= N * k`` of them in expert order: ``order [n]`` (slot of each
-sorted row). Its inverse ``slot_to_row [N * k]`` (``inverse_order``) names the sorted row of each slot, or
-``n`` for a dropped slot; the functions below take it as ``[N, k]``. With both maps every step and its gradient is a gather:
+sorted row). Its inverse ``slot_to_row [N * k]`` (``inverse_order``) names the sorted row of each slot,
+or ``n`` for a dropped slot; the functions below take it as ``[N, k]``. With both maps every step and
+its gradient is a gather:
 
     dispatch  x_sorted = x[token]  (token = order // k)  backward: grad_x[t] = sum_j grad[slot_to_row[t, j]]
     combine   y[t] = sum_j w[t, j] y_sorted[slot_to_row[t, j]]
@@ -77,9 +78,8 @@ class _Combine(torch.autograd.Function):
             dw = (grad_rows.to(acc) * y_sorted.to(acc)).sum(-1)                # per sorted row
             padded = torch.cat([dw, dw.new_zeros(1)])
             grad_weight = padded[slot_to_row].to(slot_weight.dtype)
-            row_weight = torch.cat([slot_weight.reshape(-1), slot_weight.new_zeros(1)])
-            order = _order_of(slot_to_row, grad_rows.shape[0])
-            grad_rows = grad_rows * row_weight[order].to(grad_rows.dtype).unsqueeze(-1)
+            row_weight = slot_weight.reshape(-1)[_order_of(slot_to_row, grad_rows.shape[0])]
+            grad_rows = grad_rows * row_weight.to(grad_rows.dtype).unsqueeze(-1)
         return grad_rows, grad_weight, None, None
 
 
