@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, a short bf16 training run through the CLI, the MoE-layer benchmark and a
-# (reduced) model-throughput table beside the HF peer. Wheels missing on the GPU image travel in .whl/.
+# The GPU runs of the issues in one script, part by part (PARTS="moe model scaling decode train mixers ops tests").
+# Wheels missing on the GPU image travel in .whl/; Triton's autotuning results travel in .tune/h100.tgz
+# (benchmarks/warm_kernels.py): fla's kernels otherwise spend minutes per mixer tuning on a fresh machine.
+# Each part writes its JSON/log under $OUT; the timeouts keep one slow part from losing the others.
 set -u
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD/src:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-PARTS=${PARTS:-"tests train moe model"}   # which parts to run
+PARTS=${PARTS:-"moe model"}
 has() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"
-has tests && echo "== GPU tests" && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py \
-  tests/layers/test_linear_mixers_cuda.py tests/layers/test_part2_cuda.py tests/interop/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
-if has train; then
-echo "== CLI training on the GPU (bf16 autocast, fp32 master weights)"
-timeout 240 python3 -m linear_moe train --quiet --train.max_steps 120 --train.batch_size 32 --train.seq_len 512 \
-  --model.mixer gated_deltanet --model.layer_pattern LLLN --train.eval_interval 0 --train.log_interval 20 \
-  --data.cache_dir /tmp/lmcache --train.output_dir /tmp/runs --train.run_name gpu 2>&1 | tail -4
-tail -2 /tmp/runs/gpu/metrics.jsonl | cut -c1-400; cp /tmp/runs/gpu/metrics.jsonl "$OUT/gpu_train_metrics.jsonl"
+TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=benchmarks/tuning/h100-torch2.11-triton3.6.0-fla0.6.0.tgz
+[ -f "$TUNE" ] && python3 benchmarks/warm_kernels.py --mixers "" --unpack "$TUNE"
+has tests && echo "== GPU tests" && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/moe/test_moe_cuda.py \
+  tests/ops/test_ops_cuda.py tests/layers/test_linear_mixers_cuda.py tests/layers/test_part2_cuda.py tests/interop/test_gpu.py \
+  tests/benchmarks/test_decode_bench.py tests/moe/test_moe_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+has moe && echo "== MoE layer" && timeout 120 python3 benchmarks/moe_bench.py --profile 2>&1 | grep -v "^ *[0-9.]* ms .*x  [a-z_]" | tail -30
+if has model; then  # 8K tokens per step: the peer (HF Qwen2-MoE) fits at this size only (fp32 logits)
+  echo "== model throughput beside the peer"
+  timeout ${MODEL_S:-300} python3 benchmarks/model_bench.py --lengths 2048,8192 --tokens-per-step 8192 --kinds ${MODEL_KINDS:-gdn,hybrid,attention} \
+    --peer ${PEERS:-peer_sdpa,peer_fla_gdn} --steps 3 --warmup 2 --checkpoint-from 1000000 --profile-lengths 8192 2>&1 | cut -c1-300 | tail -20
+  mv "$OUT/model_bench.json" "$OUT/model_bench_peer.json"; mv "$OUT/model_bench.png" "$OUT/model_bench_peer.png" 2>/dev/null
 fi
-has moe && echo "== MoE layer" && timeout 120 python3 benchmarks/moe_bench.py
-has model && echo "== model throughput" && timeout ${MODEL_BENCH_S:-240} python3 benchmarks/model_bench.py ${MODEL_BENCH_ARGS:---lengths 2048,8192,32768 --kinds gdn,hybrid,attention --peer peer_sdpa --steps 3 --warmup 1}
-ls -la "$OUT"
+if has scaling; then  # the same tokens per step at every length; selective checkpointing throughout
+  echo "== scaling in sequence length"
+  timeout ${SCALING_S:-300} python3 benchmarks/model_bench.py --lengths ${SCALING_LENGTHS:-2048,8192,32768,65536} --tokens-per-step ${SCALING_TOKENS:-32768} \
+    --kinds ${SCALING_KINDS:-gdn,hybrid,attention} --steps 2 --warmup 1 --checkpoint-from 0 --profile-lengths 32768 2>&1 | cut -c1-300 | tail -20
+  mv "$OUT/model_bench.json" "$OUT/model_bench_scaling.json"; mv "$OUT/model_bench.png" "$OUT/model_bench_scaling.png" 2>/dev/null
+fi
+has decode && echo "== decode" && timeout ${DECODE_S:-200} python3 benchmarks/decode_bench.py --out "$OUT" ${DECODE_ARGS:---cuda-graph} 2>&1 | tail -12
+if has train; then  # issue 7: A0.3B-2B, packed KJV data, bf16, selective checkpointing, 8K and 32K tokens per sequence
+  for spec in ${TRAIN_SPECS:-8192:4:150 32768:1:120}; do
+    IFS=: read -r T B N <<<"$spec"; echo "== train A0.3B-2B T=$T B=$B steps=$N"
+    timeout ${TRAIN_S:-240} python3 -m linear_moe train --quiet --preset A0.3B-2B --model.mixer gated_deltanet --model.vocab_size 32768 \
+      --data.packing true --train.seq_len "$T" --train.batch_size "$B" --train.max_steps "$N" --train.activation_checkpointing selective \
+      --train.eval_interval 0 --train.log_interval 10 --train.ckpt_interval 100000 --data.cache_dir /tmp/lmcache \
+      --train.output_dir /tmp/runs --train.run_name "a03b_T$T" 2>&1 | tail -3
+    cp /tmp/runs/a03b_T$T/metrics.jsonl "$OUT/train_a03b_T$T.jsonl" 2>/dev/null; tail -1 "$OUT/train_a03b_T$T.jsonl" | cut -c1-600
+  done
+fi
+has mixers && echo "== every mixer layer" && timeout ${MIXERS_S:-300} python3 benchmarks/mixer_bench.py --out "$OUT" \
+  --budget-s $(( ${MIXERS_S:-300} - 30 )) ${MIXERS_ARGS:-} 2>&1 | grep -v '^{' | tail -40
+has ops && echo "== ops" && timeout ${OPS_S:-240} python3 benchmarks/ops_bench.py --out "$OUT/ops_bench.json" \
+  --budget-s $(( ${OPS_S:-240} - 20 )) ${OPS_ARGS:-} 2>&1 | tail -30
+python3 benchmarks/warm_kernels.py --mixers "" --pack "$OUT/tune.tgz"
+ls "$OUT"

@@ -167,7 +167,21 @@ def environment() -> dict:
                                        cwd=Path(__file__).parent).stdout.strip() or os.environ.get("GIT_COMMIT", "")
     except OSError:
         env["commit"] = os.environ.get("GIT_COMMIT", "")
+    env["source_digest"] = source_digest()
     return env
+
+
+def source_digest() -> str:
+    """sha256 of the package's sources: identifies the code that ran even where a copied tree's git
+    metadata lags behind its files (as on the device machine). Recompute locally to match a commit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    src = Path(__file__).resolve().parents[1] / "src"
+    for f in sorted(src.rglob("*.py")):
+        h.update(str(f.relative_to(src)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -209,13 +223,15 @@ def main() -> None:
     env = environment()
     print(json.dumps(env), flush=True)
     rows = []
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
     lengths = [int(t) for t in args.lengths.split(",")]
     for kind in [k for k in args.kinds.split(",") if k] + [k for k in args.peer.split(",") if k]:
         for T in lengths:
             rows.append(run_one(kind, T, max(args.tokens_per_step, T), args))
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model_bench.json").write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1))
+            # rewritten after every row: a run stopped by its time limit keeps what it measured
+            (out / "model_bench.json").write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows},
+                                                             indent=1, default=sorted))
     plot(rows, out / "model_bench.png")
     print(f"\n{'kind':14s} {'T':>6s} {'B':>3s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s}")
     for r in rows:
