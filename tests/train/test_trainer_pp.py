@@ -96,9 +96,6 @@ def _resume_worker(rank, world, root, run):
     return train(job, resume=str(Path(root) / "runs" / run), quiet=True).losses
 
 
-@pytest.mark.xfail(strict=True, reason="train/checkpoint.py saves optimizer param_groups as one object that DCP keeps "
-                                       "once for all ranks; pp ranks differ: needs StateDictOptions("
-                                       "flatten_optimizer_state_dict=True) in save/load (reported to the lead)")
 def test_pipeline_checkpoint_resumes_as_if_uninterrupted(pp_run):
     import shutil
 

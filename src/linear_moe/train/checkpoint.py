@@ -5,8 +5,12 @@ Two formats, one layout (``<run>/checkpoints/step_00000200/`` with ``config.toml
 ``tokenizer.json`` beside the tensors):
 
 - one process: ``model.safetensors`` + ``optimizer.pt`` (read back with ``weights_only=True``);
-- several processes (sharded models, FSDP / TP / EP): ``dcp/``, a torch.distributed.checkpoint
+- several processes (sharded models, FSDP / TP / EP / PP): ``dcp/``, a torch.distributed.checkpoint
   directory written by every rank in parallel, readable under any other layout, one process included.
+  The optimizer state is *flattened* (one entry per parameter and hyper-parameter, ``optim.state.<fqn>.<key>``,
+  ``optim.param_groups.<fqn>.<key>``): DCP keeps one copy of a non-tensor object for all ranks, so the
+  nested ``param_groups`` list, which differs between pipeline ranks, would keep only one rank's.
+  Checkpoints written before that (nested: ``optim.param_groups.<index>.params``) still load.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -75,7 +79,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     _barrier()
     try:
         if _distributed():
-            model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, [])[0], None)
+            model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=_FLAT)
+            optim_sd = optim_sd if optimizer is not None else None
             payload = {"model": model_sd} | ({"optim": optim_sd} if optim_sd is not None else {})
             dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
         else:
@@ -202,15 +207,32 @@ def _load_single_into_sharded(ckpt: Path, model: nn.Module, optimizer, tensors: 
         raise CheckpointError(f"{str(ckpt)!r} cannot be loaded into this sharded model: {str(e).splitlines()[0][:300]}") from None
 
 
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _load_dcp(ckpt: Path, model: nn.Module, optimizer) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    path = ckpt / "dcp"
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"{str(path)!r} has no readable DCP metadata: {str(e).splitlines()[0][:300]}") from None
+    # Older checkpoints kept the optimizer nested: DCP stored its param_groups list by index, each group's
+    # ``params`` (a list of names) written once for all ranks.
+    nested = any(re.fullmatch(r"optim\.param_groups\.\d+\.params", k) for k in saved)
+    options = StateDictOptions() if nested else _FLAT
+    if optimizer is not None and not any(k.startswith("optim.") for k in saved):
+        raise CheckpointError(f"{str(path)!r} holds no optimizer state; cannot resume the optimizer")
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=options)
     payload = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
     try:
-        dcp.load(payload, checkpoint_id=str(ckpt / "dcp"))
+        dcp.load(payload, checkpoint_id=str(path))
     except Exception as e:  # DCP raises several types for missing / mismatched entries
-        raise CheckpointError(f"{str(ckpt / 'dcp')!r} cannot be loaded into this model: {str(e).splitlines()[0][:300]}") from None
+        hint = ("; it was written with the nested optimizer state, which keeps one rank's param_groups: "
+                "resume it under the layout that wrote it, or load the weights only (no optimizer) and start "
+                "the optimizer afresh") if options is not _FLAT else ""
+        raise CheckpointError(f"{str(path)!r} cannot be loaded into this model: {str(e).splitlines()[0][:300]}{hint}") from None
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=payload["model"],
-                   optim_state_dict=payload.get("optim", {}))
+                   optim_state_dict=payload.get("optim", {}), options=options)
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
