@@ -1,5 +1,11 @@
 """Softmax attention (the `N` / `*` layers): rotary positions, grouped-query heads, SDPA kernels
-(flash / cuDNN / memory-efficient on GPU), packed documents, a KV cache for generation."""
+(flash / cuDNN / memory-efficient on GPU), packed documents, a preallocated KV cache for generation.
+
+The decoding state is a KV cache of fixed capacity written in place (see ``SoftmaxAttention``), so a
+one-token step has static shapes, reads no device value on the host and can be captured in a CUDA graph.
+Rows of one batch may hold prompts of different lengths: each row's cache is left-padded and a per-row
+``start`` slot masks the padding, so ragged batches decode as one batch.
+"""
 from __future__ import annotations
 
 import torch
@@ -11,11 +17,25 @@ from ..ops.rotary import apply_rotary, rotary_cos_sin
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
 
+CACHE_ROUND = 64  # capacities are multiples of this (aligned masks for the fused SDPA kernels; fewer regrowths)
+CACHE_KEYS = ("k", "v", "offset", "slot", "start", "used")
+
 
 @register_mixer("attention")
 class SoftmaxAttention(nn.Module):
-    """State: ``{"k": [B, S, KV, D], "v": [B, S, KV, D], "offset": tokens seen}``; with a sliding window
-    the cache keeps only the last ``window`` positions."""
+    """State (a dict; every row shares the slot it writes next, left padding keeps rows aligned)::
+
+        "k": [B, C, KV, D], "v": [B, C, KV, Dv]   cache buffers of capacity C (keys already rotated)
+        "offset": [B] long   tokens seen by each row (the position of its next token)
+        "slot":   [] long    the next slot written (device copy, advanced inside a captured graph)
+        "start":  [B] long   each row's first valid slot (> 0 for left-padded rows)
+        "used":   int        host copy of ``slot``: decides growth without reading the device
+
+    A continuing call writes its keys/values into the given buffers in place (the returned state shares
+    them; clone a state to branch from it). When ``used + T`` exceeds C the cache is copied into one of
+    double capacity (with a sliding window, slots no future query can see are dropped first). Inside a
+    captured CUDA graph ``used`` does not advance: reserve the capacity first (``reserve_kv_cache``).
+    """
 
     def __init__(self, hidden_size: int, mixer: MixerConfig, attention: AttentionConfig, layer_idx: int, num_layers: int):
         super().__init__()
@@ -33,30 +53,30 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, cu_seqlens: torch.Tensor | None = None):
+        """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, KV-cache state)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        offset = 0 if state is None else state["offset"]
+        steps = torch.arange(T, device=x.device)
         if cu_seqlens is not None:
             if state is not None:
                 raise ValueError("attention: cu_seqlens (packed documents) cannot be combined with a decoding state")
             positions = _positions_in_documents(cu_seqlens, T, x.device)
+        elif state is None:
+            positions = steps
         else:
-            positions = torch.arange(offset, offset + T, device=x.device)
+            positions = state["offset"][:, None] + steps  # [B, T]: rows of a ragged batch sit at their own positions
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if state is None:
             o = causal_attention(q, k, v, cu_seqlens=cu_seqlens, sliding_window=self.window)
-            k_all, v_all = k, v
+            new_state = _new_cache(k, v, self.window)
         else:
-            k_all = torch.cat([state["k"], k], dim=1)
-            v_all = torch.cat([state["v"], v], dim=1)
-            o = _attend_with_cache(q, k_all, v_all, offset, self.window)
-        if self.window:
-            k_all, v_all = k_all[:, -self.window:], v_all[:, -self.window:]
+            new_state = _write(state, k, v, self.window)
+            o = cached_attention(q, new_state["k"], new_state["v"], new_state["slot"] - T, new_state["start"], self.window)
         y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
-        return y, {"k": k_all, "v": v_all, "offset": offset + T}
+        return y, new_state
 
 
 def _positions_in_documents(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
@@ -66,16 +86,111 @@ def _positions_in_documents(cu_seqlens: torch.Tensor, T: int, device) -> torch.T
     return idx - cu_seqlens.to(device)[doc]
 
 
-def _attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, window: int) -> torch.Tensor:
-    """New queries ``[B, T, H, D]`` at positions offset..offset+T-1 against cached + new keys ``[B, S, KV, D]``."""
-    T, S = q.shape[1], k.shape[1]
-    q_pos = torch.arange(offset, offset + T, device=q.device)[:, None]
-    k_pos = torch.arange(offset + T - S, offset + T, device=q.device)[None, :]
-    mask = k_pos <= q_pos
+def cache_capacity(tokens: int) -> int:
+    """The capacity holding ``tokens``: rounded up to a multiple of ``CACHE_ROUND``."""
+    return max(CACHE_ROUND, -(-tokens // CACHE_ROUND) * CACHE_ROUND)
+
+
+def is_kv_cache(state) -> bool:
+    """Whether ``state`` is a softmax-attention decoding state (a dict with exactly ``CACHE_KEYS``)."""
+    return isinstance(state, dict) and set(state) == set(CACHE_KEYS)
+
+
+def _new_cache(k: torch.Tensor, v: torch.Tensor, window: int, capacity: int = 0) -> dict:
+    """The cache after a prefill of keys/values ``[B, T, KV, D]`` (a window keeps the last ``window``)."""
+    B, T = k.shape[:2]
+    keep = min(T, window) if window else T
+    cache_k = k.new_zeros(B, max(capacity, cache_capacity(keep)), *k.shape[2:])
+    cache_v = v.new_zeros(B, cache_k.shape[1], *v.shape[2:])
+    cache_k[:, :keep], cache_v[:, :keep] = k[:, T - keep:], v[:, T - keep:]
+    dev = k.device
+    return {"k": cache_k, "v": cache_v, "offset": torch.full((B,), T, dtype=torch.long, device=dev),
+            "slot": torch.tensor(keep, dtype=torch.long, device=dev),
+            "start": torch.zeros(B, dtype=torch.long, device=dev), "used": keep}
+
+
+def _write(state: dict, k: torch.Tensor, v: torch.Tensor, window: int) -> dict:
+    """Write ``[B, T, KV, D]`` keys/values at slots ``slot .. slot+T-1`` (in place, growing first if full)."""
+    T = k.shape[1]
+    if state["used"] + T > state["k"].shape[1]:
+        state = _grow(state, state["used"] + T, window)
+    idx = state["slot"] + torch.arange(T, device=k.device)  # device-side: the same kernels every step
+    state["k"].index_copy_(1, idx, k.to(state["k"].dtype))
+    state["v"].index_copy_(1, idx, v.to(state["v"].dtype))
+    return {"k": state["k"], "v": state["v"], "offset": state["offset"] + T, "slot": state["slot"] + T,
+            "start": state["start"], "used": state["used"] + T}
+
+
+def _grow(state: dict, needed: int, window: int) -> dict:
+    """A copy of the cache with room for ``needed`` slots: double the capacity until it fits; with a window,
+    first drop the slots older than ``window - 1`` before the next query (no future query reads them)."""
+    used = state["used"]
+    drop = max(0, used - (window - 1)) if window else 0
+    capacity = state["k"].shape[1]
+    while capacity < needed - drop:
+        capacity *= 2
+    k = state["k"].new_zeros(state["k"].shape[0], capacity, *state["k"].shape[2:])
+    v = state["v"].new_zeros(state["v"].shape[0], capacity, *state["v"].shape[2:])
+    k[:, :used - drop], v[:, :used - drop] = state["k"][:, drop:used], state["v"][:, drop:used]
+    return {"k": k, "v": v, "offset": state["offset"], "slot": state["slot"] - drop,
+            "start": (state["start"] - drop).clamp(min=0), "used": used - drop}
+
+
+def reserve_kv_cache(state: dict, capacity: int) -> dict:
+    """``state`` with room for at least ``capacity`` slots (rounded up; a copy when it must grow)."""
+    if state["k"].shape[1] >= capacity:
+        return state
+    cap = cache_capacity(capacity)
+    k = state["k"].new_zeros(state["k"].shape[0], cap, *state["k"].shape[2:])
+    v = state["v"].new_zeros(state["v"].shape[0], cap, *state["v"].shape[2:])
+    used = state["used"]
+    k[:, :used], v[:, :used] = state["k"][:, :used], state["v"][:, :used]
+    return {**state, "k": k, "v": v}
+
+
+def stack_kv_caches(rows: list[dict], capacity: int = 0) -> dict:
+    """One batch cache from the caches of separate calls (any batch sizes and lengths): each row is
+    left-padded so every row's next slot is the same; ``start`` marks where its own keys begin."""
+    used = max(r["used"] for r in rows)
+    first = rows[0]
+    B = sum(r["k"].shape[0] for r in rows)
+    cap = max(cache_capacity(used), cache_capacity(capacity) if capacity else 0)
+    k = first["k"].new_zeros(B, cap, *first["k"].shape[2:])
+    v = first["v"].new_zeros(B, cap, *first["v"].shape[2:])
+    starts, b = [], 0
+    for r in rows:
+        n, pad = r["k"].shape[0], used - r["used"]
+        k[b:b + n, pad:used], v[b:b + n, pad:used] = r["k"][:, :r["used"]], r["v"][:, :r["used"]]
+        starts.append(r["start"] + pad)
+        b += n
+    return {"k": k, "v": v, "offset": torch.cat([r["offset"] for r in rows]),
+            "slot": torch.tensor(used, dtype=torch.long, device=k.device), "start": torch.cat(starts), "used": used}
+
+
+def cache_mask(slot: torch.Tensor, start: torch.Tensor, time: int, capacity: int, window: int = 0) -> torch.Tensor:
+    """Boolean ``[B, 1, T, C]``, True where query i (at slot ``slot + i``) of row b may read cache slot j:
+    ``start[b] <= j <= slot + i`` and, with a window, ``slot + i - j < window``."""
+    j = torch.arange(capacity, device=start.device)
+    q_slot = (slot + torch.arange(time, device=start.device))[:, None]      # [T, 1]
+    allowed = (j <= q_slot)[None] & (j >= start[:, None, None])             # [B, T, C]
     if window:
-        mask &= k_pos > q_pos - window
-    groups = q.shape[2] // k.shape[2]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return o.transpose(1, 2)
+        allowed = allowed & (j > q_slot - window)[None]
+    return allowed[:, None]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, start: torch.Tensor,
+                     window: int = 0) -> torch.Tensor:
+    """Queries ``[B, T, H, D]`` written at slots ``slot ..`` against a cache ``[B, C, KV, D]`` /
+    ``[B, C, KV, Dv]`` through ``cache_mask``. Returns ``[B, T, H, Dv]``.
+
+    Each kv head's query group is laid out along the query axis (``[B, KV, T * G, D]``), so grouped-query
+    heads read the cache as it is (no repeated copy of the cache per step)."""
+    B, T, H, D = q.shape
+    C, KV, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // KV
+    q_ = q.view(B, T, KV, G, D).permute(0, 2, 1, 3, 4).reshape(B, KV, T * G, D)
+    mask = cache_mask(slot, start, T, C, window)
+    if G > 1:
+        mask = mask.repeat_interleave(G, dim=2, output_size=T * G)
+    o = F.scaled_dot_product_attention(q_, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return o.view(B, KV, T, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, T, H, Dv)

@@ -1,20 +1,20 @@
 """Autoregressive generation that carries each mixer's state: a linear mixer's recurrent (and
 short-conv) state, an attention layer's KV cache. Each new token costs O(1) in linear layers.
 
-Prompts of different lengths (a list of prompts) are prefilled one by one, so no mixer ever reads a pad
-token and each row's state is exactly the state of that prompt alone; the rows' states are then stacked
-along the batch and the batch decodes together. Softmax-attention KV caches keep one cache per row (their
-lengths differ), and those layers attend row by row during the decode; linear mixers, MoE layers and the
-LM head run batched. Each row is the same as generating its prompt alone (greedy).
+After the prefill every attention cache is given room for the whole generation (prompt + new tokens,
+rounded up), so the decode writes in place and never regrows. Prompts of different lengths (a list of
+prompts) are prefilled one by one, so no mixer ever reads a pad token and each row's state is exactly the
+state of that prompt alone; the rows' states are then stacked along the batch (attention caches
+left-padded, with each row's first valid slot in the cache's ``start``) and the batch decodes as one batch
+in every layer. Each row is the same as generating its prompt alone (greedy).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
 
-from ..layers.attention import SoftmaxAttention
+from ..layers.attention import is_kv_cache, reserve_kv_cache, stack_kv_caches
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -66,7 +66,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Ten
             if input_ids.dim() != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids must be [batch, time] with time >= 1, got shape {tuple(input_ids.shape)}")
             out = model(input_ids, states=None, return_states=True, logits_to_keep=1)
-            new = _decode(model, out.logits[:, -1], out.states, max_new_tokens, sampling, eos_id, stop_check_every)
+            states = _reserve(out.states, max_new_tokens)
+            new = _decode(model, out.logits[:, -1], states, max_new_tokens, sampling, eos_id, stop_check_every)
             return torch.cat([input_ids, new], dim=1)
         prompts = _as_prompts(input_ids, _device_of(model))
         if len({len(p) for p in prompts}) == 1:  # one length: one batched prefill, no per-row caches
@@ -76,8 +77,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Ten
             rows = [model(p[None], states=None, return_states=True, logits_to_keep=1) for p in prompts]
             logits = torch.cat([r.logits[:, -1] for r in rows])
             states = _stack_rows([r.states for r in rows])
-        with _attention_by_row(model):
-            new = _decode(model, logits, states, max_new_tokens, sampling, eos_id, stop_check_every)
+        new = _decode(model, logits, _reserve(states, max_new_tokens), max_new_tokens, sampling, eos_id, stop_check_every)
         return [torch.cat([p, _cut_after_eos(row, eos_id)]) for p, row in zip(prompts, new)]
     finally:
         model.train(was_training)
@@ -136,51 +136,29 @@ def _as_prompts(prompts, device: torch.device) -> list[torch.Tensor]:
     return out
 
 
-class _Rows(list):
-    """One softmax-attention layer's per-row states (KV caches of different lengths), batch order."""
-
-
 def _stack_rows(rows: list):
     """Stack per-prompt states (each from a batch-1 call) into one batch state: tensors are concatenated
-    along the batch; a softmax-attention cache (a dict whose ``offset`` is a Python int: the position
-    shared by the whole batch) stays one entry per row."""
+    along the batch; softmax-attention caches (of different lengths) are left-padded to one cache."""
     first = rows[0]
     if first is None:
         return None
     if isinstance(first, torch.Tensor):
         return torch.cat(rows, dim=0)
+    if is_kv_cache(first):
+        return stack_kv_caches(rows)
     if isinstance(first, dict):
-        if isinstance(first.get("offset"), int):
-            return _Rows(rows)
         return {key: _stack_rows([r[key] for r in rows]) for key in first}
     if isinstance(first, (list, tuple)):
         return [_stack_rows(list(layer)) for layer in zip(*rows)]
     raise TypeError(f"cannot stack a decoding state of type {type(first).__name__}")
 
 
-@contextmanager
-def _attention_by_row(model):
-    """While active, a softmax-attention module given a ``_Rows`` state runs once per batch row, each
-    row with its own cache (the module's own forward, so the result is the single-prompt result)."""
-    patched = [m for m in model.modules() if isinstance(m, SoftmaxAttention)]
-    previous = [vars(m).get("forward") for m in patched]  # an instance-level forward someone else set
-    for module in patched:
-        module.forward = _by_row(module.forward)
-    try:
-        yield
-    finally:
-        for module, before in zip(patched, previous):
-            if before is None:
-                del module.forward  # back to the class's forward
-            else:
-                module.forward = before
-
-
-def _by_row(forward):
-    def run(x: torch.Tensor, state=None, cu_seqlens: torch.Tensor | None = None):
-        if not isinstance(state, _Rows):
-            return forward(x, state, cu_seqlens)
-        outs = [forward(x[i:i + 1], row_state, cu_seqlens) for i, row_state in enumerate(state)]
-        return torch.cat([y for y, _ in outs]), _Rows(s for _, s in outs)
-
-    return run
+def _reserve(state, new_tokens: int):
+    """Every attention cache in ``state`` (nested lists / dicts) with room for ``new_tokens`` more slots."""
+    if is_kv_cache(state):
+        return reserve_kv_cache(state, state["used"] + new_tokens)
+    if isinstance(state, dict):
+        return {key: _reserve(value, new_tokens) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_reserve(value, new_tokens) for value in state]
+    return state
