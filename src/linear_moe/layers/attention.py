@@ -31,8 +31,9 @@ class SoftmaxAttention(nn.Module):
         "start":  [B] long   each row's first valid slot (> 0 for left-padded rows)
         "used":   int        host copy of ``slot``: decides growth without reading the device
 
-    A continuing call writes its keys/values into the given buffers in place (the returned state shares
-    them; clone a state to branch from it). When ``used + T`` exceeds C the cache is copied into one of
+    A continuing call writes its keys/values into the given buffers in place and the returned state shares
+    them. An older state of the same buffers can still continue (the slots past its own are masked until
+    it overwrites them), but two continuations of one state must not interleave: clone it to branch. When ``used + T`` exceeds C the cache is copied into one of
     double capacity (with a sliding window, slots no future query can see are dropped first). Inside a
     captured CUDA graph ``used`` does not advance: reserve the capacity first (``reserve_kv_cache``).
     """

@@ -66,7 +66,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Ten
             if input_ids.dim() != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids must be [batch, time] with time >= 1, got shape {tuple(input_ids.shape)}")
             out = model(input_ids, states=None, return_states=True, logits_to_keep=1)
-            states = _reserve(out.states, max_new_tokens)
+            states = reserve_caches(out.states, max_new_tokens)
             new = _decode(model, out.logits[:, -1], states, max_new_tokens, sampling, eos_id, stop_check_every)
             return torch.cat([input_ids, new], dim=1)
         prompts = _as_prompts(input_ids, _device_of(model))
@@ -77,7 +77,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Ten
             rows = [model(p[None], states=None, return_states=True, logits_to_keep=1) for p in prompts]
             logits = torch.cat([r.logits[:, -1] for r in rows])
             states = _stack_rows([r.states for r in rows])
-        new = _decode(model, logits, _reserve(states, max_new_tokens), max_new_tokens, sampling, eos_id, stop_check_every)
+        new = _decode(model, logits, reserve_caches(states, max_new_tokens), max_new_tokens, sampling, eos_id, stop_check_every)
         return [torch.cat([p, _cut_after_eos(row, eos_id)]) for p, row in zip(prompts, new)]
     finally:
         model.train(was_training)
@@ -153,12 +153,12 @@ def _stack_rows(rows: list):
     raise TypeError(f"cannot stack a decoding state of type {type(first).__name__}")
 
 
-def _reserve(state, new_tokens: int):
+def reserve_caches(state, new_tokens: int):
     """Every attention cache in ``state`` (nested lists / dicts) with room for ``new_tokens`` more slots."""
     if is_kv_cache(state):
         return reserve_kv_cache(state, state["used"] + new_tokens)
     if isinstance(state, dict):
-        return {key: _reserve(value, new_tokens) for key, value in state.items()}
+        return {key: reserve_caches(value, new_tokens) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return [_reserve(value, new_tokens) for value in state]
+        return [reserve_caches(value, new_tokens) for value in state]
     return state
