@@ -2,18 +2,22 @@
 state per layer) against all-softmax attention (a KV cache per layer), bf16 weights, in one run.
 
     python benchmarks/decode_bench.py [--contexts 1024,8192,32768] [--kinds gdn,attention] [--batch 1]
-                                      [--new-tokens 128] [--warmup 8] [--prefill-chunk 0] [--cuda-graph]
+                                      [--new-tokens 128] [--warmup 8] [--prefill-chunk 0] [--cuda-graph] [--no-graph]
     python benchmarks/decode_bench.py --device cpu --tiny      # a dry run of the same code on a tiny model
 
 For each context length: prefill a random prompt (the linear model optionally chunk by chunk, carrying its
-states), then time ``--new-tokens`` one-token steps with CUDA events, one event per step and no host
-synchronisation inside the loop (greedy sampling stays on the device). Reports per-token latency (median,
-p90), decode tokens/s, prefill time, and issue 8's targets: the linear model's latency flat from the shortest
-to the longest context (within ±15%) and ≥ 3× faster than softmax attention at the longest context.
+states), give every attention KV cache room for the whole decode (as ``model.generate`` does: the cache is
+preallocated and written in place, so a one-token step has fixed shapes), then time ``--new-tokens``
+one-token steps with CUDA events, one event per step and no host synchronisation inside the loop (greedy
+sampling stays on the device). Reports per-token latency (median, p90), decode tokens/s, prefill time, and
+issue 8's targets: the linear model's latency flat from the shortest to the longest context (within ±15%)
+and ≥ 3× faster than softmax attention at the longest context.
 
-``--cuda-graph`` captures the linear model's whole one-token step (forward, argmax, state update) in one CUDA
-graph; attention's cache grows every step (new shapes), so it always runs eagerly. Note: the attention layer
-appends to its KV cache with ``torch.cat`` (a copy of the cache per step), as ``model.generate`` does.
+Modes, for both kinds alike: ``eager`` (each step launched from Python) and ``graph`` (the whole one-token
+step, forward + argmax + state update, captured once in a CUDA graph and replayed). ``--cuda-graph`` times
+the graph mode, ``--no-graph`` the eager mode, both flags both (each from the same prefill); neither means
+eager. Targets are judged within one mode (eager against eager, graph against graph). On the CPU the graph
+mode runs the same fixed-buffer step without a graph (marked ``static`` in the table).
 
 Writes ``$OUT/decode_bench.json`` (or ``benchmarks/results/``), rewritten after every row.
 """
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from linear_moe.layers.config import AttentionConfig  # noqa: E402
 from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
+from linear_moe.model.generation import reserve_caches, stack_states  # noqa: E402
 from linear_moe.moe.config import MoEConfig  # noqa: E402
 from mixer_bench import Timer, environment  # noqa: E402
 
@@ -67,19 +72,28 @@ def _map_states(fn, a, b=None):
         return {k: _map_states(fn, v, None if b is None else b[k]) for k, v in a.items()}
     if isinstance(a, (list, tuple)):
         return [_map_states(fn, v, None if b is None else b[i]) for i, v in enumerate(a)]
-    return a  # ints (attention's offset) are the same for every row
+    return a  # ints (attention's host-side slot count) are the same for every row
 
 
-def _cat_rows(rows: list):
-    """States of batch-1 prefills (same length) → one batch state (tensors concatenated along dim 0)."""
-    first = rows[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(rows)
-    if isinstance(first, dict):
-        return {k: _cat_rows([r[k] for r in rows]) for k in first}
-    if isinstance(first, (list, tuple)):
-        return [_cat_rows(list(layer)) for layer in zip(*rows)]
-    return first
+def _copy_into(old, new) -> None:
+    """Make the state ``old`` equal ``new`` in place: tensors copied into ``old``'s buffers (skipped where the
+    layer already wrote in place), ints (attention's host slot count) assigned."""
+    if isinstance(old, dict):
+        for k, v in new.items():
+            if isinstance(v, torch.Tensor):
+                if v is not old[k]:
+                    old[k].copy_(v)
+            elif isinstance(v, (dict, list, tuple)):
+                _copy_into(old[k], v)
+            else:
+                old[k] = v
+    elif isinstance(old, (list, tuple)):
+        for i, v in enumerate(new):
+            if isinstance(v, torch.Tensor):
+                if v is not old[i]:
+                    old[i].copy_(v)
+            elif v is not None:
+                _copy_into(old[i], v)
 
 
 def prefill(model, prompt: torch.Tensor, chunk: int):
@@ -95,7 +109,7 @@ def prefill(model, prompt: torch.Tensor, chunk: int):
             state = out.states
         logits.append(out.logits[:, -1])
         states.append(state)
-    return torch.cat(logits), _cat_rows(states)
+    return torch.cat(logits), stack_states(states)
 
 
 def decode_eager(model, token: torch.Tensor, states, steps: int, events: list | None = None):
@@ -116,14 +130,16 @@ def decode_eager(model, token: torch.Tensor, states, steps: int, events: list | 
 
 class StaticDecode:
     """The one-token step writing into fixed buffers: forward, argmax into ``self.token``, the new states
-    copied into ``self.states``. Fixed addresses make it capturable: with ``cuda_graph`` the whole step is
-    one CUDA graph replay (the linear model only: an attention cache grows every step). ``step()`` returns
-    the new token ``[batch]`` (a view of the static buffer)."""
+    copied into ``self.states`` (attention caches are written in place by the layer). Fixed addresses make it
+    capturable: with ``cuda_graph`` the whole step is one CUDA graph replay. ``step()`` returns the new token
+    ``[batch]`` (a view of the static buffer). Attention caches get room for ``max_steps`` more tokens up
+    front: a replay never runs the layer's Python, so the cache cannot grow inside the graph."""
 
-    def __init__(self, model, token: torch.Tensor, states, cuda_graph: bool = False, warmup: int = 3):
+    def __init__(self, model, token: torch.Tensor, states, cuda_graph: bool = False, warmup: int = 3,
+                 max_steps: int = 1024):
         self.model, self.graph = model, None
         self.token = token[:, None].clone()
-        self.states = _map_states(torch.clone, states)
+        self.states = _map_states(torch.clone, reserve_caches(states, max_steps + warmup + 1))
         if cuda_graph:
             start_token, start_states = self.token.clone(), _map_states(torch.clone, self.states)
             side = torch.cuda.Stream()
@@ -137,11 +153,11 @@ class StaticDecode:
                 self._body()
             # the warm-up advanced the buffers: start again from the given token and states
             self.token.copy_(start_token)
-            _map_states(lambda old, new: old.copy_(new), self.states, start_states)
+            _copy_into(self.states, start_states)
 
     def _body(self) -> None:
         out = self.model(self.token, states=self.states, return_states=True)
-        _map_states(lambda old, new: old.copy_(new), self.states, out.states)
+        _copy_into(self.states, out.states)
         self.token.copy_(out.logits[:, -1:].argmax(-1))
 
     def step(self) -> torch.Tensor:
@@ -152,9 +168,10 @@ class StaticDecode:
         return self.token[:, 0]
 
 
-def run_one(model, kind: str, context: int, args, device: torch.device) -> dict:
-    row = {"kind": kind, "context": context, "batch": args.batch}
-    prompt = states = graph = None
+def run_one(model, kind: str, context: int, args, device: torch.device) -> list[dict]:
+    """One prefill of a random ``[batch, context]`` prompt, then one timed decode per mode: a row each."""
+    base = {"kind": kind, "context": context, "batch": args.batch}
+    rows, prompt, states = [], None, None
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -163,39 +180,56 @@ def run_one(model, kind: str, context: int, args, device: torch.device) -> dict:
         chunk = args.prefill_chunk if kind != "attention" else 0  # attention's chunked prefill needs a dense mask
         with Timer(device) as t:
             logits, states = prefill(model, prompt, chunk)
-        row["prefill_ms"] = t.ms
+        base["prefill_ms"] = t.ms
+        # room for every step this row takes (warm-up, the graph check and capture, the timed steps)
+        states = reserve_caches(states, args.warmup + args.new_tokens + 16)
         token = logits.argmax(-1)
         if args.warmup:  # warm the kernels and the allocator
             tokens, states = decode_eager(model, token, states, args.warmup)
             token = tokens[:, -1]
-        if args.cuda_graph and kind != "attention" and device.type == "cuda":
-            try:
-                want, _ = decode_eager(model, token, states, 4)
-                graph = StaticDecode(model, token, states, cuda_graph=True)
-                got = torch.stack([graph.step().clone() for _ in range(4)], 1)
-                row["cuda_graph"] = True
-                row["cuda_graph_matches_eager"] = bool(torch.equal(got, want))  # same kernels: same tokens
-                token = got[:, -1]
-            except Exception as e:  # capture is best effort: fall back to eager decoding
-                row["cuda_graph_error"] = repr(e)[:300]
-                graph = None
-                torch.cuda.synchronize()
+    except Exception as e:  # record and go on: an OOM at 32K must not lose the rest of the table
+        rows = [{**base, "mode": mode, "error": repr(e)[:400]} for mode in args.modes]
+        if args.verbose:
+            traceback.print_exc()
+    else:
+        rows = [decode_row(model, dict(base, mode=mode), token, states, args, device) for mode in args.modes]
+    finally:
+        prompt = states = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def decode_row(model, row: dict, token: torch.Tensor, states, args, device: torch.device) -> dict:
+    """Time ``args.new_tokens`` steps in ``row["mode"]`` from ``token`` and ``states`` (which it does not
+    advance: an attention cache's later slots are rewritten before they are read)."""
+    graph = None
+    try:
+        if row["mode"] == "graph":
+            want, _ = decode_eager(model, token, states, 4)
+            capture = device.type == "cuda"
+            graph = StaticDecode(model, token, states, cuda_graph=capture, max_steps=4 + args.new_tokens)
+            got = torch.stack([graph.step().clone() for _ in range(4)], 1)
+            row["cuda_graph"] = capture
+            row["graph_matches_eager"] = bool(torch.equal(got, want))  # same kernels: same tokens
+            token = got[:, -1]
         latencies = time_decode(model, token, states, graph, args.new_tokens, device)
         latencies.sort()
         median = statistics.median(latencies)
         row.update(latency_ms=median, latency_p90_ms=latencies[int(0.9 * (len(latencies) - 1))],
-                   latency_mean_ms=statistics.fmean(latencies), tok_s=args.batch * 1e3 / statistics.fmean(latencies),
+                   latency_mean_ms=statistics.fmean(latencies), tok_s=row["batch"] * 1e3 / statistics.fmean(latencies),
                    steps=len(latencies))
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    except Exception as e:  # record and go on: an OOM at 32K must not lose the rest of the table
+    except Exception as e:  # a failed capture (or OOM) is reported in its row; the other mode still runs
         row["error"] = repr(e)[:400]
         if args.verbose:
             traceback.print_exc()
-    finally:
-        prompt = states = graph = None
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(json.dumps(row), flush=True)
+            torch.cuda.synchronize()
+    finally:
+        graph = None
     return row
 
 
@@ -205,8 +239,11 @@ def time_decode(model, token, states, graph: StaticDecode | None, steps: int, de
         out = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            token, states = decode_eager(model, token, states, 1)
-            token = token[:, 0]
+            if graph is None:
+                token, states = decode_eager(model, token, states, 1)
+                token = token[:, 0]
+            else:
+                graph.step()
             out.append((time.perf_counter() - t0) * 1e3)
         return out
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
@@ -222,41 +259,53 @@ def time_decode(model, token, states, graph: StaticDecode | None, steps: int, de
 
 
 def summarize(rows: list[dict], contexts: list[int]) -> dict:
-    """Flatness of each kind (latency at the longest / the shortest context) and the speed-up of each
-    linear kind over attention at the longest context, against issue 8's targets."""
-    lat = {(r["kind"], r["context"]): r["latency_ms"] for r in rows if "latency_ms" in r}
+    """Per mode: flatness of each kind (latency at the longest / the shortest context) and the speed-up of
+    each linear kind over attention at the longest context in the same mode, against issue 8's targets.
+    ``kinds`` repeats the graph mode's entries when there are any (the fair comparison), else eager's."""
     lo, hi = min(contexts), max(contexts)
-    out = {"flat_tolerance": FLAT_TOLERANCE, "speedup_target": SPEEDUP_TARGET, "kinds": {}}
-    for kind in dict.fromkeys(r["kind"] for r in rows):
-        entry = {}
-        if (kind, lo) in lat and (kind, hi) in lat:
-            entry["flatness"] = lat[(kind, hi)] / lat[(kind, lo)]
-            entry["flat_met"] = abs(entry["flatness"] - 1) <= FLAT_TOLERANCE
-        if kind != "attention" and (kind, hi) in lat and ("attention", hi) in lat:
-            entry["speedup_vs_attention"] = lat[("attention", hi)] / lat[(kind, hi)]
-            entry["speedup_met"] = entry["speedup_vs_attention"] >= SPEEDUP_TARGET
-        out["kinds"][kind] = entry
+    out = {"flat_tolerance": FLAT_TOLERANCE, "speedup_target": SPEEDUP_TARGET, "modes": {}}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        lat = {(r["kind"], r["context"]): r["latency_ms"] for r in rows if r["mode"] == mode and "latency_ms" in r}
+        entries = {}
+        for kind in dict.fromkeys(r["kind"] for r in rows):
+            entry = {}
+            if (kind, lo) in lat and (kind, hi) in lat:
+                entry["flatness"] = lat[(kind, hi)] / lat[(kind, lo)]
+                entry["flat_met"] = abs(entry["flatness"] - 1) <= FLAT_TOLERANCE
+            if kind != "attention" and (kind, hi) in lat and ("attention", hi) in lat:
+                entry["speedup_vs_attention"] = lat[("attention", hi)] / lat[(kind, hi)]
+                entry["speedup_met"] = entry["speedup_vs_attention"] >= SPEEDUP_TARGET
+            entries[kind] = entry
+        out["modes"][mode] = entries
+    out["kinds"] = out["modes"].get("graph", out["modes"].get("eager", {}))
     return out
 
 
+def _mode_label(row: dict) -> str:
+    if row["mode"] == "eager":
+        return "eager"
+    return "cuda graph" if row.get("cuda_graph") else "static"
+
+
 def table(rows: list[dict], summary: dict) -> str:
-    lines = [f"{'kind':10s} {'context':>8s} {'B':>3s} {'ms/token':>9s} {'p90':>7s} {'tokens/s':>9s} {'prefill ms':>11s} "
-             f"{'peak GiB':>9s}"]
+    lines = [f"{'kind':10s} {'context':>8s} {'B':>3s} {'mode':>10s} {'ms/token':>9s} {'p90':>7s} {'tokens/s':>9s} "
+             f"{'prefill ms':>11s} {'peak GiB':>9s}"]
     for r in rows:
+        head = f"{r['kind']:10s} {r['context']:8d} {r['batch']:3d} {_mode_label(r):>10s}"
         if "latency_ms" in r:
             peak = f"{r['peak_gib']:9.2f}" if r.get("peak_gib") is not None else "        -"
-            graph = "  (cuda graph)" if r.get("cuda_graph") else ""
-            lines.append(f"{r['kind']:10s} {r['context']:8d} {r['batch']:3d} {r['latency_ms']:9.3f} {r['latency_p90_ms']:7.3f} "
-                         f"{r['tok_s']:9.1f} {r['prefill_ms']:11.1f} {peak}{graph}")
+            lines.append(f"{head} {r['latency_ms']:9.3f} {r['latency_p90_ms']:7.3f} {r['tok_s']:9.1f} "
+                         f"{r['prefill_ms']:11.1f} {peak}")
         else:
-            lines.append(f"{r['kind']:10s} {r['context']:8d} {r['batch']:3d}  ERROR {r['error'][:90]}")
-    for kind, e in summary["kinds"].items():
-        if "flatness" in e:
-            lines.append(f"{kind}: latency at longest / shortest context = {e['flatness']:.3f} "
-                         f"(target 1 ± {FLAT_TOLERANCE}: {'met' if e['flat_met'] else 'NOT met'})")
-        if "speedup_vs_attention" in e:
-            lines.append(f"{kind}: {e['speedup_vs_attention']:.2f}x attention's decode speed at the longest context "
-                         f"(target >= {SPEEDUP_TARGET}x: {'met' if e['speedup_met'] else 'NOT met'})")
+            lines.append(f"{head}  ERROR {r['error'][:90]}")
+    for mode, kinds in summary["modes"].items():
+        for kind, e in kinds.items():
+            if "flatness" in e:
+                lines.append(f"[{mode}] {kind}: latency at longest / shortest context = {e['flatness']:.3f} "
+                             f"(target 1 ± {FLAT_TOLERANCE}: {'met' if e['flat_met'] else 'NOT met'})")
+            if "speedup_vs_attention" in e:
+                lines.append(f"[{mode}] {kind}: {e['speedup_vs_attention']:.2f}x attention's decode speed at the "
+                             f"longest context (target >= {SPEEDUP_TARGET}x: {'met' if e['speedup_met'] else 'NOT met'})")
     return "\n".join(lines)
 
 
@@ -268,7 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=0, help="timed decode steps (default 128; --tiny 4)")
     p.add_argument("--warmup", type=int, default=8, help="untimed decode steps first")
     p.add_argument("--prefill-chunk", type=int, default=0, help="prefill the linear model in chunks of this many tokens (0: at once)")
-    p.add_argument("--cuda-graph", action="store_true", help="capture the linear model's one-token step in a CUDA graph")
+    p.add_argument("--cuda-graph", action="store_true", help="time the one-token step captured in a CUDA graph (both kinds)")
+    p.add_argument("--no-graph", action="store_true", help="time the eager one-token step (also with --cuda-graph)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of width 64 and short contexts: a CPU dry run")
@@ -278,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.contexts = [int(c) for c in (args.contexts or ("16,64" if args.tiny else "1024,8192,32768")).split(",") if c]
     args.new_tokens = args.new_tokens or (4 if args.tiny else 128)
     args.kinds = [k for k in args.kinds.split(",") if k]
+    args.modes = (["eager"] if args.no_graph or not args.cuda_graph else []) + (["graph"] if args.cuda_graph else [])
     bad = [k for k in args.kinds if k not in KINDS]
     if bad:
         p.error(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}")
@@ -314,11 +365,12 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             model = build_model(kind, args, device)
             for context in args.contexts:
-                rows.append(run_one(model, kind, context, args, device))
+                rows += run_one(model, kind, context, args, device)
                 save()
         except Exception as e:  # the model itself did not build (OOM): record it for every context
-            rows += [{"kind": kind, "context": c, "batch": args.batch, "error": repr(e)[:400]} for c in args.contexts
-                     if not any(r["kind"] == kind and r["context"] == c for r in rows)]
+            rows += [{"kind": kind, "context": c, "batch": args.batch, "mode": m, "error": repr(e)[:400]}
+                     for c in args.contexts for m in args.modes
+                     if not any(r["kind"] == kind and r["context"] == c and r["mode"] == m for r in rows)]
         finally:
             model = None
             if device.type == "cuda":

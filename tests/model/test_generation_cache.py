@@ -7,7 +7,7 @@ from linear_moe.layers.attention import CACHE_ROUND
 from linear_moe.layers.config import AttentionConfig
 from linear_moe.model.causal_lm import LinearMoEForCausalLM
 from linear_moe.model.config import ModelConfig
-from linear_moe.model.generation import _stack_rows, reserve_caches
+from linear_moe.model.generation import stack_states, reserve_caches
 from linear_moe.moe.config import MoEConfig
 
 CASES = {
@@ -51,7 +51,7 @@ def test_ragged_stacked_decode_equals_each_row_full_forward():
     lengths, new = [2, 9, 5], 7
     seqs = [torch.randint(0, 61, (n + new,), generator=g) for n in lengths]
     with torch.no_grad():
-        states = _stack_rows([model(s[None, :n], return_states=True).states for s, n in zip(seqs, lengths)])
+        states = stack_states([model(s[None, :n], return_states=True).states for s, n in zip(seqs, lengths)])
         states = reserve_caches(states, new)
         logits = []
         for t in range(new):

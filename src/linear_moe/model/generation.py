@@ -76,7 +76,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Ten
         else:
             rows = [model(p[None], states=None, return_states=True, logits_to_keep=1) for p in prompts]
             logits = torch.cat([r.logits[:, -1] for r in rows])
-            states = _stack_rows([r.states for r in rows])
+            states = stack_states([r.states for r in rows])
         new = _decode(model, logits, reserve_caches(states, max_new_tokens), max_new_tokens, sampling, eos_id, stop_check_every)
         return [torch.cat([p, _cut_after_eos(row, eos_id)]) for p, row in zip(prompts, new)]
     finally:
@@ -136,7 +136,7 @@ def _as_prompts(prompts, device: torch.device) -> list[torch.Tensor]:
     return out
 
 
-def _stack_rows(rows: list):
+def stack_states(rows: list):
     """Stack per-prompt states (each from a batch-1 call) into one batch state: tensors are concatenated
     along the batch; softmax-attention caches (of different lengths) are left-padded to one cache."""
     first = rows[0]
@@ -147,9 +147,9 @@ def _stack_rows(rows: list):
     if is_kv_cache(first):
         return stack_kv_caches(rows)
     if isinstance(first, dict):
-        return {key: _stack_rows([r[key] for r in rows]) for key in first}
+        return {key: stack_states([r[key] for r in rows]) for key in first}
     if isinstance(first, (list, tuple)):
-        return [_stack_rows(list(layer)) for layer in zip(*rows)]
+        return [stack_states(list(layer)) for layer in zip(*rows)]
     raise TypeError(f"cannot stack a decoding state of type {type(first).__name__}")
 
 
