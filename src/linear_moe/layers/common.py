@@ -3,7 +3,8 @@
 * option checks: :func:`choose` (one clear ``ValueError``), :func:`op_mode`, :func:`op_backend`,
   :func:`op_options`, :func:`resolve_heads`, :func:`resolve_dims` (heads and per-head widths of a
   linear mixer), :func:`short_conv_enabled` (``MixerConfig.use_short_conv`` against a mixer's default);
-* head split / merge and :func:`repeat_heads` (grouped key/value heads);
+* :func:`fused_projections` (several input projections as one matmul), head split / merge and
+  :func:`repeat_heads` (grouped key/value heads);
 * :func:`l2_norm` and :class:`RMSNorm` (fp32 compute, output in the input dtype);
 * :class:`OutputNormGate`: per-head output norm (``rmsnorm`` | ``groupnorm`` | ``none``) times an
   activated output gate, the last step before ``o_proj`` in GLA, RetNet, Gated DeltaNet, Mamba2, ...;
@@ -151,19 +152,40 @@ def qkv_projections(hidden_size: int, q_width: int, k_width: int, v_width: int) 
     return tuple(nn.Linear(hidden_size, width, bias=False) for width in (q_width, k_width, v_width))
 
 
-def grouped_qkv(mixer: nn.Module, x: torch.Tensor, feature_map: Callable[[torch.Tensor], torch.Tensor]):
+def fused_projections(x: torch.Tensor, *linears: nn.Linear | None) -> list[torch.Tensor | None]:
+    """``[lin(x) for lin in linears]`` as one matmul against their weights concatenated at call time.
+
+    The parameters (and checkpoint keys, tensor-parallel shards) stay separate; only the forward joins them:
+    one GEMM, one autocast cast of ``x`` and of the joined weight, one input-gradient GEMM in backward,
+    instead of one of each per projection (the step is bound by the host issuing launches). A ``None``
+    entry (an absent optional projection) gives ``None``. Linears with a bias are run one by one.
+    x ``[..., hidden]`` → one ``[..., out_i]`` per linear (views of one output: not contiguous).
+    """
+    present = [lin for lin in linears if lin is not None]
+    if len(present) < 2 or any(lin.bias is not None for lin in present):
+        outs = iter([lin(x) for lin in present])
+    else:
+        weights = [lin.weight for lin in present]  # read now: tensor parallelism swaps in the local shards
+        outs = iter(F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1))
+    return [None if lin is None else next(outs) for lin in linears]
+
+
+def grouped_qkv(mixer: nn.Module, x: torch.Tensor, feature_map: Callable[[torch.Tensor], torch.Tensor],
+                projected: Sequence[torch.Tensor] | None = None):
     """Queries, keys and values of a mixer whose keys and values have ``num_kv_heads`` heads shared by
     groups of its ``num_heads`` query heads (GLA, linear attention).
 
     Reads the mixer's ``q_proj`` / ``k_proj`` / ``v_proj`` and ``num_heads`` / ``num_kv_heads`` (at call
     time: tensor parallelism sets them to the local heads). x ``[batch, time, hidden]`` →
     (q ``[B, T, H, K']`` = φ(x W_q), k ``[B, T, H, K']`` = φ(x W_k), v ``[B, T, H, V]``), with φ = ``feature_map``
-    and k, v repeated over each query group.
+    and k, v repeated over each query group. ``projected``: ``(x W_q, x W_k, x W_v)`` already computed
+    (e.g. by :func:`fused_projections`), then ``x`` is not read.
     """
     H, KVH = mixer.num_heads, mixer.num_kv_heads
-    q = feature_map(split_heads(mixer.q_proj(x), H))
-    k = repeat_heads(feature_map(split_heads(mixer.k_proj(x), KVH)), H // KVH)
-    v = repeat_heads(split_heads(mixer.v_proj(x), KVH), H // KVH)
+    xq, xk, xv = projected if projected is not None else (mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x))
+    q = feature_map(split_heads(xq, H))
+    k = repeat_heads(feature_map(split_heads(xk, KVH)), H // KVH)
+    v = repeat_heads(split_heads(xv, KVH), H // KVH)
     return q, k, v
 
 
@@ -224,11 +246,9 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = upcast(x)
-        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * upcast(self.weight)
-        return y.to(x.dtype)
+        # F.rms_norm: one fused kernel each way on CUDA (the same composite math elsewhere)
+        weight = upcast(self.weight) if self.weight is not None else None
+        return F.rms_norm(upcast(x), x.shape[-1:], weight, self.eps).to(x.dtype)
 
 
 class OutputNormGate(nn.Module):
@@ -264,7 +284,7 @@ class OutputNormGate(nn.Module):
     def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         y = upcast(o)
         if self.norm == "rmsnorm":
-            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * upcast(self.weight)
+            y = F.rms_norm(y, y.shape[-1:], upcast(self.weight), self.eps)
         elif self.norm == "groupnorm":
             y = F.layer_norm(y, y.shape[-1:], upcast(self.weight), upcast(self.bias), self.eps)
         if gate is not None:

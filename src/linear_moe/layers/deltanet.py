@@ -21,8 +21,8 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    OutputNormGate, ShortConvQKV, init_weights, l2_norm, op_options, op_run_options, qkv_projections, resolve_dims,
-    short_conv_enabled, state_get, upcast,
+    OutputNormGate, ShortConvQKV, fused_projections, init_weights, l2_norm, op_options, op_run_options,
+    qkv_projections, resolve_dims, short_conv_enabled, state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
@@ -78,17 +78,20 @@ class _DeltaRuleAttention(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         new_state: dict = {}
-        q, k, v = self.short_convs(self, (self.q_proj(x), self.k_proj(x), self.v_proj(x)), state, new_state, cu_seqlens)
+        gated = self.gated
+        # one matmul for every input projection (the parameters stay separate)
+        xq, xk, xv, xb, xa, gate = fused_projections(x, self.q_proj, self.k_proj, self.v_proj, self.b_proj,
+                                                     self.a_proj if gated else None, self.g_proj if gated else None)
+        q, k, v = self.short_convs(self, (xq, xk, xv), state, new_state, cu_seqlens)
         q, k, v = l2_norm(q.view(B, T, H, K)), l2_norm(k.view(B, T, H, K)), v.view(B, T, H, V)
-        beta = torch.sigmoid(upcast(self.b_proj(x)))
+        beta = torch.sigmoid(upcast(xb))
         log_decay = None
-        if self.gated:
-            log_decay = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
+        if gated:
+            log_decay = -upcast(self.A_log).exp() * F.softplus(upcast(xa) + upcast(self.dt_bias))
         o, new_state["recurrent"] = ops.delta_rule(
             q, k, v, beta, log_decay, scale=K ** -0.5, initial_state=state_get(state, "recurrent"),
             output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
-        gate = self.g_proj(x) if self.gated and self.g_proj is not None else None
         y = self.o_proj(self.out_norm(o, gate).reshape(B, T, H * V))
         return y, new_state
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    OutputNormGate, grouped_qkv, init_weights, op_options, op_run_options, qkv_projections, repeat_heads, resolve_dims,
+    OutputNormGate, fused_projections, grouped_qkv, init_weights, op_options, op_run_options, qkv_projections,
+    repeat_heads, resolve_dims,
     state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
@@ -71,12 +72,14 @@ class GatedLinearAttention(nn.Module):
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state)."""
         B, T, _ = x.shape
         H, KVH, K, V = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
-        q, k, v = grouped_qkv(self, x, self.feature_map)
-        log_decay = F.logsigmoid(upcast(self.gk_proj(x)).view(B, T, KVH, K)) / self.gate_logit_normalizer
+        # one matmul for the input projections and the gate's first (low-rank) half; parameters stay separate
+        xq, xk, xv, gk_low, gate = fused_projections(x, self.q_proj, self.k_proj, self.v_proj, self.gk_proj[0],
+                                                     self.g_proj)
+        q, k, v = grouped_qkv(self, x, self.feature_map, projected=(xq, xk, xv))
+        log_decay = F.logsigmoid(upcast(self.gk_proj[1](gk_low)).view(B, T, KVH, K)) / self.gate_logit_normalizer
         o, recurrent = ops.gla(
             q, k, v, repeat_heads(log_decay, H // KVH), scale=K ** -0.5, initial_state=state_get(state, "recurrent"),
             output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
-        gate = self.g_proj(x) if self.g_proj is not None else None
         y = self.o_proj(self.out_norm(o, gate).reshape(B, T, H * V))
         return y, {"recurrent": recurrent}
