@@ -115,7 +115,10 @@ class Router(nn.Module):
             self.load_since_update.zero_()
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        logits = F.linear(x.float(), self.weight.float())
+        # fp32 even under autocast (else F.linear would cast both to bf16 and route() back: three copies
+        # per layer, and bf16 logits decide the experts)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         out = route(logits, self.cfg, self.expert_bias)
         if self.load_since_update is not None and self.training:
             with torch.no_grad():
