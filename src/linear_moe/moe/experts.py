@@ -149,12 +149,36 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx, d_gate, d_up, d_down, None, dweight, None, None
 
 
+class _CachedCast(torch.autograd.Function):
+    """``weight.to(dtype)`` whose forward hands back a copy made earlier (``cast``); backward casts the
+    gradient to the weight's dtype, as the backward of ``.to`` would."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.weight_dtype = weight.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.weight_dtype), None
+
+
 class GroupedExperts(nn.Module):
     """``E`` SwiGLU experts stored as stacked weights.
 
     gate_proj [E, H, C], up_proj [E, H, C], down_proj [E, C, H] (C = hidden_size, H = intermediate_size).
     ``forward(x [n, C] sorted by expert, counts [E]) -> [n, C]``.
+
+    ``cast_weights_once`` (default off; turn it on with :func:`cast_expert_weights_once`): under autocast,
+    keep the compute-dtype copy of each weight and reuse it until ``clear_cast_cache()`` (the optimizer's
+    step hook calls it) or until the weight's ``_version`` / storage changes (``load_state_dict``,
+    ``.to``), instead of casting at every forward. The version counter alone is not enough: fused AdamW
+    updates the weights without bumping it. Pays off when the experts run several times per optimizer
+    step (gradient accumulation, pipeline micro-batches, recomputation under full activation
+    checkpointing); costs one compute-dtype copy of the weights held between steps.
     """
+
+    cast_weights_once = False
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
         super().__init__()
@@ -163,9 +187,11 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self._cast_cache: dict[str, tuple] = {}
         self.reset_parameters()
 
     def reset_parameters(self, std: float | None = None) -> None:
+        self.clear_cast_cache()
         for w in (self.gate_proj, self.up_proj, self.down_proj):
             if std is None:  # nn.Linear's default bound, per expert
                 bound = 1 / math.sqrt(w.shape[-1])
@@ -189,8 +215,8 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         # grouped_mm is not an autocast op: cast like nn.Linear would (fp32 master weights would otherwise
         # send mixed-precision training down the slow per-expert loop); weights already in dtype: no copy
-        x, gate_w, up_w, down_w = (t if t.dtype == dtype else t.to(dtype)
-                                   for t in (x, self.gate_proj, self.up_proj, self.down_proj))
+        x = x if x.dtype == dtype else x.to(dtype)
+        gate_w, up_w, down_w = (self._cast(name, dtype) for name in ("gate_proj", "up_proj", "down_proj"))
         n = x.shape[0] if token is None else token.shape[0]
         if n > 0 and _use_grouped_mm(x.contiguous(), (gate_w, up_w, down_w), self.backend):
             offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -202,6 +228,24 @@ class GroupedExperts(nn.Module):
             up = grouped_linear(x, up_w, counts, self.backend)
             y = grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend)
         return _ContiguousGrad.apply(y)
+
+    def _cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Weight ``name`` in ``dtype``: itself, a fresh cast, or (``cast_weights_once``) the cached one."""
+        w = getattr(self, name)
+        if w.dtype == dtype:
+            return w
+        if not self.cast_weights_once or torch.compiler.is_compiling():
+            return w.to(dtype)
+        key = (w._version, w.data_ptr(), w.device, dtype)  # data_ptr: FSDP / to_empty may swap the storage
+        hit = self._cast_cache.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = self._cast_cache[name] = (key, w.detach().to(dtype))
+        return _CachedCast.apply(w, hit[1]) if torch.is_grad_enabled() and w.requires_grad else hit[1]
+
+    def clear_cast_cache(self) -> None:
+        """Drop the cached compute-dtype weights (see ``cast_weights_once``)."""
+        self._cast_cache = {}
 
     def shard(self, rank: int, world: int) -> "GroupedExperts":
         """A copy holding only experts ``[rank * E / world, (rank + 1) * E / world)`` (for expert parallelism)."""
@@ -216,3 +260,18 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
+
+
+def cast_expert_weights_once(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Turn on ``cast_weights_once`` in every ``GroupedExperts`` of ``model`` and drop their cached casts
+    after each ``optimizer.step()``. Returns the hook handle (``.remove()`` undoes the hook only)."""
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    for m in experts:
+        m.cast_weights_once = True
+        m.clear_cast_cache()
+
+    def clear(*_):
+        for m in experts:
+            m.clear_cast_cache()
+
+    return optimizer.register_step_post_hook(clear)
