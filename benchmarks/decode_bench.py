@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from linear_moe.layers.attention import SoftmaxAttention  # noqa: E402
 from linear_moe.layers.config import AttentionConfig  # noqa: E402
 from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
@@ -61,6 +62,9 @@ def model_config(kind: str, tiny: bool) -> ModelConfig:
 def build_model(kind: str, args, device: torch.device) -> LinearMoEForCausalLM:
     with torch.device(device):  # initialise on the device: 2B parameters are slow to fill on the host
         model = LinearMoEForCausalLM(model_config(kind, args.tiny))
+    for module in model.modules():
+        if isinstance(module, SoftmaxAttention):
+            module.decode_kernel = args.attention_decode
     return model.to(dtype=args.dtype).eval()
 
 
@@ -319,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=0, help="prefill the linear model in chunks of this many tokens (0: at once)")
     p.add_argument("--cuda-graph", action="store_true", help="time the one-token step captured in a CUDA graph (both kinds)")
     p.add_argument("--no-graph", action="store_true", help="time the eager one-token step (also with --cuda-graph)")
+    p.add_argument("--attention-decode", default="auto", choices=["auto", "sdpa", "matmul"],
+                   help="how attention reads its cache in a step (layers/attention.py cached_attention)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of width 64 and short contexts: a CPU dry run")

@@ -53,10 +53,10 @@ def test_both_modes_give_a_row_each_and_a_summary_each(tmp_path, capsys):
     assert "[graph] gdn" in out and "[eager] gdn" in out and "static" in out
 
 
-@pytest.mark.parametrize("kind", ["gdn", "attention"])
-def test_decode_loops_equal_greedy_generate(kind):
+@pytest.mark.parametrize("kind, kernel", [("gdn", "auto"), ("attention", "auto"), ("attention", "sdpa")])
+def test_decode_loops_equal_greedy_generate(kind, kernel):
     """Prefill (row by row, in chunks) + the benchmark's decode loops produce generate's tokens (fp32)."""
-    args = decode_bench.parse_args(["--device", "cpu", "--tiny", "--dtype", "fp32"])
+    args = decode_bench.parse_args(["--device", "cpu", "--tiny", "--dtype", "fp32", "--attention-decode", kernel])
     torch.manual_seed(5)
     model = decode_bench.build_model(kind, args, torch.device("cpu"))
     with torch.no_grad():  # a larger init so the tokens depend on the context (not only on the last token)
@@ -94,13 +94,13 @@ def test_static_attention_step_equals_the_full_forward_through_cache_growth():
         # the first run fits the prefill's capacity (its steps + the 3 capture warm-ups + 1), the second regrows it
         for lo, hi in ((prompt, CACHE_ROUND - 4), (CACHE_ROUND - 4, T)):
             static = decode_bench.StaticDecode(model, ids[:, lo], states, max_steps=hi - lo)
-            capacities.append(capacity := static.states[0]["k"].shape[1])
+            capacities.append(capacity := static.states[0]["k"].shape[2])
             for t in range(lo, hi):
                 static.token[:, 0] = ids[:, t]  # teacher forcing: the next input is the true token
                 out = model(static.token, states=static.states, return_states=True)
                 decode_bench._copy_into(static.states, out.states)
                 logits.append(out.logits[:, -1])
-            assert static.states[0]["k"].shape[1] == capacity and static.states[0]["used"] == hi
+            assert static.states[0]["k"].shape[2] == capacity and static.states[0]["used"] == hi
             states = static.states
     got = torch.stack(logits, 1)
     want = full[:, prompt:T]

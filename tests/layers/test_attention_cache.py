@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from layer_testing import generator, jittered, rel_err
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
-from linear_moe.layers.attention import (CACHE_ROUND, cache_capacity, cache_mask, reserve_kv_cache,
-                                         stack_kv_caches)
+from linear_moe.layers.attention import (CACHE_ROUND, cache_capacity, cache_mask, cached_attention,
+                                         reserve_kv_cache, stack_kv_caches)
 from linear_moe.model.causal_lm import LinearMoEForCausalLM
 from linear_moe.model.config import ModelConfig
 from linear_moe.moe.config import MoEConfig
@@ -57,10 +57,12 @@ def reference_attention(layer, x: torch.Tensor) -> torch.Tensor:
     return layer.o_proj(out.reshape(B, T, H * D))
 
 
+@pytest.mark.parametrize("kernel", ["auto", "sdpa"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_token_by_token_decode_through_growth_equals_the_reference(case):
+def test_token_by_token_decode_through_growth_equals_the_reference(case, kernel):
     g = generator()
     layer = _layer(CASES[case], g)
+    layer.decode_kernel = kernel  # auto: the matmul form for one token
     T, prompt = CACHE_ROUND + 12, 5           # decodes past the first capacity: one regrowth (windowed: a compaction)
     x = torch.randn(2, T, HIDDEN, generator=g, dtype=torch.float64)
     with torch.no_grad():
@@ -118,11 +120,18 @@ def test_one_token_step_writes_in_place_when_capacity_allows():
     with torch.no_grad():
         _, state = layer(torch.randn(2, 7, HIDDEN, generator=g, dtype=torch.float64))
         state = reserve_kv_cache(state, 100)
-        assert state["k"].shape[1] == cache_capacity(100) == 2 * CACHE_ROUND
+        assert state["k"].shape[2] == cache_capacity(100) == 2 * CACHE_ROUND
         ptrs = state["k"].data_ptr(), state["v"].data_ptr()
         for _ in range(3):
             _, state = layer(torch.randn(2, 1, HIDDEN, generator=g, dtype=torch.float64), state)
         assert (state["k"].data_ptr(), state["v"].data_ptr()) == ptrs and state["used"] == 10
+
+
+def test_bad_kernel_is_refused():
+    q = torch.zeros(1, 1, 2, 4)
+    k = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="kernel='flash'"):
+        cached_attention(q, k, k, torch.tensor(0), torch.zeros(1, dtype=torch.long), kernel="flash")
 
 
 def test_cache_mask_marks_the_valid_slots():
@@ -180,9 +189,11 @@ def test_the_detector_catches_a_sync(monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_one_token_attention_step_makes_no_host_sync(monkeypatch, case):
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
+def test_one_token_attention_step_makes_no_host_sync(monkeypatch, case, kernel):
     g = generator()
     layer = _layer(CASES[case], g)
+    layer.decode_kernel = kernel
     with torch.no_grad():
         rows = [layer(torch.randn(1, n, HIDDEN, generator=g, dtype=torch.float64))[1] for n in (2, 6)]
         state = reserve_kv_cache(stack_kv_caches(rows), 64)

@@ -25,7 +25,8 @@ CACHE_KEYS = ("k", "v", "offset", "slot", "start", "used")
 class SoftmaxAttention(nn.Module):
     """State (a dict; every row shares the slot it writes next, left padding keeps rows aligned)::
 
-        "k": [B, C, KV, D], "v": [B, C, KV, Dv]   cache buffers of capacity C (keys already rotated)
+        "k": [B, KV, C, D], "v": [B, KV, C, Dv]   cache buffers of capacity C (keys already rotated; heads
+                                                  before slots, as the attention kernels read them)
         "offset": [B] long   tokens seen by each row (the position of its next token)
         "slot":   [] long    the next slot written (device copy, advanced inside a captured graph)
         "start":  [B] long   each row's first valid slot (> 0 for left-padded rows)
@@ -52,6 +53,7 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=False)
+        self.decode_kernel = "auto"  # how a continuing call reads the cache (see cached_attention)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, cu_seqlens: torch.Tensor | None = None):
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, KV-cache state)."""
@@ -75,7 +77,8 @@ class SoftmaxAttention(nn.Module):
             new_state = _new_cache(k, v, self.window)
         else:
             new_state = _write(state, k, v, self.window)
-            o = cached_attention(q, new_state["k"], new_state["v"], new_state["slot"] - T, new_state["start"], self.window)
+            o = cached_attention(q, new_state["k"], new_state["v"], new_state["slot"] - T, new_state["start"], self.window,
+                                 self.decode_kernel)
         y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
         return y, new_state
 
@@ -97,13 +100,18 @@ def is_kv_cache(state) -> bool:
     return isinstance(state, dict) and set(state) == set(CACHE_KEYS)
 
 
-def _new_cache(k: torch.Tensor, v: torch.Tensor, window: int, capacity: int = 0) -> dict:
+def _buffer(like: torch.Tensor, batch: int, capacity: int) -> torch.Tensor:
+    """An empty cache buffer ``[batch, KV, capacity, D]`` shaped and typed like the cache ``like``."""
+    return like.new_zeros(batch, like.shape[1], capacity, like.shape[3])
+
+
+def _new_cache(k: torch.Tensor, v: torch.Tensor, window: int) -> dict:
     """The cache after a prefill of keys/values ``[B, T, KV, D]`` (a window keeps the last ``window``)."""
     B, T = k.shape[:2]
     keep = min(T, window) if window else T
-    cache_k = k.new_zeros(B, max(capacity, cache_capacity(keep)), *k.shape[2:])
-    cache_v = v.new_zeros(B, cache_k.shape[1], *v.shape[2:])
-    cache_k[:, :keep], cache_v[:, :keep] = k[:, T - keep:], v[:, T - keep:]
+    k, v = k[:, T - keep:].transpose(1, 2), v[:, T - keep:].transpose(1, 2)
+    cache_k, cache_v = _buffer(k, B, cache_capacity(keep)), _buffer(v, B, cache_capacity(keep))
+    cache_k[:, :, :keep], cache_v[:, :, :keep] = k, v
     dev = k.device
     return {"k": cache_k, "v": cache_v, "offset": torch.full((B,), T, dtype=torch.long, device=dev),
             "slot": torch.tensor(keep, dtype=torch.long, device=dev),
@@ -113,11 +121,11 @@ def _new_cache(k: torch.Tensor, v: torch.Tensor, window: int, capacity: int = 0)
 def _write(state: dict, k: torch.Tensor, v: torch.Tensor, window: int) -> dict:
     """Write ``[B, T, KV, D]`` keys/values at slots ``slot .. slot+T-1`` (in place, growing first if full)."""
     T = k.shape[1]
-    if state["used"] + T > state["k"].shape[1]:
+    if state["used"] + T > state["k"].shape[2]:
         state = _grow(state, state["used"] + T, window)
     idx = state["slot"] + torch.arange(T, device=k.device)  # device-side: the same kernels every step
-    state["k"].index_copy_(1, idx, k.to(state["k"].dtype))
-    state["v"].index_copy_(1, idx, v.to(state["v"].dtype))
+    state["k"].index_copy_(2, idx, k.transpose(1, 2).to(state["k"].dtype))
+    state["v"].index_copy_(2, idx, v.transpose(1, 2).to(state["v"].dtype))
     return {"k": state["k"], "v": state["v"], "offset": state["offset"] + T, "slot": state["slot"] + T,
             "start": state["start"], "used": state["used"] + T}
 
@@ -127,41 +135,36 @@ def _grow(state: dict, needed: int, window: int) -> dict:
     first drop the slots older than ``window - 1`` before the next query (no future query reads them)."""
     used = state["used"]
     drop = max(0, used - (window - 1)) if window else 0
-    capacity = state["k"].shape[1]
+    capacity = state["k"].shape[2]
     while capacity < needed - drop:
         capacity *= 2
-    k = state["k"].new_zeros(state["k"].shape[0], capacity, *state["k"].shape[2:])
-    v = state["v"].new_zeros(state["v"].shape[0], capacity, *state["v"].shape[2:])
-    k[:, :used - drop], v[:, :used - drop] = state["k"][:, drop:used], state["v"][:, drop:used]
+    B = state["k"].shape[0]
+    k, v = _buffer(state["k"], B, capacity), _buffer(state["v"], B, capacity)
+    k[:, :, :used - drop], v[:, :, :used - drop] = state["k"][:, :, drop:used], state["v"][:, :, drop:used]
     return {"k": k, "v": v, "offset": state["offset"], "slot": state["slot"] - drop,
             "start": (state["start"] - drop).clamp(min=0), "used": used - drop}
 
 
 def reserve_kv_cache(state: dict, capacity: int) -> dict:
     """``state`` with room for at least ``capacity`` slots (rounded up; a copy when it must grow)."""
-    if state["k"].shape[1] >= capacity:
+    if state["k"].shape[2] >= capacity:
         return state
-    cap = cache_capacity(capacity)
-    k = state["k"].new_zeros(state["k"].shape[0], cap, *state["k"].shape[2:])
-    v = state["v"].new_zeros(state["v"].shape[0], cap, *state["v"].shape[2:])
-    used = state["used"]
-    k[:, :used], v[:, :used] = state["k"][:, :used], state["v"][:, :used]
+    B, used = state["k"].shape[0], state["used"]
+    k, v = _buffer(state["k"], B, cache_capacity(capacity)), _buffer(state["v"], B, cache_capacity(capacity))
+    k[:, :, :used], v[:, :, :used] = state["k"][:, :, :used], state["v"][:, :, :used]
     return {**state, "k": k, "v": v}
 
 
-def stack_kv_caches(rows: list[dict], capacity: int = 0) -> dict:
+def stack_kv_caches(rows: list[dict]) -> dict:
     """One batch cache from the caches of separate calls (any batch sizes and lengths): each row is
     left-padded so every row's next slot is the same; ``start`` marks where its own keys begin."""
     used = max(r["used"] for r in rows)
-    first = rows[0]
     B = sum(r["k"].shape[0] for r in rows)
-    cap = max(cache_capacity(used), cache_capacity(capacity) if capacity else 0)
-    k = first["k"].new_zeros(B, cap, *first["k"].shape[2:])
-    v = first["v"].new_zeros(B, cap, *first["v"].shape[2:])
+    k, v = _buffer(rows[0]["k"], B, cache_capacity(used)), _buffer(rows[0]["v"], B, cache_capacity(used))
     starts, b = [], 0
     for r in rows:
         n, pad = r["k"].shape[0], used - r["used"]
-        k[b:b + n, pad:used], v[b:b + n, pad:used] = r["k"][:, :r["used"]], r["v"][:, :r["used"]]
+        k[b:b + n, :, pad:used], v[b:b + n, :, pad:used] = r["k"][:, :, :r["used"]], r["v"][:, :, :r["used"]]
         starts.append(r["start"] + pad)
         b += n
     return {"k": k, "v": v, "offset": torch.cat([r["offset"] for r in rows]),
@@ -180,18 +183,28 @@ def cache_mask(slot: torch.Tensor, start: torch.Tensor, time: int, capacity: int
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, start: torch.Tensor,
-                     window: int = 0) -> torch.Tensor:
-    """Queries ``[B, T, H, D]`` written at slots ``slot ..`` against a cache ``[B, C, KV, D]`` /
-    ``[B, C, KV, Dv]`` through ``cache_mask``. Returns ``[B, T, H, Dv]``.
+                     window: int = 0, kernel: str = "auto") -> torch.Tensor:
+    """Queries ``[B, T, H, D]`` written at slots ``slot ..`` against a cache ``[B, KV, C, D]`` /
+    ``[B, KV, C, Dv]`` through ``cache_mask``. Returns ``[B, T, H, Dv]``.
 
     Each kv head's query group is laid out along the query axis (``[B, KV, T * G, D]``), so grouped-query
-    heads read the cache as it is (no repeated copy of the cache per step)."""
+    heads read the cache as it is (no repeated copy of the cache per step). ``kernel``: ``"sdpa"`` (PyTorch's
+    fused attention with a mask), ``"matmul"`` (two batched matrix products around an fp32 softmax: with one
+    query row per head it is a matrix-vector product spread over the whole cache, where the fused kernels
+    give each head one thread block), or ``"auto"``: matmul when T == 1, else sdpa."""
+    if kernel not in ("auto", "sdpa", "matmul"):
+        raise ValueError(f"cached_attention kernel={kernel!r}; allowed: 'auto', 'sdpa', 'matmul'")
     B, T, H, D = q.shape
-    C, KV, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    KV, C, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // KV
     q_ = q.view(B, T, KV, G, D).permute(0, 2, 1, 3, 4).reshape(B, KV, T * G, D)
     mask = cache_mask(slot, start, T, C, window)
     if G > 1:
         mask = mask.repeat_interleave(G, dim=2, output_size=T * G)
-    o = F.scaled_dot_product_attention(q_, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    if kernel == "matmul" or (kernel == "auto" and T == 1):
+        scores = torch.matmul(q_, k.transpose(-1, -2)).float() * D ** -0.5          # [B, KV, T*G, C]
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+        o = torch.matmul(probs, v)
+    else:
+        o = F.scaled_dot_product_attention(q_, k, v, attn_mask=mask)
     return o.view(B, KV, T, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, T, H, Dv)
