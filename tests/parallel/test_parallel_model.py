@@ -124,21 +124,24 @@ def compare(case, rank, result, ref):
 #      packed documents])
 CASES = {
     "fsdp2": ("gla", "", ParallelConfig(), 2, True),
-    "tp2": ("gla", "LN", ParallelConfig(tp=2), 2, True),
+    "tp2": ("gla", "LN", ParallelConfig(tp=2), 2, True),  # vocab-parallel ends (the default)
     "ep2": ("gla", "", ParallelConfig(ep=2), 2, True),
-    "sp2-hybrid": ("gated_deltanet", "LN", ParallelConfig(sp=2), 2, False),
-    "sp2-zigzag-attention-ac": ("attention", "", ParallelConfig(sp=2), 2, False, ParallelOptions(sp_layout="zigzag"),
+    # sp: the MoE balance loss (aux on) is the whole sequence's (parallel/sequence_moe.py)
+    "sp2-hybrid": ("gated_deltanet", "LN", ParallelConfig(sp=2), 2, True),
+    "sp2-zigzag-attention-ac": ("attention", "", ParallelConfig(sp=2), 2, True, ParallelOptions(sp_layout="zigzag"),
                                 "selective"),
     "sp2-rwkv6-full-ac": ("rwkv6", "", ParallelConfig(sp=2), 2, False, None, "full"),
-    "tp2-gated_deltanet": ("gated_deltanet", "LN", ParallelConfig(tp=2), 2, True),
+    "tp2-gated_deltanet": ("gated_deltanet", "LN", ParallelConfig(tp=2, tp_vocab_parallel=False), 2, True),
     "hsdp2x2": ("linear_attention", "", ParallelConfig(dp_replicate=2), 4, True),
-    "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2), 4, True),
+    "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2, tp_sequence_parallel=True), 4, True),
     "dp4xep2": ("gla", "", ParallelConfig(ep=2), 4, True),
     "dp2xtp2xep2": ("gla", "LN", ParallelConfig(tp=2, ep=2), 4, True),
-    "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2), 4, False),
+    "sp2xtp2": ("gla", "LN", ParallelConfig(sp=2, tp=2, tp_vocab_parallel=False), 4, True),
+    # LASP-2 inside the tp region: RWKV6's token shift sees the sp rank's whole slice (gathered over tp)
+    "sp2xtp2-seq-rwkv6": ("rwkv6", "", ParallelConfig(sp=2, tp=2, tp_sequence_parallel=True), 4, True),
     "dp2xtp2-deltanet": ("deltanet", "", ParallelConfig(tp=2), 4, True),
-    "sp4-mamba2": ("mamba2", "", ParallelConfig(sp=4), 4, False),
-    "sp4-packed-hybrid": ("gated_deltanet", "LN", ParallelConfig(sp=4), 4, False, None, "none", True),
+    "sp4-mamba2": ("mamba2", "", ParallelConfig(sp=4), 4, True),
+    "sp4-packed-hybrid": ("gated_deltanet", "LN", ParallelConfig(sp=4), 4, True, None, "none", True),
 }
 
 

@@ -17,6 +17,12 @@ class ParallelConfig:
     pp_schedule: str = "1F1B"       # 1F1B | Interleaved1F1B | GPipe
     pp_microbatches: int = 0        # microbatches per data-parallel batch (0: 2 * pp)
     pp_stages_per_rank: int = 0     # stages per pp rank (0: 1, or 2 with Interleaved1F1B)
+    # tp > 1 only: embedding, LM head and loss split by vocabulary (no rank holds a token's full logits;
+    # needs model.vocab_size divisible by tp). On by default, as in Megatron and torchtitan.
+    tp_vocab_parallel: bool = True
+    # tp > 1 only: between regions the residual stream and norms hold T / tp tokens (Megatron's sequence
+    # parallelism: activations / tp; train.seq_len / sp divisible by tp). Off by default: no generation with it.
+    tp_sequence_parallel: bool = False
 
     @property
     def pp_stages_per_rank_resolved(self) -> int:

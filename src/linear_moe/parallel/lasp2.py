@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops.context import sequence_parallel
 from .blocks import blocks
+from .sequence_moe import apply_sequence_balance
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -267,7 +268,7 @@ def _prefix_states(initial: Tensor | None, states: Tensor, step) -> Tensor:
 
 def apply_sequence_parallel(model: nn.Module, group, layout: str = "contiguous") -> Lasp2Handler | None:
     """Make every token mixer of ``model.layers`` run sequence-parallel over ``group`` (None or size 1:
-    nothing to do). The model then expects each rank's slice of the time axis, as `shard_sequence` cuts
+    nothing to do), and every MoE layer's balance loss cover the whole sequence. The model then expects each rank's slice of the time axis, as `shard_sequence` cuts
     it. Returns the handler (``handler.enabled = False`` runs the mixers locally again, e.g. to
     generate on one rank)."""
     if group is None or dist.get_world_size(group) == 1:
@@ -275,6 +276,7 @@ def apply_sequence_parallel(model: nn.Module, group, layout: str = "contiguous")
     handler = Lasp2Handler(group, layout)
     for block in blocks(model):
         wrap_mixer(block.mixer, handler)
+    apply_sequence_balance(model, handler)  # MoE balance loss over the whole sequence (sequence_moe.py)
     return handler
 
 

@@ -1,6 +1,10 @@
 """``parallelize_model``: every parallelism applied to a built model, in torchtitan's order.
 
-    tensor parallel -> expert parallel -> sequence parallel (LASP-2) -> activation checkpointing -> FSDP2
+    sequence parallel (LASP-2) -> tensor parallel -> expert parallel -> activation checkpointing -> FSDP2
+
+LASP-2 wraps the token mixers before tensor parallelism so that the tp region encloses it: inside,
+the mixer sees its sp rank's whole time slice (gathered over tp under ``tp_sequence_parallel``) and
+the full-width input whose gradient the region sums over tp (RWKV6's token shift reads it).
 
 Pipeline parallelism comes first: `parallelize_pipeline` cuts the stack into stages
 (`pipeline.split_model`), parallelises each stage with `parallelize_model` and returns this rank's
@@ -23,7 +27,9 @@ from .tensor import apply_tensor_parallel
 
 def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh, *,
                       options: ParallelOptions | None = None, activation_checkpointing: str = "none") -> nn.Module:
-    """Apply tp, ep, sp, activation checkpointing and FSDP to ``model`` (in place; returned).
+    """Apply sp (LASP-2), tp, ep, activation checkpointing and FSDP to ``model`` (in place; returned).
+    Tensor parallelism splits the vocabulary and the sequence as ``parallel_cfg.tp_vocab_parallel`` /
+    ``tp_sequence_parallel`` say.
 
     ``mesh`` comes from ``build_mesh(parallel_cfg, ...)``; every rank must hold the same weights
     when this is called. Afterwards each rank feeds its own batch slice (`local_batch`).
@@ -33,9 +39,10 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
         if getattr(parallel_cfg, name) != getattr(mesh.cfg, name):
             raise ValueError(f"parallel.{name}={getattr(parallel_cfg, name)} differs from the mesh's "
                              f"{getattr(mesh.cfg, name)}; build the mesh from the same ParallelConfig")
-    apply_tensor_parallel(model, mesh.submesh("tp"))
-    apply_expert_parallel(model, mesh)
     model.sequence_parallel = apply_sequence_parallel(model, mesh.group("sp"), options.sp_layout)
+    apply_tensor_parallel(model, mesh.submesh("tp"), vocab_parallel=parallel_cfg.tp_vocab_parallel,
+                          sequence_parallel=parallel_cfg.tp_sequence_parallel)
+    apply_expert_parallel(model, mesh)
     apply_activation_checkpointing(model, activation_checkpointing)
     apply_fsdp(model, mesh, options)
     return model

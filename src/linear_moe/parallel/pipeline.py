@@ -17,14 +17,22 @@ MoE / MoM auxiliary losses ride along: every stage outputs ``(hidden, aux)`` whe
 their coefficients). The loss (`PipelineLoss`) adds their sum to the LM loss, so its gradient flows
 back through every stage's routers, and records LM loss and aux values apart for the log. The
 schedule averages the gradients over microbatches (each microbatch's loss is a mean over its tokens).
+
+The last stage outputs the final-normed hidden state, not logits: the loss applies the LM head
+chunk by chunk (`ops.linear_cross_entropy`), or, under tensor parallelism, the stage's
+``lm_loss_fn`` (vocab-parallel: no rank ever holds a token's full logits). The head's weight is
+read in the loss, right after the stage's forward: FSDP's root unit (embeddings, norm, head) is
+normally still unsharded then; the loss asks for it anyway (`FSDPModule.unshard`, a no-op then), as
+the pipeline's shape inference reshards between forward and loss.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from ..ops.cross_entropy import linear_cross_entropy
 from .mesh import ParallelMesh
 
 SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "Interleaved1F1B": ScheduleInterleaved1F1B}
@@ -48,14 +56,26 @@ class _ContiguousGrad(torch.autograd.Function):
 
 class StageModule(nn.Module):
     """``forward(input_ids)`` on the first stage, ``forward(hidden, aux)`` on the others; returns
-    ``(hidden [batch, time, hidden] or logits [batch, time, vocab] on the last stage, aux [len(AUX_NAMES)])``."""
+    ``(hidden [batch, time, hidden] (final-normed on the last stage), aux [len(AUX_NAMES)])``.
+    The last stage's `lm_loss` turns its output into the LM loss."""
 
     def __init__(self, model: nn.Module, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
+        self.config = model.config
         self.embed = model.embed if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
+        self.lm_loss_fn = None  # set by tensor parallelism (parallel/tensor.py), as on the model
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy (-100 ignored) of the LM head on the last stage's output
+        ``[batch, time (/ tp under sequence parallelism), hidden]``, labels ``[batch, time]``."""
+        if isinstance(self, FSDPModule):  # the head is read outside forward: make sure it is gathered
+            self.unshard()
+        if self.lm_loss_fn is not None:
+            return self.lm_loss_fn(hidden, self.lm_head.weight, labels)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten())
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None):
         if self.embed is not None:
@@ -70,8 +90,8 @@ class StageModule(nn.Module):
             if block_aux:
                 aux = aux + torch.stack([block_aux[n].float() if n in block_aux else aux.new_zeros(())
                                          for n in AUX_NAMES])
-        if self.lm_head is not None:
-            x = self.lm_head(self.norm(x))
+        if self.norm is not None:
+            x = self.norm(x)
         # P2P buffers copy the first microbatch's strides, and gloo sends only contiguous tensors
         return x.contiguous(), aux.contiguous()
 
@@ -80,20 +100,15 @@ class PipelineLoss:
     """The last stage's loss for one microbatch: mean token cross-entropy (-100 ignored) + the aux
     losses. Keeps each microbatch's detached ``(lm_loss, aux)`` in ``records`` for the log."""
 
-    def __init__(self):
+    def __init__(self, stage: StageModule | None):
+        self.stage = stage
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        logits, aux = output
-        lm = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        hidden, aux = output
+        lm = self.stage.lm_loss(hidden, labels)
         self.records.append((lm.detach(), aux.detach().float()))
         return lm + aux.sum()
-
-
-def pipeline_loss(output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """`PipelineLoss` without the records."""
-    logits, aux = output
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100) + aux.sum()
 
 
 def stage_layer_ids(num_layers: int, num_stages: int) -> list[list[int]]:
@@ -126,12 +141,16 @@ def split_model(model: nn.Module, mesh: ParallelMesh) -> tuple[list[StageModule]
 
 
 def build_schedule(modules: list[nn.Module], stage_ids: list[int], num_stages: int, mesh: ParallelMesh,
-                   device: torch.device, loss_fn=pipeline_loss):
+                   device: torch.device, loss_fn=None):
     """The schedule over this rank's (already parallelised) stage modules. Step it with
     ``schedule.step(input_ids)`` on the rank holding stage 0, ``schedule.step(target=labels,
     losses=out)`` on the one holding the last stage, ``schedule.step()`` elsewhere (a rank holding
     both passes both). ``input_ids`` is this data-parallel rank's batch; it is cut into
-    ``pp_microbatches`` (default 2 pp) along the batch dim."""
+    ``pp_microbatches`` (default 2 pp) along the batch dim. ``loss_fn(output, labels)`` defaults to
+    `PipelineLoss` of the last stage (when this rank holds it)."""
+    if loss_fn is None:
+        last = [m for m, i in zip(modules, stage_ids) if i == num_stages - 1]
+        loss_fn = PipelineLoss(last[0] if last else None)  # every rank passes one: None means no backward
     group = mesh.group("pp")
     stages = [PipelineStage(m, i, num_stages, device, group=group) for m, i in zip(modules, stage_ids)]
     microbatches = mesh.cfg.pp_microbatches_resolved
@@ -155,7 +174,8 @@ class PipelineModel(nn.Module):
         self.norm = model.norm if self.has_last else None
         self.lm_head = model.lm_head if self.has_last else None
         self.stages, self.stage_ids, self.num_stages = list(modules), stage_ids, num_stages
-        self.loss_fn = PipelineLoss()
+        last = [m for m, i in zip(modules, stage_ids) if i == num_stages - 1]
+        self.loss_fn = PipelineLoss(last[0] if last else None)
         self.schedule = None  # set by `attach_schedule`
 
     def attach_schedule(self, mesh: ParallelMesh, device: torch.device) -> "PipelineModel":
