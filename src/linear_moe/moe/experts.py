@@ -99,7 +99,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     x = x.contiguous()
     wt = weight.transpose(-2, -1)
     if _use_grouped_mm(x, (weight,), backend):
-        return _grouped_mm(x, wt, offs=torch.cumsum(counts, 0).to(torch.int32))
+        return _grouped_mm(x, wt, offs=torch.cumsum(counts, 0, dtype=torch.int32))
     chunks = x.split(counts.tolist())  # host sync on GPU; the fallback only
     return torch.cat([c @ wt[g] for g, c in enumerate(chunks)])
 
@@ -219,7 +219,7 @@ class GroupedExperts(nn.Module):
         gate_w, up_w, down_w = (self._cast(name, dtype) for name in ("gate_proj", "up_proj", "down_proj"))
         n = x.shape[0] if token is None else token.shape[0]
         if n > 0 and _use_grouped_mm(x.contiguous(), (gate_w, up_w, down_w), self.backend):
-            offs = torch.cumsum(counts, 0).to(torch.int32)
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
             y = _GroupedSwiGLU.apply(x.contiguous(), gate_w, up_w, down_w, offs, row_weight, token, slot_to_row)
         else:  # the loop fallback (or no rows): the same math from differentiable pieces
             if token is not None:

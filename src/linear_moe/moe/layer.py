@@ -26,7 +26,7 @@ class MoEAux:
     """Side outputs of one MoE forward.
 
     loss                 scalar, ``aux_loss_coef * balance_loss + z_loss_coef * z_loss``: add it to the LM loss
-    balance_loss, z_loss scalars, unscaled (with autograd), for reporting
+    balance_loss, z_loss scalars, unscaled, for reporting (with autograd; z_loss only when z_loss_coef > 0)
     balance_loss_scaled, z_loss_scaled   their contributions to ``loss``
     tokens_per_expert    [E] float, detached: routing choices per expert from this rank's tokens (before dropping)
     dropped_fraction     scalar, detached: share of routing choices dropped by the capacity limit
@@ -123,13 +123,21 @@ class MoELayer(nn.Module):
                 shared = shared * torch.sigmoid(self.shared_expert_gate(flat))
             y = y + shared
 
-        balance = load_balancing_loss(r.probs, r.topk_idx, cfg.num_experts, seq_len if cfg.seq_aux_loss else None)
-        z = router_z_loss(r.logits)
-        balance_scaled, z_scaled = cfg.aux_loss_coef * balance, cfg.z_loss_coef * z
         # counted before dropping; dropless: the sort's counts are exactly that
         tokens_per_expert = (counts if capacity is None else expert_counts(r.topk_idx, cfg.num_experts)).float()
-        dropped_fraction = dropped.float() / r.topk_idx.numel()
-        aux = MoEAux(balance_scaled + z_scaled, balance, z, balance_scaled, z_scaled, tokens_per_expert, dropped_fraction)
+        balance = load_balancing_loss(r.probs, r.topk_idx, cfg.num_experts, seq_len if cfg.seq_aux_loss else None,
+                                      counts=None if cfg.seq_aux_loss else tokens_per_expert)
+        balance_scaled = cfg.aux_loss_coef * balance
+        if cfg.z_loss_coef:
+            z = router_z_loss(r.logits)
+            z_scaled = cfg.z_loss_coef * z
+            loss = balance_scaled + z_scaled
+        else:  # reported only: no graph, no backward ops, and no 0 * inf
+            with torch.no_grad():
+                z = router_z_loss(r.logits)
+            z_scaled, loss = torch.zeros_like(z), balance_scaled
+        dropped_fraction = dropped.float() / n_slots if capacity is not None else dropped.float()  # dropless: 0
+        aux = MoEAux(loss, balance, z, balance_scaled, z_scaled, tokens_per_expert, dropped_fraction)
         self.last_stats = {"tokens_per_expert": tokens_per_expert, "dropped_fraction": dropped_fraction,
                            "balance_loss": balance.detach(), "z_loss": z.detach()}
         return y.view_as(x), aux

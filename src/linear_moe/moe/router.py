@@ -144,19 +144,28 @@ class Router(nn.Module):
         load.zero_()
 
 
-def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, seq_len: int | None = None) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, seq_len: int | None = None,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-style balance loss ``E * sum_e f_e * P_e`` (1 at perfect balance).
 
     ``f_e`` is the fraction of the ``N * k`` routing choices that picked expert ``e`` (before any
     capacity dropping) and ``P_e`` the mean router probability of ``e``. With ``seq_len`` the tokens
     ``[N = B * seq_len]`` are split into sequences, the loss is taken per sequence and averaged
-    (DeepSeek's sequence-wise loss). ``probs [N, E]``, ``topk_idx [N, k]`` -> scalar.
+    (DeepSeek's sequence-wise loss). ``probs [N, E]``, ``topk_idx [N, k]`` -> scalar. ``counts [E]``:
+    the choices per expert when the caller has them already (the dropless dispatcher's), not counted
+    again; only without ``seq_len``.
     """
     n, k = topk_idx.shape
+    if counts is not None and seq_len not in (None, n):
+        raise ValueError(f"load_balancing_loss: counts [E] are for the whole batch; got seq_len={seq_len} < {n} tokens")
     seq_len = seq_len or n
     b = n // seq_len
-    counts = torch.zeros(b, num_experts, device=probs.device, dtype=probs.dtype)
-    counts.scatter_add_(1, topk_idx.reshape(b, seq_len * k), torch.ones(b, seq_len * k, device=probs.device, dtype=probs.dtype))
+    if counts is not None:
+        counts = counts.to(probs.dtype).unsqueeze(0)
+    else:
+        counts = torch.zeros(b, num_experts, device=probs.device, dtype=probs.dtype)
+        counts.scatter_add_(1, topk_idx.reshape(b, seq_len * k),
+                            torch.ones(b, seq_len * k, device=probs.device, dtype=probs.dtype))
     f = counts / (seq_len * k)
     p = probs.reshape(b, seq_len, num_experts).mean(1)
     return num_experts * (f * p).sum(-1).mean()
