@@ -129,6 +129,13 @@ def _layer_outputs_worker(rank, world, seed):
         errors[f"logits-{mixer}"] = rel_err(model(ids).logits, ref_logits)
         if not sp:  # decoding one token at a time, each rank's heads carrying their own states
             errors[f"generate-{mixer}"] = float(not torch.equal(model.generate(ids, 3), ref_tokens))
+        else:  # logits of a slice of a rank's shard (logits_to_keep), or one-token steps: refused clearly
+            for name, call in (("generate", lambda: model.generate(ids, 3)), ("one-token", lambda: model(ids[:, :1]))):
+                try:
+                    call()
+                    errors[f"{name}-refused-{mixer}"] = 1.0
+                except ValueError as e:
+                    errors[f"{name}-refused-{mixer}"] = float("tp_sequence_parallel" not in str(e))
     return errors
 
 

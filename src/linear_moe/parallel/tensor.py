@@ -30,7 +30,9 @@ RowwiseParallel embedding, ColwiseParallel head); the loss is `ops.linear_cross_
 tp group (max and sum-exp all-reduced, no logits gathered), installed as ``model.lm_loss_fn``.
 ``sequence_parallel``: between regions the residual stream is split over time across tp (norms and
 residual adds run on T / tp tokens; their parameters' gradients are summed over tp); regions enter by
-all-gather and leave by reduce-scatter; MoE layers gather the sequence and run whole.
+all-gather and leave by reduce-scatter; MoE layers gather the sequence and run whole. Logits (and so
+generation) need whole sequences under it: a ``logits_to_keep`` slice or a one-token decoding step is
+refused with a ValueError (use a model without ``sequence_parallel`` to generate).
 """
 from __future__ import annotations
 
@@ -92,6 +94,22 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh | None, *, vocab
 class _Context:
     def __init__(self, mesh, group, tp, rank, sp):
         self.mesh, self.group, self.tp, self.rank, self.sp = mesh, group, tp, rank, sp
+        self.tokens = None  # sequence parallelism: the time length the embedding last saw (whole, before the split)
+
+    def check_split(self, length: int) -> None:
+        if length % self.tp:
+            raise ValueError(f"tensor sequence parallelism (parallel.tp_sequence_parallel=true) splits the time axis "
+                             f"over tp={self.tp}, got {length} tokens: the length (per sp rank) must be divisible by tp. "
+                             "Token-by-token generation is not supported with it: generate with a model built "
+                             "without tp_sequence_parallel")
+
+    def check_whole(self, local_length: int) -> None:
+        """The head's input must be this rank's share of the whole sequence (not ``logits_to_keep``'s slice of it)."""
+        if self.tokens is not None and local_length * self.tp != self.tokens:
+            raise ValueError(f"tensor sequence parallelism (parallel.tp_sequence_parallel=true): the LM head got "
+                             f"{local_length} of this rank's {self.tokens // self.tp} tokens (logits_to_keep / "
+                             "generation slices a rank's shard, not the sequence); logits need the whole sequence "
+                             "under it: generate with a model built without tp_sequence_parallel")
 
 
 class _LocalParams:
@@ -241,7 +259,8 @@ def _parallelize_ends(model: nn.Module, ctx: _Context, vocab_parallel: bool) -> 
         for module in (embed, head):
             if module is not None and module.weight.shape[0] % ctx.tp:
                 raise ValueError(f"tensor parallel: vocab_size={module.weight.shape[0]} must be divisible by "
-                                 f"parallel.tp={ctx.tp} for the vocab-parallel embedding / LM head")
+                                 f"parallel.tp={ctx.tp} for the vocab-parallel embedding / LM head "
+                                 "(or set parallel.tp_vocab_parallel=false)")
     if embed is not None:
         _embedding(embed, ctx, vocab_parallel)
     if head is not None:
@@ -256,7 +275,13 @@ def _embedding(embed: nn.Embedding, ctx: _Context, vocab_parallel: bool) -> None
     if not vocab_parallel:
         if ctx.sp:
             inner = embed.forward
-            embed.forward = lambda ids: split_seq(inner(ids), ctx.group)
+
+            def split_forward(ids):
+                ctx.check_split(ids.shape[1])
+                ctx.tokens = ids.shape[1]
+                return split_seq(inner(ids), ctx.group)
+
+            embed.forward = split_forward
         return
     _LocalParams(embed, {"weight": COLWISE}, ctx)  # registers the shard
 
@@ -265,6 +290,9 @@ def _embedding(embed: nn.Embedding, ctx: _Context, vocab_parallel: bool) -> None
         start = ctx.rank * weight.shape[0]
         outside = (ids < start) | (ids >= start + weight.shape[0])  # another rank's rows: zeros here
         out = F.embedding((ids - start).masked_fill(outside, 0), weight).masked_fill(outside[..., None], 0.0)
+        if ctx.sp:
+            ctx.check_split(ids.shape[1])
+            ctx.tokens = ids.shape[1]
         return reduce_scatter_seq(out, ctx.group) if ctx.sp else reduce_from_tp(out, ctx.group)
 
     embed.forward = forward
@@ -278,6 +306,8 @@ def _head(model: nn.Module, head: nn.Linear, ctx: _Context, vocab_parallel: bool
     inner = head.forward
 
     def head_forward(x):  # logits (generation, return_logits=True without labels), gathered whole
+        if ctx.sp:
+            ctx.check_whole(x.shape[1])
         if not vocab_parallel:
             return inner(gather_seq_replicated(x, ctx.group))
         x = gather_seq(x, ctx.group) if ctx.sp else copy_to_tp(x, ctx.group)
