@@ -52,6 +52,9 @@ CASES = {
     "pp2-1F1B": (ParallelConfig(pp=2), 2, 2),
     "pp2xdp2-1F1B": (ParallelConfig(pp=2, pp_microbatches=2), 4, 2),
     "pp2-interleaved": (ParallelConfig(pp=2, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2, pp_microbatches=4), 2, 4),
+    # stage modules without embedding / head under tp; vocab-parallel loss on the last stage, sequence-split hidden
+    # states sent between stages
+    "pp2xtp2-seq": (ParallelConfig(pp=2, tp=2, tp_sequence_parallel=True), 4, 2),
 }
 
 
@@ -66,7 +69,7 @@ def _prepare(pcfg, world, layers):
     state = LinearMoEForCausalLM(cfg).state_dict()
     ids = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
     labels = torch.randint(0, VOCAB, (BATCH, T), generator=gen)
-    dp = world // pcfg.pp
+    dp = world // (pcfg.pp * pcfg.tp)
     microbatches = pcfg.pp_microbatches_resolved
     clip = 0.05
     # the single-process loss: mean over every (data-parallel rank, microbatch) piece of the batch
@@ -79,8 +82,9 @@ def test_pipeline_matches_single_process(world):
     names = [name for name, case in CASES.items() if case[1] == world]
     prepared = [_prepare(*CASES[name]) for name in names]
     results = run_distributed(_jobs_worker, world, [job for *_, job in prepared], timeout=300)
-    for name, (ref, dp, _), per_rank in zip(names, prepared, zip(*results)):
+    for name, (ref, dp, job), per_rank in zip(names, prepared, zip(*results)):
         ref_losses, ref_grads, ref_norm = ref
+        pcfg = job[1]
         seen, last_losses = set(), []
         for rank, (losses, grads, norm, last) in enumerate(per_rank):
             seen |= set(grads)
@@ -90,8 +94,8 @@ def test_pipeline_matches_single_process(world):
             if last:
                 last_losses.append(losses)
         assert seen == set(ref_grads), name
-        mean = torch.tensor(last_losses).mean(0)  # the data-parallel ranks' last stages hold their own losses
-        assert len(last_losses) == dp and torch.allclose(mean, torch.tensor(ref_losses), rtol=1e-4), (name, mean, ref_losses)
+        mean = torch.tensor(last_losses).mean(0)  # the data-parallel ranks' last stages hold their own losses (tp peers: the same)
+        assert len(last_losses) == dp * pcfg.tp and torch.allclose(mean, torch.tensor(ref_losses), rtol=1e-4), (name, mean, ref_losses)
 
 
 def test_stage_split_is_contiguous_and_even():
