@@ -83,7 +83,9 @@ def route(logits: torch.Tensor, cfg: MoEConfig, expert_bias: torch.Tensor | None
     weight = scores.gather(1, topk_idx)
     if cfg.norm_topk_prob:
         weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20)
-    return RouterOutput(topk_idx, weight * cfg.routed_scaling_factor, probs, logits)
+    if cfg.routed_scaling_factor != 1.0:  # a multiply by one is still a kernel launch
+        weight = weight * cfg.routed_scaling_factor
+    return RouterOutput(topk_idx, weight, probs, logits)
 
 
 class Router(nn.Module):
