@@ -1,5 +1,5 @@
 """Combined layouts on 4 gloo processes, driven by the trainer: dp=2 × tp=2 with the experts over
-ep=2, and pp=2 × dp=2 (1F1B); each trains 3 steps from the same initial weights and data as one
+ep=2, pp=2 × dp=2 (1F1B), and sp=2 × tp=2 with tensor sequence parallelism; each trains 3 steps from the same initial weights and data as one
 process and logs the same losses (fp32, rel err < 1e-4), then evaluates the same held-out loss.
 The same processes check the trainer's device-side skip of a non-finite step on FSDP shards."""
 from __future__ import annotations
@@ -21,9 +21,12 @@ MODEL = [("model.hidden_size", "32"), ("model.num_layers", "2"), ("model.layer_p
 RUN = [("data.max_chars", "200000"), ("train.seq_len", "16"), ("train.max_steps", "3"), ("train.eval_batches", "1"),
        ("train.eval_interval", "0"), ("train.log_interval", "1"), ("train.warmup_steps", "1"), ("train.lr", "1e-2"),
        ("train.precision", "fp32"), ("train.device", "cpu")]
-LAYOUTS = {  # name -> parallel overrides; every layout reads a global batch of 4 sequences (2 per dp rank)
-    "dp2xtp2xep2": [("parallel.dp_shard", "2"), ("parallel.tp", "2"), ("parallel.ep", "2")],
-    "pp2xdp2": [("parallel.pp", "2"), ("parallel.dp_shard", "2"), ("parallel.pp_microbatches", "2")],
+LAYOUTS = {  # name -> (parallel overrides, data-parallel ranks); every layout reads a global batch of 4 sequences
+    "dp2xtp2xep2": ([("parallel.dp_shard", "2"), ("parallel.tp", "2"), ("parallel.ep", "2")], 2),  # vocab-parallel tp
+    "pp2xdp2": ([("parallel.pp", "2"), ("parallel.dp_shard", "2"), ("parallel.pp_microbatches", "2")], 2),
+    # LASP-2 inside tensor parallelism with the sequence split over tp too, the vocabulary not split
+    "sp2xtp2-seq": ([("parallel.sp", "2"), ("parallel.tp", "2"), ("parallel.tp_sequence_parallel", "true"),
+                     ("parallel.tp_vocab_parallel", "false")], 1),
 }
 
 
@@ -56,7 +59,8 @@ def _fused_adamw_skips_on_fsdp_shards(world):
 def _worker(rank, world, root, names):
     out = {}
     for name in names:
-        result = train(_job(root, name, 2, LAYOUTS[name]), quiet=True)
+        parallel, dp = LAYOUTS[name]
+        result = train(_job(root, name, 4 // dp, parallel), quiet=True)
         out[name] = (result.losses, result.eval_loss)
     out["fused_skip"] = _fused_adamw_skips_on_fsdp_shards(world)
     return out
@@ -80,3 +84,9 @@ def test_combined_layouts_match_one_process(root):
             assert abs(a - b) <= 1e-4 * abs(b), (name, losses, single.losses)
         assert abs(eval_loss - single.eval_loss) <= 1e-4 * abs(single.eval_loss), (name, eval_loss, single.eval_loss)
     assert all(r["fused_skip"] for r in per_rank)
+
+
+def test_tp_options_reach_the_parallel_config_from_overrides():
+    job = build_job_config(overrides=[("parallel.tp_vocab_parallel", "false"), ("parallel.tp_sequence_parallel", "true")])
+    assert job.parallel.tp_vocab_parallel is False and job.parallel.tp_sequence_parallel is True
+    assert build_job_config().parallel.tp_vocab_parallel is True  # Megatron's / torchtitan's default
