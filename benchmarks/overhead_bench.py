@@ -68,12 +68,30 @@ class OpCounter(TorchDispatchMode):
         self.phase = "forward"
         self.counts: dict[str, Counter] = {p: Counter() for p in PHASES}
         self.categories: dict[str, Counter] = {p: Counter() for p in PHASES}
+        self.forward_sources: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
         self.counts[self.phase][name] += 1
         self.categories[self.phase][op_category(func)] += 1
+        if self.phase == "forward":
+            self.forward_sources[_source(sys._getframe(1))] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _source(frame) -> str:
+    """Which floor of ``linear_moe`` issued an op: ``ops`` when any frame on the stack is in ``ops/`` (those
+    counts depend on the backend: fla's Triton kernels on CUDA, the torch reference on CPU), else the
+    innermost of ``layers`` / ``moe``, else the outermost ``linear_moe`` module (``model``, ...)."""
+    floors = []
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "/linear_moe/" in path:
+            floors.append(path.rsplit("/linear_moe/", 1)[1].split("/")[0].removesuffix(".py"))
+        frame = frame.f_back
+    if "ops" in floors:
+        return "ops"
+    return next((f for f in floors if f in ("layers", "moe")), floors[-1] if floors else "other")
 
 
 def build_config(kind: str, width: str) -> ModelConfig:
@@ -158,6 +176,7 @@ def run_one(kind: str, args, device: torch.device) -> dict:
            "ops": {p: sum(counter.counts[p].values()) for p in PHASES},
            "by_category": {p: {c: counter.categories[p][c] for c in CATEGORIES} for p in PHASES},
            "top_ops": {p: counter.counts[p].most_common(args.top) for p in PHASES},
+           "forward_by_source": dict(counter.forward_sources.most_common()),
            "host_ms": 1e3 * statistics.median(times)}
     row["ops_total"] = sum(row["ops"].values())
     row["kernel_ops_total"] = row["ops_total"] - sum(row["by_category"][p]["view"] for p in PHASES)
@@ -205,6 +224,7 @@ def main(argv=None) -> dict:
         extra = f", {r['cuda_kernels']} CUDA kernels" if "cuda_kernels" in r else ""
         print(f"{r['kind']:10s} {'total':10s} {r['ops_total']:6d} ({r['kernel_ops_total']} non-view), "
               f"host {r['host_ms']:.1f} ms/step{extra}")
+        print(f"{r['kind']:10s} forward ops by floor: " + ", ".join(f"{k} {v}" for k, v in r["forward_by_source"].items()))
     return result
 
 
