@@ -264,8 +264,17 @@ class GroupedExperts(nn.Module):
 
 def cast_expert_weights_once(model: nn.Module, optimizer: torch.optim.Optimizer):
     """Turn on ``cast_weights_once`` in every ``GroupedExperts`` of ``model`` and drop their cached casts
-    after each ``optimizer.step()``. Returns the hook handle (``.remove()`` undoes the hook only)."""
+    after each ``optimizer.step()``. Returns the hook handle (``.remove()`` undoes the hook only).
+
+    Not for FSDP-sharded experts (DTensor parameters): the cache would hold every layer's gathered weights;
+    FSDP's ``param_dtype=bf16`` (``parallel.param_dtype``) already gathers them cast, once per unshard.
+    """
+    from torch.distributed.tensor import DTensor
+
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    if any(isinstance(p, DTensor) for m in experts for p in m.parameters()):
+        raise ValueError("cast_weights_once: the expert weights are FSDP / DTensor shards; use parallel.param_dtype=bf16 "
+                         "(FSDP casts them once per all-gather) and leave cast_weights_once off")
     for m in experts:
         m.cast_weights_once = True
         m.clear_cast_cache()
