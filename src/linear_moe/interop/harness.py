@@ -122,8 +122,9 @@ class LinearMoELM(LM):
     # ---- generation ----------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuation of each context (greedy, or sampled when the task sets ``do_sample`` / a
-        ``temperature``), cut at the first ``until`` string. Prompts of the same token length and options
-        share one batch (``model.generate`` takes equal-length prompts: it has no padding mask)."""
+        ``temperature``), cut at the first ``until`` string. Requests with the same options share a batch
+        whatever their prompt lengths (``model.generate`` decodes ragged prompts together); prompts are
+        sorted by length so a batch's rows finish close together."""
         prepared = []
         for req in requests:
             context, kwargs = req.args
@@ -137,17 +138,17 @@ class LinearMoELM(LM):
             ids = [self.tokenizer.eos_id] + self.tokenizer.encode(context)
             prepared.append((ids, tuple(until), max_new, sampling))
         groups: dict[tuple, list[int]] = {}
-        for i, (ids, until, max_new, sampling) in enumerate(prepared):
-            groups.setdefault((len(ids), until, max_new, sampling), []).append(i)
+        for i, (ids, until, max_new, sampling) in sorted(enumerate(prepared), key=lambda item: len(item[1][0])):
+            groups.setdefault((until, max_new, sampling), []).append(i)
         out = [""] * len(prepared)
-        for (_, until, max_new, (temperature, top_p, top_k)), members in groups.items():
+        for (until, max_new, (temperature, top_p, top_k)), members in groups.items():
             for b in range(0, len(members), self.batch_size):
                 idx = members[b:b + self.batch_size]
-                prompt = torch.tensor([prepared[i][0] for i in idx], device=self._device)
-                gen = self.model.generate(prompt, max_new, eos_id=self.tokenizer.eos_id, temperature=temperature,
+                prompts = [prepared[i][0] for i in idx]
+                gen = self.model.generate(prompts, max_new, eos_id=self.tokenizer.eos_id, temperature=temperature,
                                           top_p=top_p, top_k=top_k)
                 for j, i in enumerate(idx):
-                    new = [t for t in gen[j, prompt.shape[1]:].tolist()]
+                    new = gen[j][len(prompts[j]):].tolist()
                     if self.tokenizer.eos_id in new:
                         new = new[:new.index(self.tokenizer.eos_id)]
                     text = self.tokenizer.decode(new)
