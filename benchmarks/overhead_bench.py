@@ -224,7 +224,8 @@ def main(argv=None) -> dict:
         extra = f", {r['cuda_kernels']} CUDA kernels" if "cuda_kernels" in r else ""
         print(f"{r['kind']:10s} {'total':10s} {r['ops_total']:6d} ({r['kernel_ops_total']} non-view), "
               f"host {r['host_ms']:.1f} ms/step{extra}")
-        print(f"{r['kind']:10s} forward ops by floor: " + ", ".join(f"{k} {v}" for k, v in r["forward_by_source"].items()))
+        floors = ", ".join(f"{k} {v}" for k, v in r["forward_by_source"].items())
+        print(f"{r['kind']:10s} forward ops by floor: {floors}")
     return result
 
 

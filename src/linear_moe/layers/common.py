@@ -246,9 +246,11 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm: one fused kernel each way on CUDA (the same composite math elsewhere)
-        weight = upcast(self.weight) if self.weight is not None else None
-        return F.rms_norm(upcast(x), x.shape[-1:], weight, self.eps).to(x.dtype)
+        # F.rms_norm: one fused kernel each way on CUDA (the same composite math elsewhere); its weight in the
+        # input's dtype (fp32, or fp64 in the float64 checks), else it falls back with a warning
+        xf = upcast(x)
+        weight = self.weight.to(xf.dtype) if self.weight is not None else None
+        return F.rms_norm(xf, x.shape[-1:], weight, self.eps).to(x.dtype)
 
 
 class OutputNormGate(nn.Module):
@@ -284,7 +286,7 @@ class OutputNormGate(nn.Module):
     def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         y = upcast(o)
         if self.norm == "rmsnorm":
-            y = F.rms_norm(y, y.shape[-1:], upcast(self.weight), self.eps)
+            y = F.rms_norm(y, y.shape[-1:], self.weight.to(y.dtype), self.eps)
         elif self.norm == "groupnorm":
             y = F.layer_norm(y, y.shape[-1:], upcast(self.weight), upcast(self.bias), self.eps)
         if gate is not None:

@@ -273,8 +273,8 @@ def cast_expert_weights_once(model: nn.Module, optimizer: torch.optim.Optimizer)
 
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     if any(isinstance(p, DTensor) for m in experts for p in m.parameters()):
-        raise ValueError("cast_weights_once: the expert weights are FSDP / DTensor shards; use parallel.param_dtype=bf16 "
-                         "(FSDP casts them once per all-gather) and leave cast_weights_once off")
+        raise ValueError("cast_weights_once: the expert weights are FSDP / DTensor shards; use "
+                         "parallel.param_dtype=bf16 (FSDP casts them once per all-gather) and leave it off")
     for m in experts:
         m.cast_weights_once = True
         m.clear_cast_cache()
