@@ -119,6 +119,17 @@ def test_bf16_mixed_precision_trains(tmp_path, data_dir, mixer, pattern):
     assert math.isfinite(result.eval_loss)
 
 
+def test_cast_weights_once_trains_exactly_like_casting_per_use(tmp_path, data_dir):
+    """train.cast_weights_once reuses one bf16 copy of the expert weights across micro-batches; the losses
+    must be bit-identical to casting at every use (bf16 autocast on the CPU, two micro-batches per step)."""
+    runs = {}
+    for once in (False, True):
+        runs[once] = train(job_for(tmp_path, data_dir, steps=3, **{"train.run_name": f"once-{once}", "train.precision": "bf16",
+                                                                    "train.grad_accum": 2, "train.cast_weights_once": once}),
+                           quiet=True).losses
+    assert len(runs[True]) == 3 and runs[True] == runs[False]
+
+
 def test_compiled_blocks_train_like_eager(tmp_path, data_dir):
     """--train.compile true (torch.compile per block, incl. the MoE's grouped GEMMs) gives the eager losses.
     The aot_eager backend traces forward and backward with fake tensors, as inductor does, without spending

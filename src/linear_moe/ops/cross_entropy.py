@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk_loss_sum(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    logits = x @ weight.t()
+    logits = F.linear(x, weight)  # not `x @ weight.t()`: autocast caches the cast of a leaf weight, never of a view
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # the softmax of a 150K vocabulary needs fp32
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -58,7 +58,7 @@ def _vocab_parallel_loss(x, weight, labels, chunk_size, ignore_index, group):
 
 
 def _local_logits(x, weight):
-    logits = x @ weight.t()
+    logits = F.linear(x, weight)
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 

@@ -35,6 +35,7 @@ from .data import Batch, TrainingData, open_training_data
 from .distributed import Distributed, StepLog, init_distributed
 from .flops import peak_flops, training_flops_per_token
 from .metrics import MetricsLogger, plot_run, read_metrics
+from ..moe.experts import cast_expert_weights_once
 from .optim import build_optimizer, lr_at, set_lr
 from .progress import Progress
 
@@ -223,6 +224,8 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
         return Batch(shard_sequence(batch.input_ids, sp_rank, sp), shard_sequence(batch.labels, sp_rank, sp), cu)
 
     amp = autocast_for(t.precision, device)
+    if t.cast_weights_once and isinstance(amp, torch.autocast):
+        cast_expert_weights_once(model, optimizer)  # one bf16 copy per optimizer step, reused by every micro-batch
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
