@@ -131,6 +131,7 @@ CASES = {
     "sp2-zigzag-attention-ac": ("attention", "", ParallelConfig(sp=2), 2, True, ParallelOptions(sp_layout="zigzag"),
                                 "selective"),
     "sp2-rwkv6-full-ac": ("rwkv6", "", ParallelConfig(sp=2), 2, False, None, "full"),
+    "sp2-mom": ("mom_gla", "", ParallelConfig(sp=2), 2, True),  # the memories' balance loss too
     "tp2-gated_deltanet": ("gated_deltanet", "LN", ParallelConfig(tp=2, tp_vocab_parallel=False), 2, True),
     "hsdp2x2": ("linear_attention", "", ParallelConfig(dp_replicate=2), 4, True),
     "dp2xtp2": ("gla", "LN", ParallelConfig(tp=2, tp_sequence_parallel=True), 4, True),

@@ -9,6 +9,9 @@ of the whole sequence; the all-reduce's backward sums the gradients of every ran
 gradients averaged over the sp ranks (FSDP) the routers get the single-process gradient.
 
 The z-loss is a plain mean over tokens: the mean over ranks is already the whole sequence's.
+
+Mixture-of-Memories mixers (``mom_*``) route tokens to memories with the same kind of balance loss
+(``mixer.aux_loss``, over all tokens of the batch): it is made whole-sequence the same way.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def apply_sequence_balance(model: nn.Module, handler) -> None:
     for block in blocks(model):
         if getattr(block, "is_moe", False):
             _wrap(block.ffn, handler)
+        if getattr(block, "mixer_name", "").startswith("mom_"):
+            _wrap_memories(block.mixer, handler)
 
 
 def _wrap(moe: nn.Module, handler) -> None:
@@ -74,3 +79,30 @@ def _wrap(moe: nn.Module, handler) -> None:
                                       balance_loss_scaled=scaled)
 
     moe.forward = forward
+
+
+def _wrap_memories(mixer: nn.Module, handler) -> None:
+    """MoM: recompute ``mixer.aux_loss`` from its router's logits over the whole sequence."""
+    seen = {}
+    route = mixer.router.forward
+
+    @functools.wraps(route)
+    def router_forward(x):
+        seen["logits"] = out = route(x)
+        return out
+
+    mixer.router.forward = router_forward
+    inner = mixer.forward
+
+    @functools.wraps(inner)
+    def forward(x, state=None, cu_seqlens=None):
+        out = inner(x, state=state, cu_seqlens=cu_seqlens)
+        logits = seen.pop("logits", None)
+        if handler.enabled and mixer.training and logits is not None and mixer.aux_loss is not None:
+            probs = logits.float().softmax(-1).flatten(0, -2)  # [N, M], as the mixer's own router
+            chosen = probs.topk(mixer.topk, dim=-1).indices
+            mixer.aux_loss = mixer.aux_loss_coef * sequence_balance_loss(
+                probs, chosen, probs.shape[-1], 1, handler.group, handler.size)
+        return out
+
+    mixer.forward = forward
