@@ -51,3 +51,10 @@ def test_shard_sequence_layouts_cover_the_sequence():
         shard_sequence(torch.zeros(1, 12), 0, 4, "zigzag")
     with pytest.raises(ValueError, match="layout='ring'"):
         shard_sequence(x, 0, 2, "ring")
+
+
+def test_vocab_parallel_needs_tp_to_divide_the_vocabulary():
+    with pytest.raises(ValueError, match=r"parallel\.tp=2 must divide model\.vocab_size=65 .*tp_vocab_parallel=false"):
+        ParallelConfig(tp=2).validate(2, vocab_size=65)
+    ParallelConfig(tp=2, tp_vocab_parallel=False).validate(2, vocab_size=65)
+    ParallelConfig(tp=1).validate(1, vocab_size=65)

@@ -38,7 +38,8 @@ class ParallelConfig:
     def pp_microbatches_resolved(self) -> int:
         return self.pp_microbatches or 2 * self.pp
 
-    def validate(self, world_size: int = 1, num_heads: int | None = None, num_experts: int | None = None) -> "ParallelConfig":
+    def validate(self, world_size: int = 1, num_heads: int | None = None, num_experts: int | None = None,
+                 vocab_size: int | None = None) -> "ParallelConfig":
         for name in ("dp_replicate", "tp", "pp", "sp", "ep"):
             value = getattr(self, name)
             if value < 1:
@@ -55,6 +56,9 @@ class ParallelConfig:
                 f"tp={self.tp} pp={self.pp} sp={self.sp}) but the world size is {world_size}")
         if num_heads is not None and num_heads % self.tp:
             raise ValueError(f"parallel.tp={self.tp} must divide the number of heads {num_heads}")
+        if vocab_size is not None and self.tp > 1 and self.tp_vocab_parallel and vocab_size % self.tp:
+            raise ValueError(f"parallel.tp={self.tp} must divide model.vocab_size={vocab_size} with "
+                             "parallel.tp_vocab_parallel=true (or set parallel.tp_vocab_parallel=false)")
         if num_experts is not None and num_experts % self.ep:
             raise ValueError(f"parallel.ep={self.ep} must divide the number of experts {num_experts}")
         if (self.dp_replicate * dp_shard * self.sp) % self.ep:
