@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -12,7 +13,7 @@ from linear_moe.layers.config import AttentionConfig  # noqa: E402
 from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
 from linear_moe.moe.config import MoEConfig  # noqa: E402
-from linear_moe.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
+from linear_moe.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def _config() -> ModelConfig:
@@ -89,4 +90,16 @@ def test_optimizer_state_is_saved_flat_and_old_nested_checkpoints_still_load(tmp
     assert opt.param_groups[0]["lr"] == 1e-2
     for k, v in want_opt.state_dict()["state"].items():
         torch.testing.assert_close(opt.state_dict()["state"][k]["exp_avg"], v["exp_avg"], rtol=0, atol=0)
+    # A pp run's nested checkpoint kept one rank's param_groups: another rank's optimizer (other parameters)
+    # cannot be resumed from it, and is told what to do instead.
+    first = torch.optim.AdamW(list(want.parameters())[:3], lr=1e-2)
+    want(torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
+    first.step()
+    optim_sd = dict(optim_sd, param_groups=get_state_dict(want, first)[1]["param_groups"])  # every rank's state, one's groups
+    pp_ckpt = tmp_path / "pp" / "checkpoints" / "step_00000001"
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(pp_ckpt / "dcp"))
+    (pp_ckpt / "state.json").write_text(json.dumps({"step": 1}))
+    with pytest.raises(CheckpointError, match="nested optimizer state.*load the weights alone"):
+        load_checkpoint(pp_ckpt, model, torch.optim.AdamW(list(model.parameters())[3:], lr=1e-2))
+    load_checkpoint(pp_ckpt, model)  # the weights alone
 

@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -185,8 +186,6 @@ def _load_single_into_sharded(ckpt: Path, model: nn.Module, optimizer, tensors: 
     """A one-process checkpoint resumed under FSDP / TP / EP: every rank reads the full tensors and keeps its
     shards. The optimizer state is saved by parameter index; the optimizer built the same way on the sharded
     model lists the same parameters in the same order, which gives each index its name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     names = {id(p): n for n, p in model.named_parameters()}
     for name in model.state_dict():
         if name not in tensors and _is_tied(model, name):  # a tied LM head is stored once, as the embedding
@@ -224,15 +223,20 @@ def _load_dcp(ckpt: Path, model: nn.Module, optimizer) -> None:
         raise CheckpointError(f"{str(path)!r} holds no optimizer state; cannot resume the optimizer")
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=options)
     payload = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
+    # an old pipeline run's checkpoint kept one pp rank's groups: the other ranks' parameters are not in them
+    mine = {n for g in optim_sd["param_groups"] for n in g["params"]} if nested and optimizer is not None else set()
     try:
         dcp.load(payload, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises several types for missing / mismatched entries
-        hint = ("; it was written with the nested optimizer state, which keeps one rank's param_groups: "
-                "resume it under the layout that wrote it, or load the weights only (no optimizer) and start "
-                "the optimizer afresh") if options is not _FLAT else ""
+        missing = sorted(mine - {n for g in payload["optim"]["param_groups"] for n in g["params"]}) if mine else []
+        if missing:
+            raise ValueError(f"its param_groups lack this optimizer's parameters {missing[:3]}")
+        set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=payload["model"],
+                       optim_state_dict=payload.get("optim", {}), options=options)
+    except (Exception, CheckpointException) as e:  # several types for missing / mismatched entries (one a BaseException)
+        hint = ("; it holds the older, nested optimizer state, which keeps the param_groups of one rank only "
+                "(a pipeline-parallel run's ranks differ): load the weights alone (no optimizer) and start the "
+                "optimizer afresh") if nested else ""
         raise CheckpointError(f"{str(path)!r} cannot be loaded into this model: {str(e).splitlines()[0][:300]}{hint}") from None
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=payload["model"],
-                   optim_state_dict=payload.get("optim", {}), options=options)
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
