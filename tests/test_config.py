@@ -94,3 +94,15 @@ def test_from_preset_api():
     with pytest.raises(ValueError, match="unknown base_model 'gpt2'"):
         LinearMoEConfig.from_preset("tiny", base_model="gpt2")
     assert isinstance(JobConfig().model, ModelConfig)
+
+
+def test_tensor_parallel_layout_errors_name_the_fields():
+    from linear_moe.train.distributed import check_layout
+
+    with pytest.raises(ConfigError, match="model.vocab_size=4097.*tp_vocab_parallel"):
+        build_job_config(overrides=[("parallel.tp", "2"), ("model.vocab_size", "4097")]).validate(2)
+    build_job_config(overrides=[("parallel.tp", "2"), ("model.vocab_size", "4097"),
+                                ("parallel.tp_vocab_parallel", "false")]).validate(2)  # replicated head: any vocabulary
+    job = build_job_config(overrides=[("parallel.tp", "2"), ("parallel.tp_sequence_parallel", "true"), ("train.seq_len", "33")])
+    with pytest.raises(ConfigError, match="train.seq_len=33.*parallel.tp=2"):
+        check_layout(job)

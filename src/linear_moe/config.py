@@ -43,7 +43,7 @@ class JobConfig:
         try:
             self.model.validate()
             self.parallel.validate(world_size, num_heads=self.model.attention.num_heads,
-                                   num_experts=self.model.moe.num_experts)
+                                   num_experts=self.model.moe.num_experts, vocab_size=self.model.vocab_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         t = self.train

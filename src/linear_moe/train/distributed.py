@@ -101,6 +101,9 @@ def check_layout(job: JobConfig) -> None:
     p, t = job.parallel, job.train
     if t.seq_len % p.sp:
         raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by parallel.sp={p.sp}")
+    if p.tp > 1 and p.tp_sequence_parallel and (t.seq_len // p.sp) % p.tp:
+        raise ConfigError(f"parallel.tp_sequence_parallel shards each rank's {t.seq_len // p.sp} tokens "
+                          f"(train.seq_len={t.seq_len} / parallel.sp={p.sp}) over parallel.tp={p.tp}: they must divide")
     if p.pp == 1:
         return
     stages, micro = p.pp_num_stages, p.pp_microbatches_resolved
