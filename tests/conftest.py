@@ -6,8 +6,12 @@ it indirectly (``linear_moe.parallel`` → torch.distributed → ...), so it is 
 collected, instead of in the test files that need it (which made them depend on collection order).
 """
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # shared helpers such as host_sync.py
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -2,12 +2,10 @@
 equals the full forward, through cache growth past capacity, with grouped-query heads and sliding windows;
 left-padded ragged batches equal each row alone; the one-token step keeps its buffers (CUDA-graph ready)
 and reads nothing on the host."""
-import contextlib
 import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from layer_testing import generator, jittered, rel_err
 from linear_moe.layers import AttentionConfig, MixerConfig, build_mixer
@@ -145,40 +143,7 @@ def test_cache_mask_marks_the_valid_slots():
 
 # ---- no host sync in the one-token step -----------------------------------------------------------
 
-aten = torch.ops.aten
-SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.nonzero_numpy, aten.argwhere, aten.masked_select,
-           aten.is_nonzero, aten.equal, aten.allclose, aten._unique, aten._unique2, aten.bincount}
-
-
-class _NoHostSync(TorchDispatchMode):
-    """Raises on every aten op that reads device data on the host (as tests/moe/test_moe_sync.py)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        packet = func.overloadpacket
-        if packet in SYNCING or (packet is aten.where and len(args) + len(kwargs) == 1):
-            raise AssertionError(f"host sync: {func}")
-        if packet is aten.repeat_interleave and isinstance(args[-1] if len(args) > 1 else args[0], torch.Tensor) \
-                and kwargs.get("output_size") is None:
-            raise AssertionError("host sync: repeat_interleave without output_size")
-        if packet in (aten.index, aten.index_put, aten.index_put_) and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
-            raise AssertionError(f"host sync: boolean indexing ({func})")
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def no_host_sync(monkeypatch):
-    def refuse(name):
-        def method(*args, **kwargs):
-            raise AssertionError(f"host sync: Tensor.{name}")
-        return method
-
-    with monkeypatch.context() as m:
-        for name in ("tolist", "numpy", "cpu", "item", "__bool__", "__int__", "__index__"):
-            m.setattr(torch.Tensor, name, refuse(name))
-        with _NoHostSync():
-            yield
+from host_sync import no_host_sync  # noqa: E402  (tests/conftest.py puts tests/ on the path)
 
 
 def test_the_detector_catches_a_sync(monkeypatch):

@@ -6,52 +6,15 @@ go through ``_local_scalar_dense``; ``nonzero``, boolean indexing, one-argument 
 ``numpy`` / ``cpu`` are patched to raise. The GPU test (``test_moe_cuda.py``) checks the same with
 ``torch.cuda.set_sync_debug_mode``.
 """
-import contextlib
 import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from linear_moe.moe import MoEConfig, MoELayer, collect_expert_load
 from linear_moe.moe.experts import _grouped_mm_runs
 
-aten = torch.ops.aten
-SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.nonzero_numpy, aten.argwhere, aten.masked_select,
-           aten.is_nonzero, aten.equal, aten.allclose, aten.unique_consecutive, aten._unique, aten._unique2,
-           aten.unique_dim, aten.bincount, aten.where}
-
-
-class _NoHostSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        packet = func.overloadpacket
-        if packet is aten.where and len(args) + len(kwargs) > 1:
-            packet = None  # three-argument where is elementwise
-        if packet in SYNCING:
-            raise AssertionError(f"host sync: {func}")
-        if packet is aten.repeat_interleave and isinstance(args[-1] if len(args) > 1 else args[0], torch.Tensor) \
-                and kwargs.get("output_size") is None:
-            raise AssertionError("host sync: repeat_interleave without output_size")
-        if packet in (aten.index, aten.index_put, aten.index_put_) and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
-            raise AssertionError(f"host sync: boolean indexing ({func})")
-        return func(*args, **kwargs)
-
-
-def _raise(name):
-    def method(*args, **kwargs):
-        raise AssertionError(f"host sync: Tensor.{name}")
-    return method
-
-
-@contextlib.contextmanager
-def no_host_sync(monkeypatch):
-    with monkeypatch.context() as m:
-        for name in ("tolist", "numpy", "cpu", "item"):
-            m.setattr(torch.Tensor, name, _raise(name))
-        with _NoHostSync():
-            yield
+from host_sync import no_host_sync  # noqa: E402  (tests/conftest.py puts tests/ on the path)
 
 
 class _SyncInBackward(torch.autograd.Function):
