@@ -24,6 +24,8 @@ import torch.distributed as dist
 from ..config import JobConfig
 from ..model.causal_lm import LinearMoEForCausalLM
 from ..moe import collect_expert_load, plot_expert_load, update_moe_biases
+from ..moe.experts import cast_expert_weights_once
+from ..ops.backends import fla_version
 from ..parallel.activation_checkpoint import apply_activation_checkpointing
 from ..parallel.blocks import blocks
 from ..parallel.fsdp import clip_grad_norm_
@@ -35,7 +37,6 @@ from .data import Batch, TrainingData, open_training_data
 from .distributed import Distributed, StepLog, init_distributed
 from .flops import peak_flops, training_flops_per_token
 from .metrics import MetricsLogger, plot_run, read_metrics
-from ..moe.experts import cast_expert_weights_once
 from .optim import build_optimizer, lr_at, set_lr
 from .progress import Progress
 
@@ -202,6 +203,10 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
         f"{flops_per_token / 1e6:.1f} MFLOPs per training token; device {device}"
         + (f" × {ctx.world} ranks ({_layout(job, ctx)})" if ctx.enabled else "") + f"; run dir {run_dir}"
         + (f"; resuming at step {start_step}" if start_step else ""))
+    linear = job.model.mixer != "attention" and (not job.model.layer_pattern or set(job.model.layer_pattern) & set("LM"))
+    if device.type == "cuda" and fla_version() and linear:
+        say("# the first step compiles and autotunes fla's Triton kernels: 1-3 minutes per mixer on a new machine, "
+            "cached in $TRITON_CACHE_DIR (~/.triton/cache) for later runs")
     logger = MetricsLogger(run_dir, wandb_project=t.wandb_project, config=job.to_dict()) if ctx.is_main else None
     result = TrainResult(run_dir=run_dir, step=start_step, unigram_entropy=data.unigram_entropy, skipped_steps=skipped)
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * mesh.dp_size   # global
