@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from parallel_testing import run_distributed  # noqa: E402
 
 from linear_moe.config import build_job_config  # noqa: E402
 from linear_moe.data.testing import tiny_dataset  # noqa: E402
+from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
+from linear_moe.train.checkpoint import load_checkpoint  # noqa: E402
 from linear_moe.train.trainer import train  # noqa: E402
 
 BASE = [("model.hidden_size", "32"), ("model.num_layers", "2"), ("model.intermediate_size", "64"),
@@ -61,6 +64,26 @@ def test_layout_matches_one_process(root, case):
         assert abs(a - b) <= 1e-3 * abs(b), (losses0, single.losses)
     assert abs(eval0 - single.eval_loss) <= 1e-3 * abs(single.eval_loss)
     assert (Path(ckpt0) / "dcp" / ".metadata").is_file()
+
+
+FSDP_BF16 = [("parallel.dp_shard", "2"), ("parallel.fsdp_param_dtype", "bfloat16"), ("train.precision", "bf16")]
+GDN_LN = [("model.mixer", "gated_deltanet"), ("model.layer_pattern", "LN")]
+
+
+def _bf16_worker(rank, world, root):
+    result = train(_job(root, "fsdp-bf16-dist", 2, FSDP_BF16 + GDN_LN), quiet=True)
+    return result.losses, str(result.checkpoint)
+
+
+def test_fsdp_bf16_parameters_train_like_fp32_masters(root):
+    """parallel.fsdp_param_dtype=bfloat16: blocks gather bf16 parameters (master weights stay fp32 in the
+    checkpoint); the losses follow the one-process bf16-autocast run to bf16 rounding."""
+    single = train(_job(str(root), "fsdp-bf16-single", 4, GDN_LN + [("train.precision", "bf16")]), quiet=True)
+    (losses, ckpt), _ = run_distributed(_bf16_worker, 2, str(root), timeout=240)
+    assert len(losses) == 3 and all(abs(a - b) <= 3e-2 * abs(b) for a, b in zip(losses, single.losses)), (losses, single.losses)
+    model = LinearMoEForCausalLM(_job(str(root), "x", 2, GDN_LN).model)
+    load_checkpoint(Path(ckpt), model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_torchrun_launches_the_cli(root):

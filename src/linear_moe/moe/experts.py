@@ -267,14 +267,14 @@ def cast_expert_weights_once(model: nn.Module, optimizer: torch.optim.Optimizer)
     after each ``optimizer.step()``. Returns the hook handle (``.remove()`` undoes the hook only).
 
     Not for FSDP-sharded experts (DTensor parameters): the cache would hold every layer's gathered weights;
-    FSDP's ``param_dtype=bf16`` (``parallel.param_dtype``) already gathers them cast, once per unshard.
+    FSDP (``parallel.fsdp_param_dtype=bfloat16``) already gathers them cast, once per unshard.
     """
     from torch.distributed.tensor import DTensor
 
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     if any(isinstance(p, DTensor) for m in experts for p in m.parameters()):
-        raise ValueError("cast_weights_once: the expert weights are FSDP / DTensor shards; use "
-                         "parallel.param_dtype=bf16 (FSDP casts them once per all-gather) and leave it off")
+        raise ValueError("train.cast_weights_once: the expert weights are FSDP / DTensor shards; leave it off and set "
+                         "parallel.fsdp_param_dtype=bfloat16 (FSDP casts them once per all-gather)")
     for m in experts:
         m.cast_weights_once = True
         m.clear_cast_cache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe")
+FSDP_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -23,6 +24,17 @@ class ParallelConfig:
     # tp > 1 only: between regions the residual stream and norms hold T / tp tokens (Megatron's sequence
     # parallelism: activations / tp; train.seq_len / sp divisible by tp). Off by default: no generation with it.
     tp_sequence_parallel: bool = False
+    # FSDP2 mixed precision (data-parallel ranks > 1): the dtype blocks gather their parameters in (bfloat16
+    # halves the all-gather and removes autocast's per-use weight casts; master weights stay fp32) and the
+    # dtype gradients are reduced in; whether gathered parameters are freed after each block's forward.
+    fsdp_param_dtype: str = "float32"
+    fsdp_reduce_dtype: str = "float32"
+    fsdp_reshard_after_forward: bool = True
+
+    def options(self, **overrides) -> "ParallelOptions":
+        """The `ParallelOptions` these fields choose (``overrides``: other option fields)."""
+        return ParallelOptions(param_dtype=self.fsdp_param_dtype, reduce_dtype=self.fsdp_reduce_dtype,
+                               reshard_after_forward=self.fsdp_reshard_after_forward, **overrides)
 
     @property
     def pp_stages_per_rank_resolved(self) -> int:
@@ -63,6 +75,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.ep={self.ep} must divide the number of experts {num_experts}")
         if (self.dp_replicate * dp_shard * self.sp) % self.ep:
             raise ValueError(f"parallel.ep={self.ep} must divide the data-parallel ranks dp*sp={self.dp_replicate * dp_shard * self.sp}")
+        for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            if getattr(self, name) not in FSDP_DTYPES:
+                raise ValueError(f"parallel.{name}={getattr(self, name)!r} is not one of {', '.join(FSDP_DTYPES)}")
         self._validate_pipeline()
         return self
 

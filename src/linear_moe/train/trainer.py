@@ -124,9 +124,10 @@ def build_model(job: JobConfig, device: torch.device, ctx: Distributed) -> Linea
     model = LinearMoEForCausalLM(job.model).to(device)
     ac = job.train.activation_checkpointing
     if ctx.enabled and job.parallel.pp > 1:
-        model = parallelize_pipeline(model, job.parallel, ctx.mesh, device, activation_checkpointing=ac)
+        model = parallelize_pipeline(model, job.parallel, ctx.mesh, device, options=job.parallel.options(),
+                                     activation_checkpointing=ac)
     elif ctx.enabled:
-        parallelize_model(model, job.parallel, ctx.mesh, activation_checkpointing=ac)
+        parallelize_model(model, job.parallel, ctx.mesh, options=job.parallel.options(), activation_checkpointing=ac)
     else:
         apply_activation_checkpointing(model, ac)
     if job.train.compile:
