@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.autograd import contiguous_grad
 from .permute import dispatch, gather_sum
 from .swiglu import swiglu, swiglu_backward, swiglu_forward
 
@@ -56,19 +57,6 @@ def _aligned(t: torch.Tensor) -> bool:
     # _grouped_mm wants 16-byte aligned strides and base pointers.
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s, d in zip(t.stride(), t.shape) if s != 1)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: ``_grouped_mm``'s backward
-    rejects expanded (stride-0) gradients such as the one ``y.sum().backward()`` produces."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
 
 
 def _use_grouped_mm(x: torch.Tensor, weights: tuple[torch.Tensor, ...], backend: str) -> bool:
@@ -227,7 +215,7 @@ class GroupedExperts(nn.Module):
             gate = grouped_linear(x, gate_w, counts, self.backend)
             up = grouped_linear(x, up_w, counts, self.backend)
             y = grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend)
-        return _ContiguousGrad.apply(y)
+        return contiguous_grad(y)
 
     def _cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Weight ``name`` in ``dtype``: itself, a fresh cast, or (``cast_weights_once``) the cached one."""

@@ -32,26 +32,13 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from ..ops.autograd import contiguous_grad
 from ..ops.cross_entropy import linear_cross_entropy
 from .mesh import ParallelMesh
 
 SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "Interleaved1F1B": ScheduleInterleaved1F1B}
 # the aux losses a block can return (model/block.py), in the order of the aux vector sent between stages
 AUX_NAMES = ("moe_balance_loss", "moe_z_loss", "mixer_aux_loss")
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity; its gradient is made contiguous. A stage's input gradients are sent to the previous
-    stage into buffers shaped like the first microbatch's (``aux.sum()`` gives an expanded, stride-0
-    gradient, which gloo refuses to send)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
 
 
 class StageModule(nn.Module):
@@ -84,7 +71,7 @@ class StageModule(nn.Module):
             # stage without MoE: the pipeline sends back a gradient for every output.
             aux = x.float().sum() * 0.0 + x.new_zeros(len(AUX_NAMES), dtype=torch.float32)
         else:
-            x, aux = _ContiguousGrad.apply(x), _ContiguousGrad.apply(aux)
+            x, aux = contiguous_grad(x), contiguous_grad(aux)  # gloo refuses to send stride-0 gradients
         for block in self.layers.values():
             x, _, block_aux = block(x)
             if block_aux:

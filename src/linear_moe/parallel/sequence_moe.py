@@ -52,16 +52,21 @@ def apply_sequence_balance(model: nn.Module, handler) -> None:
             _wrap_memories(block.mixer, handler)
 
 
-def _wrap(moe: nn.Module, handler) -> None:
-    seen = {}
-    route = moe.router.forward
+def _record_router(router: nn.Module, seen: dict, key: str) -> None:
+    """Make ``router`` keep its last output in ``seen[key]`` for the wrapped layer forward to read."""
+    route = router.forward
 
     @functools.wraps(route)
     def router_forward(x):
-        seen["routing"] = out = route(x)
+        seen[key] = out = route(x)
         return out
 
-    moe.router.forward = router_forward
+    router.forward = router_forward
+
+
+def _wrap(moe: nn.Module, handler) -> None:
+    seen = {}
+    _record_router(moe.router, seen, "routing")
     inner = moe.forward
 
     @functools.wraps(inner)
@@ -84,14 +89,7 @@ def _wrap(moe: nn.Module, handler) -> None:
 def _wrap_memories(mixer: nn.Module, handler) -> None:
     """MoM: recompute ``mixer.aux_loss`` from its router's logits over the whole sequence."""
     seen = {}
-    route = mixer.router.forward
-
-    @functools.wraps(route)
-    def router_forward(x):
-        seen["logits"] = out = route(x)
-        return out
-
-    mixer.router.forward = router_forward
+    _record_router(mixer.router, seen, "logits")
     inner = mixer.forward
 
     @functools.wraps(inner)
