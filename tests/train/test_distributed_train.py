@@ -86,6 +86,23 @@ def test_fsdp_bf16_parameters_train_like_fp32_masters(root):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_fsdp_options_reach_parallelize(monkeypatch):
+    """The parallel.fsdp_* fields are what the trainer hands to parallelize_model / parallelize_pipeline."""
+    from types import SimpleNamespace
+
+    from linear_moe.train import trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "parallelize_model", lambda model, cfg, mesh, **kw: seen.append(kw["options"]))
+    monkeypatch.setattr(trainer, "parallelize_pipeline", lambda model, cfg, mesh, device, **kw: seen.append(kw["options"]))
+    for pp in ("1", "2"):
+        job = build_job_config(overrides=BASE + GDN_LN + [("parallel.pp", pp), ("parallel.fsdp_param_dtype", "bfloat16"),
+                                                 ("parallel.fsdp_reduce_dtype", "float16"),
+                                                 ("parallel.fsdp_reshard_after_forward", "false")])
+        trainer.build_model(job, torch.device("cpu"), SimpleNamespace(enabled=True, mesh=None))
+    assert [(o.param_dtype, o.reduce_dtype, o.reshard_after_forward) for o in seen] == [("bfloat16", "float16", False)] * 2
+
+
 def test_torchrun_launches_the_cli(root):
     """`torchrun --nproc-per-node 2 -m linear_moe train --parallel.tp 2 ...` on CPU (gloo)."""
     args = []
