@@ -4,6 +4,7 @@ import torch
 
 from linear_moe.moe import GroupedExperts, SwiGLUMLP, grouped_linear
 from linear_moe.moe.experts import _grouped_mm_runs
+from linear_moe.moe.permute import inverse_order
 
 HAS_CPU_GROUPED = _grouped_mm_runs(torch.device("cpu"), torch.float32)
 
@@ -137,14 +138,108 @@ def test_fused_grouped_experts_match_the_loop_in_every_gradient():
 
 
 @pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
-def test_grouped_experts_keep_only_x_gate_up_for_backward():
-    ex = GroupedExperts(4, 16, 8)
+def test_grouped_experts_keep_only_x_and_gate_up_for_backward():
+    ex = GroupedExperts(4, 16, 12)
     x = torch.randn(10, 16, requires_grad=True)
     w = torch.rand(10, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ex(x, torch.tensor([4, 0, 5, 1]), w)
-    params = {p.data_ptr() for p in ex.parameters()}
-    activations = [t for t in saved if t.data_ptr() not in params and t.dim() == 2]
-    # x [10, 16], gate [10, 8], up [10, 8]: not the SwiGLU output, not the down projection's output
-    assert sorted(tuple(t.shape) for t in activations) == [(10, 8), (10, 8), (10, 16)]
+    activations = [t for t in saved if t.dim() == 2]
+    # x [10, 16] and gate|up [10, 2 * 12]: not the SwiGLU output, not the down projection's output
+    assert sorted(tuple(t.shape) for t in activations) == [(10, 16), (10, 24)]
+    weights = sorted(tuple(t.shape) for t in saved if t.dim() == 3)
+    assert weights == [(4, 16, 12), (4, 24, 16)]  # down_proj itself, gate and up stacked
+
+
+def _routing(n_tokens, k, num_experts, drop, gen):
+    """A random top-k routing in the layer's form: (counts [E], token [n], slot_to_row [N, k]); ``drop``
+    slots are left out, as capacity dropping would."""
+    slot_expert = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(n_tokens)]).reshape(-1)
+    kept = torch.randperm(n_tokens * k, generator=gen)[drop:]
+    order = kept[torch.argsort(slot_expert[kept], stable=True)]
+    counts = torch.bincount(slot_expert[order], minlength=num_experts)
+    return counts, order // k, inverse_order(order, n_tokens * k).view(n_tokens, k)
+
+
+def _experts_and_loop(num_experts, hidden, inter, dtype=torch.float32):
+    grouped = GroupedExperts(num_experts, hidden, inter).to(dtype)
+    loop = GroupedExperts(num_experts, hidden, inter, backend="loop").to(dtype)
+    loop.load_state_dict(grouped.state_dict())
+    return grouped, loop
+
+
+def _run(ex, x, counts, w, g, token=None, slot_to_row=None, autocast=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = ex(x, counts, w, token, slot_to_row)
+    inputs = (x, w, ex.gate_proj, ex.up_proj, ex.down_proj)
+    return (y, *torch.autograd.grad((y.float() * g).sum(), inputs))
+
+
+@pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("cast_once", [False, True])
+def test_stacked_gate_up_matches_the_loop_in_output_and_every_gradient(gather, cast_once):
+    """One GEMM for gate and up each way (stacked weight, one [n, 2H] output and gradient) against the loop,
+    which runs gate and up apart; with ``token`` the rows are gathered from the tokens, some slots dropped,
+    and the input gradient is summed per token. ``cast_once``: the stacked fp32 weight comes from the cache."""
+    gen = torch.Generator().manual_seed(5)
+    grouped, loop = _experts_and_loop(6, 16, 12)
+    grouped.cast_weights_once = cast_once
+    if gather:
+        counts, token, slot_to_row = _routing(9, 2, 6, drop=3, gen=gen)
+        x = torch.randn(9, 16, generator=gen, requires_grad=True)
+    else:
+        counts, token, slot_to_row = torch.tensor([3, 0, 6, 0, 4, 2]), None, None
+        x = torch.randn(15, 16, generator=gen, requires_grad=True)
+    n = int(counts.sum())
+    w = torch.rand(n, generator=gen, requires_grad=True)
+    g = torch.randn(n, 16, generator=gen)
+    got = _run(grouped, x, counts, w, g, token, slot_to_row)
+    want = _run(loop, x, counts, w, g, token, slot_to_row)
+    for name, a, b in zip(("y", "x", "row_weight", "gate_proj", "up_proj", "down_proj"), got, want):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5, name
+    if not gather:  # an expert without rows gets a zero gradient
+        assert torch.equal(got[3][1], torch.zeros(12, 16)) and torch.equal(got[4][3], torch.zeros(12, 16))
+
+
+@pytest.mark.skipif(not _grouped_mm_runs(torch.device("cpu"), torch.bfloat16), reason="no CPU bf16 grouped_mm")
+@pytest.mark.parametrize("gather", [False, True])
+def test_stacked_gate_up_under_autocast_with_and_without_the_cached_cast(gather):
+    """fp32 weights under bf16 autocast: the stacked bf16 weight made at every forward, or cached
+    (cast_weights_once), gives the same bits; both stay close to the loop; gradients land on gate_proj and
+    up_proj in fp32; an in-place change of up_proj alone makes the cache restack."""
+    gen = torch.Generator().manual_seed(7)
+    grouped, loop = _experts_and_loop(4, 32, 16)
+    cached = GroupedExperts(4, 32, 16)
+    cached.load_state_dict(grouped.state_dict())
+    cached.cast_weights_once = True
+    if gather:
+        counts, token, slot_to_row = _routing(12, 2, 4, drop=2, gen=gen)
+        x = torch.randn(12, 32, generator=gen, requires_grad=True)
+    else:
+        counts, token, slot_to_row = torch.tensor([5, 0, 7, 4]), None, None
+        x = torch.randn(16, 32, generator=gen, requires_grad=True)
+    n = int(counts.sum())
+    w = torch.rand(n, generator=gen, requires_grad=True)
+    g = torch.randn(n, 32, generator=gen)
+    fresh = _run(grouped, x, counts, w, g, token, slot_to_row, autocast=True)
+    for _ in range(2):  # the second forward reads the cache
+        once = _run(cached, x, counts, w, g, token, slot_to_row, autocast=True)
+        for a, b in zip(once, fresh):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    _, stacked = cached._cast_cache["gate_up"]
+    assert stacked.shape == (4, 32, 32) and stacked.dtype == torch.bfloat16
+    assert torch.equal(stacked[:, :16], cached.gate_proj.bfloat16())
+    assert torch.equal(stacked[:, 16:], cached.up_proj.bfloat16())
+    want = _run(loop, x, counts, w, g, token, slot_to_row, autocast=True)
+    assert fresh[0].dtype == torch.bfloat16 and [t.dtype for t in fresh[3:]] == [torch.float32] * 3
+    for name, a, b in zip(("y", "x", "row_weight", "gate_proj", "up_proj", "down_proj"), fresh, want):
+        assert _rel(a, b) < 2e-2, name
+    with torch.no_grad():
+        cached.up_proj.mul_(-1)
+        grouped.up_proj.mul_(-1)
+    assert torch.equal(_run(cached, x, counts, w, g, token, slot_to_row, autocast=True)[0],
+                       _run(grouped, x, counts, w, g, token, slot_to_row, autocast=True)[0])
+    cached.clear_cast_cache()
+    assert cached._cast_cache == {}

@@ -43,9 +43,35 @@ def test_swiglu_kernels_match_torch(dtype, tol, with_weight):
         if a is not None:
             assert a.dtype == b.dtype
             _close(a, b, tol)
-    # strided rows (a slice of a wider buffer) read correctly
-    wide = torch.randn(m, 2 * h, device=DEVICE).to(dtype)
-    _close(kernels.swiglu_forward(wide[:, :h], wide[:, h:], w), swiglu_module.swiglu_reference(wide[:, :h], wide[:, h:], w), tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_swiglu_kernels_on_the_stacked_gate_up_layout(monkeypatch, dtype, tol, with_weight):
+    """gate and up as the two halves of one [M, 2H] buffer (rows of stride 2H, up at column offset H) in,
+    one [M, 2H] gradient in the same layout out: against the torch path and against the kernels on the
+    separate halves."""
+    m, h = 37, 40
+    gate_up = torch.cat([3 * torch.randn(m, h, device=DEVICE), torch.randn(m, h, device=DEVICE)], 1).to(dtype)
+    gate, up = gate_up[:, :h], gate_up[:, h:]
+    w = torch.rand(m, device=DEVICE) if with_weight else None
+    want_h = swiglu_module.swiglu_reference(gate.contiguous(), up.contiguous(), w)
+    _close(kernels.swiglu_forward(gate, up, w), want_h, tol)
+    dh = torch.randn(m, h, device=DEVICE).to(dtype)
+    dgu, dw, out = kernels.swiglu_backward_gate_up(gate_up, w, dh, want_output=True)
+    assert dgu.shape == (m, 2 * h) and dgu.dtype == dtype
+    want_dg, want_du, want_dw, want_out = swiglu_module._backward_torch(gate.contiguous(), up.contiguous(), w, dh, True)
+    _close(dgu[:, :h], want_dg, tol)
+    _close(dgu[:, h:], want_du, tol)
+    _close(out, want_out, tol)
+    assert (dw is None) == (want_dw is None)
+    if dw is not None:
+        _close(dw, want_dw, tol)
+    monkeypatch.setattr(swiglu_module, "use_fused_kernels", lambda t: False)  # the torch path of the same layout
+    torch_dgu, _, _ = swiglu_module.swiglu_backward_gate_up(gate_up, w, dh)
+    _close(dgu, torch_dgu, tol)
+    split = kernels.swiglu_backward(gate, up, w, dh)
+    assert torch.equal(dgu[:, :h], split[0]) and torch.equal(dgu[:, h:], split[1])
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -53,12 +79,10 @@ def test_gather_sum_kernel_matches_torch(dtype, tol):
     n_src, n_tok, k, c = 11, 6, 3, 20
     src = torch.randn(n_src, c, device=DEVICE).to(dtype)
     index = torch.randint(0, n_src + 1, (n_tok, k), device=DEVICE)  # n_src = a dropped slot
-    src2 = torch.randn(n_src, c, device=DEVICE).to(dtype)
     w = torch.rand(n_tok, k, device=DEVICE)
-    for weight, second in ((None, None), (w, None), (None, src2), (w, src2)):
-        got = kernels.gather_sum(src, index, weight, second)
-        both = src.double() + (0 if second is None else second.double())
-        src64 = torch.cat([both, torch.zeros(1, c, dtype=torch.float64, device=DEVICE)])
+    for weight in (None, w):
+        got = kernels.gather_sum(src, index, weight)
+        src64 = torch.cat([src.double(), torch.zeros(1, c, dtype=torch.float64, device=DEVICE)])
         want = (src64[index] * (1 if weight is None else weight.double()[..., None])).sum(1)
         assert got.dtype == dtype
         _close(got, want, tol)

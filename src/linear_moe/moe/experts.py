@@ -5,9 +5,12 @@ shards dim 0. The fast path is grouped_mm (``F.grouped_mm``, or ``torch._grouped
 kernel for all experts, no host sync. It runs on CPU too (torch 2.13: fp32/bf16/fp16 with 16-byte aligned
 rows). The fallback loops over experts and needs the per-expert counts on the host (one sync on GPU).
 
-On the grouped_mm path the whole expert MLP is one autograd node (``_GroupedSwiGLU``) that keeps only
-the gate and up outputs per routed row; the loop path builds the same math from differentiable pieces
-and is the reference the tests hold it to.
+On the grouped_mm path the whole expert MLP is one autograd node (``_GroupedSwiGLU``) of three grouped
+GEMMs each way: gate and up run as one GEMM against both weights stacked ``[E, 2H, C]`` (gate rows first,
+built at cast time, so the parameters keep their HF layout), which gives the GEMM twice the width and
+saves a launch and a read of the rows each way. It keeps only that ``[n, 2H]`` output per routed row. The
+loop path builds the same math from differentiable pieces, gate and up apart, and is the reference the
+tests hold it to.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from torch import nn
 
 from ..ops.autograd import contiguous_grad
 from .permute import dispatch, gather_sum
-from .swiglu import swiglu, swiglu_backward, swiglu_forward
+from .swiglu import swiglu, swiglu_backward_gate_up, swiglu_forward
 
 # Recent torch (2.11 and 2.13 here) has the public F.grouped_mm; older builds only torch._grouped_mm (same kernels).
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -95,46 +98,48 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
 class _GroupedSwiGLU(torch.autograd.Function):
     """All experts' ``down(swiglu(gate(rows), up(rows), w))`` as one autograd node over grouped_mm.
 
-    Saves the gate and up outputs, w and the input; the SwiGLU output (the down projection's input, needed
-    for its weight gradient) is recomputed in backward by the same pass that differentiates the SwiGLU.
-    With ``token`` the input is the ``[N, C]`` token rows and ``rows = x[token]`` is gathered here (again in
-    backward instead of being kept), and the two input-gradient GEMMs are summed per token by one gather
-    (``slot_to_row``) instead of an add then a gather. Per routed row a layer then keeps ``2H`` values
-    (plus ``C / k`` for the token), against ``2C + 4H`` for plain autograd over the same ops.
-    Weight gradients come out of grouped_mm directly in the ``[E, out, in]`` layout.
+    Gate and up are one GEMM each way against ``gate_up_w [E, 2H, C]`` (gate rows first): forward writes
+    ``gate_up [n, 2H]``, the SwiGLU reads its two halves, and backward writes one ``[n, 2H]`` gradient that
+    one GEMM turns into the input gradient and one into the ``[E, 2H, C]`` weight gradient. Saves gate_up,
+    w and the input; the SwiGLU output (the down projection's input, needed for its weight gradient) is
+    recomputed in backward by the same pass that differentiates the SwiGLU. With ``token`` the input is the
+    ``[N, C]`` token rows and ``rows = x[token]`` is gathered here (again in backward instead of being kept),
+    and the input gradient is summed per token by one gather (``slot_to_row``). Per routed row a layer then
+    keeps ``2H`` values (plus ``C / k`` for the token), against ``2C + 4H`` for plain autograd over the same
+    ops. Weight gradients come out of grouped_mm directly in the ``[E, out, in]`` layout.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_w, up_w, down_w, offs, row_weight, token, slot_to_row):
+    def forward(ctx, x, gate_up_w, down_w, offs, row_weight, token, slot_to_row):
         rows = x if token is None else x.index_select(0, token)
-        gate = _grouped_mm(rows, gate_w.transpose(-2, -1), offs=offs)
-        up = _grouped_mm(rows, up_w.transpose(-2, -1), offs=offs)
-        y = _grouped_mm(swiglu_forward(gate, up, row_weight), down_w.transpose(-2, -1), offs=offs)
-        ctx.save_for_backward(x, gate, up, row_weight, gate_w, up_w, down_w, offs, token, slot_to_row)
+        gate_up = _grouped_mm(rows, gate_up_w.transpose(-2, -1), offs=offs)                # [n, 2H]
+        h = gate_up.shape[1] // 2
+        y = _grouped_mm(swiglu_forward(gate_up[:, :h], gate_up[:, h:], row_weight), down_w.transpose(-2, -1), offs=offs)
+        ctx.save_for_backward(x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, gate, up, row_weight, gate_w, up_w, down_w, offs, token, slot_to_row = ctx.saved_tensors
+        x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad = grad.contiguous()
-        dh = _grouped_mm(grad, down_w, offs=offs)                                    # [n, H]
-        dgate, dup, dweight, h = swiglu_backward(gate, up, row_weight, dh, want_output=need[3])
+        dh = _grouped_mm(grad, down_w, offs=offs)                                           # [n, H]
+        d_gate_up, dweight, h = swiglu_backward_gate_up(gate_up, row_weight, dh, want_output=need[2])  # [n, 2H]
         # weight gradients: per expert, the rows' outer products (grouped_mm over the row dimension)
-        d_down = _grouped_mm(grad.t(), h, offs=offs) if need[3] else None          # [E, C, H]
+        d_down = _grouped_mm(grad.t(), h, offs=offs) if need[2] else None                 # [E, C, H]
         del h
-        d_gate = d_up = dx = None
-        if need[1] or need[2]:
+        d_gate_up_w = dx = None
+        if need[1]:
             rows = x if token is None else x.index_select(0, token)
-            d_gate = _grouped_mm(dgate.t(), rows, offs=offs) if need[1] else None  # [E, H, C]
-            d_up = _grouped_mm(dup.t(), rows, offs=offs) if need[2] else None
+            d_gate_up_w = _grouped_mm(d_gate_up.t(), rows, offs=offs)                       # [E, 2H, C]
             del rows
         if need[0]:
-            dx_gate, dx_up = _grouped_mm(dgate, gate_w, offs=offs), _grouped_mm(dup, up_w, offs=offs)
-            dx = dx_gate + dx_up if token is None else gather_sum(dx_gate, slot_to_row, src2=dx_up)
+            dx = _grouped_mm(d_gate_up, gate_up_w, offs=offs)                               # [n, C]
+            if token is not None:
+                dx = gather_sum(dx, slot_to_row)
         if dweight is not None:
             dweight = dweight.to(row_weight.dtype)
-        return dx, d_gate, d_up, d_down, None, dweight, None, None
+        return dx, d_gate_up_w, d_down, None, dweight, None, None
 
 
 class _CachedCast(torch.autograd.Function):
@@ -151,6 +156,30 @@ class _CachedCast(torch.autograd.Function):
         return grad.to(ctx.weight_dtype), None
 
 
+def _stack_gate_up(gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # one pass: each weight is cast straight into its half (cat of two casts would write the halves twice)
+    e, h, c = gate.shape
+    out = torch.empty((e, 2 * h, c), device=gate.device, dtype=dtype)
+    out[:, :h].copy_(gate)
+    out[:, h:].copy_(up)
+    return out
+
+
+class _GateUpCast(torch.autograd.Function):
+    """``torch.cat([gate.to(dtype), up.to(dtype)], dim=1)`` -> [E, 2H, C], or the copy made earlier
+    (``stacked``); backward splits the gradient into the two weights' gradients in their dtypes."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, stacked: torch.Tensor | None):
+        ctx.dtypes = gate.dtype, up.dtype
+        return _stack_gate_up(gate, up, dtype) if stacked is None else stacked.view_as(stacked)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h = grad.shape[1] // 2
+        return grad[:, :h].to(ctx.dtypes[0]), grad[:, h:].to(ctx.dtypes[1]), None, None
+
+
 class GroupedExperts(nn.Module):
     """``E`` SwiGLU experts stored as stacked weights.
 
@@ -158,7 +187,8 @@ class GroupedExperts(nn.Module):
     ``forward(x [n, C] sorted by expert, counts [E]) -> [n, C]``.
 
     ``cast_weights_once`` (default off; turn it on with :func:`cast_expert_weights_once`): under autocast,
-    keep the compute-dtype copy of each weight and reuse it until ``clear_cast_cache()`` (the optimizer's
+    keep the compute-dtype copy of each weight (gate and up as one stacked ``[E, 2H, C]`` copy, made even when
+    the weights are already in that dtype) and reuse it until ``clear_cast_cache()`` (the optimizer's
     step hook calls it) or until the weight's ``_version`` / storage changes (``load_state_dict``,
     ``.to``), instead of casting at every forward. The version counter alone is not enough: fused AdamW
     updates the weights without bumping it. Pays off when the experts run several times per optimizer
@@ -196,25 +226,29 @@ class GroupedExperts(nn.Module):
         ``token [n]`` and ``slot_to_row [N, k]`` (see ``permute.py``), x [N, C] holds the tokens and row
         ``i`` is ``x[token[i]]``: the gather into expert order happens inside, where backward can redo it
         rather than keep the ``[n, C]`` rows. Saved for backward on the grouped_mm path: the gate and up
-        outputs, row_weight and x.
+        outputs (one ``[n, 2H]`` tensor), row_weight and x.
         """
         if (token is None) != (slot_to_row is None):
             raise ValueError("GroupedExperts: pass token and slot_to_row together (or neither)")
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         # grouped_mm is not an autocast op: cast like nn.Linear would (fp32 master weights would otherwise
-        # send mixed-precision training down the slow per-expert loop); weights already in dtype: no copy
+        # send mixed-precision training down the slow per-expert loop); weights already in dtype: no copy,
+        # except the stacked gate_up weight of the grouped path
         x = x if x.dtype == dtype else x.to(dtype)
-        gate_w, up_w, down_w = (self._cast(name, dtype) for name in ("gate_proj", "up_proj", "down_proj"))
+        down_w = self._cast("down_proj", dtype)
         n = x.shape[0] if token is None else token.shape[0]
-        if n > 0 and _use_grouped_mm(x.contiguous(), (gate_w, up_w, down_w), self.backend):
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            y = _GroupedSwiGLU.apply(x.contiguous(), gate_w, up_w, down_w, offs, row_weight, token, slot_to_row)
-        else:  # the loop fallback (or no rows): the same math from differentiable pieces
-            if token is not None:
-                x = dispatch(x, token, slot_to_row)
-            gate = grouped_linear(x, gate_w, counts, self.backend)
-            up = grouped_linear(x, up_w, counts, self.backend)
-            y = grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend)
+        if n > 0 and self.backend != "loop":
+            gate_up_w = self._gate_up(dtype)
+            if _use_grouped_mm(x.contiguous(), (gate_up_w, down_w), self.backend):
+                offs = torch.cumsum(counts, 0, dtype=torch.int32)
+                y = _GroupedSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row)
+                return contiguous_grad(y)
+        # the loop fallback (or no rows): the same math from differentiable pieces, gate and up apart
+        if token is not None:
+            x = dispatch(x, token, slot_to_row)
+        gate = grouped_linear(x, self._cast("gate_proj", dtype), counts, self.backend)
+        up = grouped_linear(x, self._cast("up_proj", dtype), counts, self.backend)
+        y = grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend)
         return contiguous_grad(y)
 
     def _cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -230,6 +264,24 @@ class GroupedExperts(nn.Module):
             with torch.no_grad():
                 hit = self._cast_cache[name] = (key, w.detach().to(dtype))
         return _CachedCast.apply(w, hit[1]) if torch.is_grad_enabled() and w.requires_grad else hit[1]
+
+    def _gate_up(self, dtype: torch.dtype) -> torch.Tensor:
+        """gate_proj and up_proj stacked as one ``[E, 2H, C]`` weight in ``dtype`` (gate rows first), made at
+        each forward, or (``cast_weights_once``) once and cached like ``_cast``'s copies."""
+        gate, up = self.gate_proj, self.up_proj
+        if torch.compiler.is_compiling():
+            return torch.cat([gate.to(dtype), up.to(dtype)], dim=1)
+        stacked = None
+        if self.cast_weights_once:
+            key = (gate._version, gate.data_ptr(), up._version, up.data_ptr(), gate.device, dtype)
+            hit = self._cast_cache.get("gate_up")
+            if hit is None or hit[0] != key:
+                with torch.no_grad():
+                    hit = self._cast_cache["gate_up"] = (key, _stack_gate_up(gate, up, dtype))
+            stacked = hit[1]
+            if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+                return stacked
+        return _GateUpCast.apply(gate, up, dtype, stacked)
 
     def clear_cast_cache(self) -> None:
         """Drop the cached compute-dtype weights (see ``cast_weights_once``)."""

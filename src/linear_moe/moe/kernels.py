@@ -3,7 +3,8 @@ weight folded in) and the gather-sum that combines each token's ``k`` expert row
 
 Imported lazily (only for CUDA tensors, or by tests under ``TRITON_INTERPRET=1`` on CPU), so the package
 imports without Triton. The pure-PyTorch forms in ``swiglu.py`` and ``permute.py`` are the references.
-Every kernel reads 16-bit or fp32 inputs, computes in fp32 and writes the output dtype.
+Every kernel reads 16-bit or fp32 inputs, computes in fp32 and writes the output dtype. The SwiGLU kernels
+index rows by stride, so gate and up (and their gradients) may be the two halves of one ``[M, 2H]`` tensor.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_ptr, h_pt
 
 
 @triton.jit
-def _gather_sum_kernel(src_ptr, src2_ptr, idx_ptr, w_ptr, out_ptr, n_src, C, stride_src, stride_src2, stride_out,
-                       K: tl.constexpr, HAS_W: tl.constexpr, HAS_SRC2: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, n_src, C, stride_src, stride_out,
+                       K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -70,8 +71,6 @@ def _gather_sum_kernel(src_ptr, src2_ptr, idx_ptr, w_ptr, out_ptr, n_src, C, str
     for j in tl.static_range(K):
         r = tl.load(idx_ptr + t * K + j).to(tl.int64)
         v = tl.load(src_ptr + r * stride_src + cols, mask=cmask & (r < n_src), other=0.0).to(tl.float32)
-        if HAS_SRC2:
-            v += tl.load(src2_ptr + r * stride_src2 + cols, mask=cmask & (r < n_src), other=0.0).to(tl.float32)
         if HAS_W:
             v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
         acc += v
@@ -88,7 +87,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """``silu(gate) * up (* weight[:, None])``: gate, up [M, H], weight [M] or None -> [M, H] in gate's dtype."""
+    """``silu(gate) * up (* weight[:, None])``: gate, up [M, H] (rows may be strided, e.g. the halves of one
+    ``[M, 2H]`` buffer), weight [M] or None -> [M, H] in gate's dtype."""
     gate, up = _rows(gate), _rows(up)
     m, h = gate.shape
     out = torch.empty((m, h), device=gate.device, dtype=gate.dtype)
@@ -107,10 +107,29 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
                     want_output: bool = False):
     """Gradients of ``swiglu_forward``: -> (grad_gate [M, H], grad_up [M, H], grad_weight [M] fp32 or None,
     the forward output [M, H] recomputed in the same pass when ``want_output``, else None)."""
-    gate, up, grad = _rows(gate), _rows(up), _rows(grad)
+    gate, up = _rows(gate), _rows(up)
+    dg = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    du = torch.empty(up.shape, device=up.device, dtype=up.dtype)
+    dw, out = _swiglu_backward_into(gate, up, weight, grad, dg, du, want_output)
+    return dg, du, dw, out
+
+
+def swiglu_backward_gate_up(gate_up: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor,
+                            want_output: bool = False):
+    """``swiglu_backward`` for gate and up stored side by side: gate_up [M, 2H] (gate columns first) ->
+    (grad_gate_up [M, 2H] in the same layout, grad_weight [M] fp32 or None, the output [M, H] or None)."""
+    gate_up = _rows(gate_up)
+    h = gate_up.shape[1] // 2
+    dgu = torch.empty(gate_up.shape, device=gate_up.device, dtype=gate_up.dtype)
+    dw, out = _swiglu_backward_into(gate_up[:, :h], gate_up[:, h:], weight, grad, dgu[:, :h], dgu[:, h:], want_output)
+    return dgu, dw, out
+
+
+def _swiglu_backward_into(gate, up, weight, grad, dg, du, want_output):
+    # gate, up, dg, du: [M, H] with unit column stride; rows may be strided (halves of a [M, 2H] buffer)
+    grad = _rows(grad)
     m, h = gate.shape
-    dg, du = torch.empty_like(gate), torch.empty_like(up)
-    out = torch.empty_like(gate) if want_output else None
+    out = torch.empty((m, h), device=gate.device, dtype=gate.dtype) if want_output else None
     bh = _block(h, 1024)
     bm = max(1, 2048 // bh)
     n_hblocks = triton.cdiv(h, bh)
@@ -122,17 +141,15 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
                                  gate.stride(0), up.stride(0), grad.stride(0), dg.stride(0), du.stride(0),
                                  out.stride(0) if out is not None else 0, n_hblocks,
                                  HAS_W=weight is not None, STORE_H=want_output, BLOCK_M=bm, BLOCK_H=bh)
-    return dg, du, None if dw is None else dw.sum(1), out
+    return None if dw is None else dw.sum(1), out
 
 
-def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None,
-               src2: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[t] = sum_j weight[t, j] * (src + src2)[index[t, j]]`` where rows ``index >= len(src)`` count as zero.
+def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j weight[t, j] * src[index[t, j]]`` where rows ``index >= len(src)`` count as zero.
 
-    src, src2 [n, C] (src2 optional), index [N, k] int64, weight [N, k] or None (all ones) -> [N, C] in src's dtype.
+    src [n, C], index [N, k] int64, weight [N, k] or None (all ones) -> [N, C] in src's dtype.
     """
     src = _rows(src)
-    src2 = _rows(src2) if src2 is not None else None
     index = index.contiguous()
     n_tok, k = index.shape
     c = src.shape[1]
@@ -141,8 +158,6 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | No
         return out
     bc = _block(c, 2048)
     grid = (n_tok, triton.cdiv(c, bc))
-    _gather_sum_kernel[grid](src, src2 if src2 is not None else src, index,
-                             weight.contiguous() if weight is not None else src, out, src.shape[0], c,
-                             src.stride(0), src2.stride(0) if src2 is not None else 0, out.stride(0),
-                             K=k, HAS_W=weight is not None, HAS_SRC2=src2 is not None, BLOCK_C=bc)
+    _gather_sum_kernel[grid](src, index, weight.contiguous() if weight is not None else src, out, src.shape[0], c,
+                             src.stride(0), out.stride(0), K=k, HAS_W=weight is not None, BLOCK_C=bc)
     return out

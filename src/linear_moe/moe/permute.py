@@ -28,18 +28,14 @@ def inverse_order(order: torch.Tensor, num_slots: int) -> torch.Tensor:
     return inv.scatter_(0, order, torch.arange(n, device=order.device))
 
 
-def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None,
-               src2: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[t] = sum_j weight[t, j] * (src + src2)[index[t, j]]``; index values ``>= len(src)`` add zero. No autograd.
+def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = sum_j weight[t, j] * src[index[t, j]]``; index values ``>= len(src)`` add zero. No autograd.
 
-    src (and src2) [n, C], index [N, k] int64, weight [N, k] or None -> [N, C] in src's dtype (accumulated in
-    fp32 on the Triton path, in bf16/fp16 sum or bmm otherwise). ``src2`` lets two partial gradients be summed
-    in the same pass instead of by a separate add.
+    src [n, C], index [N, k] int64, weight [N, k] or None -> [N, C] in src's dtype (accumulated in fp32 on the
+    Triton path, in bf16/fp16 sum or bmm otherwise).
     """
     if use_fused_kernels(src):
-        return fused_kernels().gather_sum(src, index, weight, src2)
-    if src2 is not None:
-        src = src + src2
+        return fused_kernels().gather_sum(src, index, weight)
     n_tok, k = index.shape
     if src.shape[0] < index.numel():  # some slots may be dropped: they read an appended zero row
         src = torch.cat([src, src.new_zeros((1,) + tuple(src.shape[1:]))])

@@ -5,6 +5,10 @@ Why: written as plain ops, autograd keeps four ``[rows, H]`` tensors per layer (
 the product) and runs four elementwise passes each way; here it keeps two and runs one pass each way
 (Triton on CUDA, see ``kernels.py``). Folding the routing weight in here (``down(h * w) = w * down(h)``)
 lets the combine be a plain sum that saves nothing.
+
+The grouped experts compute gate and up as one ``[rows, 2H]`` tensor (gate columns first): the forward
+reads its two halves as strided views, and ``swiglu_backward_gate_up`` writes both gradients into one
+tensor of that layout, ready for the single GEMM back.
 """
 from __future__ import annotations
 
@@ -58,6 +62,18 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
     if use_fused_kernels(gate):
         return fused_kernels().swiglu_backward(gate, up, weight, grad, want_output)
     return _backward_torch(gate, up, weight, grad, want_output)
+
+
+def swiglu_backward_gate_up(gate_up: torch.Tensor, weight: torch.Tensor | None, grad: torch.Tensor,
+                            want_output: bool = False):
+    """``swiglu_backward`` for gate and up side by side in one ``gate_up [M, 2H]`` (gate columns first, as one
+    GEMM against the stacked ``[gate; up]`` weight writes them) -> (grad_gate_up [M, 2H] in that layout, so one
+    GEMM takes it back; grad_weight [M] or None; the output [M, H] if ``want_output``)."""
+    if use_fused_kernels(gate_up):
+        return fused_kernels().swiglu_backward_gate_up(gate_up, weight, grad, want_output)
+    h = gate_up.shape[1] // 2
+    dg, du, dw, out = _backward_torch(gate_up[:, :h], gate_up[:, h:], weight, grad, want_output)
+    return torch.cat([dg, du], dim=1), dw, out
 
 
 def _backward_torch(gate, up, weight, grad, want_output=False):
