@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from linear_moe import ops
 
 CALLS = []
+REGISTERED = []  # backend classes the wrapper registers into (fake) fla dispatch
 
 
 def _gla(name):
@@ -73,7 +74,7 @@ def fake_fla(monkeypatch):
         mods[name] = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mods[name])
     mods["fla.backends"].BaseBackend = object
-    mods["fla.backends"].register = lambda op: (lambda cls: cls)
+    mods["fla.backends"].register = lambda op: (lambda cls: REGISTERED.append(cls) or cls)
     for mod, names in {"fla.ops.simple_gla": ["chunk_simple_gla", "fused_recurrent_simple_gla"],
                        "fla.ops.gla": ["chunk_gla", "fused_recurrent_gla"]}.items():
         for n in names:
@@ -166,3 +167,18 @@ def test_cu_seqlens_needs_batch_one(fake_fla):
     q = torch.randn(2, 4, 1, 8)
     with pytest.raises(ValueError, match="cu_seqlens needs batch size 1"):
         fake_fla.gla(q, q, q, cu_seqlens=torch.tensor([0, 4]))
+
+
+def test_dqkwg_fix_takes_gated_calls_only(fake_fla):
+    """Our chunk_bwd_dqkwg serves the gated step (fla #640) and declines ungated calls, which keep fla's
+    own kernel (measured faster for linear attention, retention and DeltaNet on the H100)."""
+    REGISTERED.clear()
+    fake_fla.install_dqkwg_fix(torch.device("cpu"))
+    (backend_cls,) = REGISTERED
+    verify = backend_cls().chunk_bwd_dqkwg_verifier
+    t = torch.zeros(1)
+    assert verify(t, t, t, t, t, t, None, t)[0] is True             # g positional
+    assert verify(t, t, t, t, t, t, g=t, g_gamma=None)[0] is True   # g by keyword
+    ok, reason = verify(t, t, t, t, t, t, None, None, t)            # g_gamma only (retention)
+    assert ok is False and "ungated" in reason
+    assert verify(t, t, t, t, t, t)[0] is False
