@@ -243,3 +243,31 @@ def test_stacked_gate_up_under_autocast_with_and_without_the_cached_cast(gather)
                        _run(grouped, x, counts, w, g, token, slot_to_row, autocast=True)[0])
     cached.clear_cast_cache()
     assert cached._cast_cache == {}
+
+
+@pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
+@pytest.mark.parametrize("gather", [False, True])
+def test_no_grad_inference_skips_the_stacked_copy_and_gives_the_same_output(gather, monkeypatch):
+    """Without autograd and with the weights in the compute dtype (generation), gate and up run as two GEMMs
+    against the weights themselves: no stacked copy per call (per decoded token), same output as training's
+    stacked path."""
+    import linear_moe.moe.experts as experts_mod
+
+    gen = torch.Generator().manual_seed(7)
+    ex, _ = _experts_and_loop(6, 16, 12)
+    if gather:
+        counts, token, slot_to_row = _routing(9, 2, 6, drop=2, gen=gen)
+        x = torch.randn(9, 16, generator=gen)
+    else:
+        counts, token, slot_to_row = torch.tensor([3, 0, 6, 0, 4, 2]), None, None
+        x = torch.randn(15, 16, generator=gen)
+    w = torch.rand(int(counts.sum()), generator=gen)
+    trained = ex(x, counts, w, token, slot_to_row)  # grad mode: the stacked path
+    stacks = []
+    monkeypatch.setattr(experts_mod, "_stack_gate_up", lambda *a: stacks.append(1) or experts_mod.torch.cat(
+        [a[0].to(a[2]), a[1].to(a[2])], dim=1))
+    with torch.no_grad():
+        inferred = ex(x, counts, w, token, slot_to_row)
+    assert stacks == [] and _rel(inferred, trained) < 1e-5
+    ex(x, counts, w, token, slot_to_row)  # with autograd on, the stacked path again
+    assert stacks == [1]

@@ -237,13 +237,17 @@ class GroupedExperts(nn.Module):
         x = x if x.dtype == dtype else x.to(dtype)
         down_w = self._cast("down_proj", dtype)
         n = x.shape[0] if token is None else token.shape[0]
-        if n > 0 and self.backend != "loop":
+        # without autograd (generation, eval) and with the weights already in dtype, stacking gate and up
+        # would copy them at every call (every decoded token): run the three GEMMs below against them instead
+        stack = torch.is_grad_enabled() or self.cast_weights_once or self.gate_proj.dtype != dtype
+        if n > 0 and self.backend != "loop" and stack:
             gate_up_w = self._gate_up(dtype)
             if _use_grouped_mm(x.contiguous(), (gate_up_w, down_w), self.backend):
                 offs = torch.cumsum(counts, 0, dtype=torch.int32)
                 y = _GroupedSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row)
                 return contiguous_grad(y)
-        # the loop fallback (or no rows): the same math from differentiable pieces, gate and up apart
+        # the fallback (loop backend, unaligned rows, no rows, or no-grad in dtype): the same math from
+        # differentiable pieces, gate and up apart; grouped_linear still takes grouped_mm where it runs
         if token is not None:
             x = dispatch(x, token, slot_to_row)
         gate = grouped_linear(x, self._cast("gate_proj", dtype), counts, self.backend)
