@@ -8,6 +8,10 @@ Prints a table and writes ``$OUT/model_bench.json`` (or ``benchmarks/results/``)
 Triton / fla versions, commit, shapes and numbers, and a PNG of tokens/s against sequence length.
 Both sides train in bf16 with fused AdamW; ours keeps fp32 master weights under autocast (the trainer's
 default) unless ``--pure-bf16`` (the peer's setting: weights and optimizer state in bf16).
+A kind with the suffix ``@graph`` (e.g. ``gdn@graph``) captures our whole training step (forward, backward,
+AdamW) in one CUDA graph after the warm-up steps and replays it: the step has static shapes and no
+host-device syncs, so the graph removes the host's kernel-launch time (thousands of launches per step).
+The peer cannot be captured (HF's per-expert loop syncs with the host to find each expert's tokens).
 """
 from __future__ import annotations
 
@@ -102,37 +106,85 @@ def top_kernels(step_fn, n: int) -> list[list]:
     return [["TOTAL", round(total, 2), sum(c for _, c in per.values())]] + [[k[:90], round(ms, 2), c] for k, (ms, c) in top]
 
 
+def graphed(step_body, opt, warmup: int):
+    """``step_body`` (forward, backward, optimizer step -> loss) captured once in a CUDA graph; returns a
+    function that replays it and hands back the loss tensor the graph writes.
+
+    The recipe of PyTorch's whole-network capture: warm-up steps on a side stream (lazy initialisation,
+    Triton autotuning), gradients set to None so that the captured backward allocates them in the graph's
+    pool and every replay writes them afresh, and an optimizer built with ``capturable=True``.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            opt.zero_grad(set_to_none=True)
+            step_body()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step_body()
+
+    def replay():
+        graph.replay()
+        return loss
+
+    return replay
+
+
+def parse_kind(kind: str) -> tuple[str, bool]:
+    """'gdn@graph' -> ('gdn', True); raises for an unknown kind or suffix."""
+    base, _, variant = kind.partition("@")
+    peers = ("peer_sdpa", "peer_fla_gla", "peer_fla_gdn")
+    if base not in (*KINDS, *peers) or variant not in ("", "graph") or (variant and base in peers):
+        raise ValueError(f"kind {kind!r}: allowed {', '.join(KINDS)} (each optionally @graph) and {', '.join(peers)}")
+    return base, variant == "graph"
+
+
 def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
     B = max(1, tokens_per_step // T)
     row = {"kind": kind, "T": T, "B": B}
+    base, use_graph = parse_kind(kind)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = opt = x = None
+    model = opt = x = step = None
     try:
-        if kind.startswith("peer"):
-            model = build_peer(kind).cuda().to(torch.bfloat16)
+        if base.startswith("peer"):
+            model = build_peer(base).cuda().to(torch.bfloat16)
             ours = False
         else:
-            model = LinearMoEForCausalLM(our_config(kind, args.shared_expert)).cuda()
+            model = LinearMoEForCausalLM(our_config(base, args.shared_expert)).cuda()
             apply_activation_checkpointing(model, args.checkpointing if T >= args.checkpoint_from else "none")
             if args.pure_bf16:
                 model = model.to(torch.bfloat16)
             ours = True
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=use_graph)
         x = torch.randint(0, 151936, (B, T), device="cuda")
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        def body():
+            # under capture autocast must not cache casts across the graph boundary
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not use_graph):
                 if ours:
                     out = model(x, labels=torch.roll(x, -1, 1), return_logits=False)
                 else:
                     out = model(input_ids=x, labels=x)
             out.loss.backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
             return out.loss.detach()
 
-        dt, loss = time_steps(model, step, args.warmup, args.steps)
+        def step():
+            loss = body()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        if use_graph:
+            t0 = time.perf_counter()
+            step = graphed(body, opt, args.warmup)
+            row["capture_s"] = round(time.perf_counter() - t0, 1)
+        dt, loss = time_steps(model, step, 1 if use_graph else args.warmup, args.steps)
         if T in args.profile_lengths:
             row["top_kernels"] = top_kernels(step, args.profile_top)
         row.update(tok_s=B * T / dt, step_s=dt, loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -146,7 +198,7 @@ def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
         if args.verbose:
             traceback.print_exc()
     finally:
-        model = opt = x = None  # free the GPU memory before the next configuration
+        model = opt = x = step = None  # free the GPU memory (and the graph's pool) before the next configuration
         torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row
@@ -207,7 +259,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="2048,8192,32768,65536")
     p.add_argument("--tokens-per-step", type=int, default=32768)
-    p.add_argument("--kinds", default="gdn,gla,hybrid,attention")
+    p.add_argument("--kinds", default="gdn,gla,hybrid,attention",
+                   help=f"comma list of {', '.join(KINDS)}, each optionally with @graph (CUDA-graph the step)")
     p.add_argument("--peer", default="", help="comma list of peer_sdpa, peer_fla_gla, peer_fla_gdn")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
@@ -226,7 +279,10 @@ def main() -> None:
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(t) for t in args.lengths.split(",")]
-    for kind in [k for k in args.kinds.split(",") if k] + [k for k in args.peer.split(",") if k]:
+    kinds = [k for k in args.kinds.split(",") if k] + [k for k in args.peer.split(",") if k]
+    for kind in kinds:
+        parse_kind(kind)  # a typo fails here, not after an hour of rows
+    for kind in kinds:
         for T in lengths:
             rows.append(run_one(kind, T, max(args.tokens_per_step, T), args))
             # rewritten after every row: a run stopped by its time limit keeps what it measured

@@ -38,7 +38,9 @@ def _wrap_forward(module: nn.Module) -> None:
     def forward(*args, **kwargs):
         if not module.training:
             return inner(*args, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        # preserve_rng_state=False: the forward draws no random numbers (no dropout, no router noise), so
+        # there is no RNG state to replay; saving it would also make the step uncapturable by CUDA graphs
+        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
     module.forward = forward
     module._checkpointed = True
