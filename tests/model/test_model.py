@@ -156,3 +156,33 @@ def test_chunked_loss_equals_the_full_logits_loss():
     chunked = model(ids, labels=ids, return_logits=False)
     assert chunked.logits is None
     torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
+
+
+
+def test_chunked_loss_gradients_reach_the_tied_embedding(monkeypatch):
+    """The fused loss returns the head weight's gradient; with tied embeddings autograd adds it to the
+    embedding's own: every parameter's gradient equals the one through the checkpointed loss (same math)
+    and, to fp32 precision (that path's softmax is fp32), the one through the full logits."""
+    import functools
+
+    import linear_moe.model.causal_lm as causal_lm
+
+    torch.manual_seed(6)
+    model = LinearMoEForCausalLM(tiny_config(tie_embeddings=True)).double()
+    assert model.lm_head.weight is model.embed.weight
+    ids = torch.randint(0, 97, (2, 9))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+
+    def grads(return_logits):
+        model.zero_grad()
+        model(ids, labels=labels, return_logits=return_logits).lm_loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused, full = grads(False), grads(True)
+    monkeypatch.setattr(causal_lm, "linear_cross_entropy", functools.partial(causal_lm.linear_cross_entropy, fused=False))
+    checkpointed = grads(False)
+    assert fused.keys() == full.keys() == checkpointed.keys() and "embed.weight" in fused
+    for name in fused:
+        torch.testing.assert_close(fused[name], checkpointed[name], rtol=1e-10, atol=1e-14, msg=name)
+        torch.testing.assert_close(fused[name], full[name], rtol=1e-5, atol=1e-7, msg=name)
