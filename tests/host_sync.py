@@ -5,6 +5,9 @@ device catches up (``torch.cuda.set_sync_debug_mode`` checks the same on a GPU).
 ``bool()`` go through ``_local_scalar_dense``; ``nonzero``, boolean indexing, one-argument ``where``,
 ``repeat_interleave`` without ``output_size``, ``unique``, ``bincount``, ...) and patches the Tensor methods
 that copy to the host (``tolist``, ``numpy``, ``cpu``, ``item``, ``bool()``, ``int()``, ``__index__``) to raise.
+It also refuses tensors made from host data (``torch.tensor(3, device=...)``, ``as_tensor``: ``lift_fresh``):
+on a GPU that is a host-to-device copy, which a CUDA graph cannot capture (``torch.full`` makes the same
+tensor on the device).
 """
 import contextlib
 
@@ -24,6 +27,8 @@ class NoHostSyncMode(TorchDispatchMode):
         packet = func.overloadpacket
         if packet in SYNCING or (packet is aten.where and len(args) + len(kwargs) == 1):
             raise AssertionError(f"host sync: {func}")
+        if packet is aten.lift_fresh:
+            raise AssertionError("host sync: a tensor made from host data (a host-to-device copy on a GPU)")
         if packet is aten.repeat_interleave and isinstance(args[-1] if len(args) > 1 else args[0], torch.Tensor) \
                 and kwargs.get("output_size") is None:
             raise AssertionError("host sync: repeat_interleave without output_size")

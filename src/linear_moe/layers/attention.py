@@ -114,7 +114,7 @@ def _new_cache(k: torch.Tensor, v: torch.Tensor, window: int) -> dict:
     cache_k[:, :, :keep], cache_v[:, :, :keep] = k, v
     dev = k.device
     return {"k": cache_k, "v": cache_v, "offset": torch.full((B,), T, dtype=torch.long, device=dev),
-            "slot": torch.tensor(keep, dtype=torch.long, device=dev),
+            "slot": torch.full((), keep, dtype=torch.long, device=dev),  # filled on the device: no host copy
             "start": torch.zeros(B, dtype=torch.long, device=dev), "used": keep}
 
 
@@ -168,7 +168,7 @@ def stack_kv_caches(rows: list[dict]) -> dict:
         starts.append(r["start"] + pad)
         b += n
     return {"k": k, "v": v, "offset": torch.cat([r["offset"] for r in rows]),
-            "slot": torch.tensor(used, dtype=torch.long, device=k.device), "start": torch.cat(starts), "used": used}
+            "slot": torch.full((), used, dtype=torch.long, device=k.device), "start": torch.cat(starts), "used": used}
 
 
 def cache_mask(slot: torch.Tensor, start: torch.Tensor, time: int, capacity: int, window: int = 0) -> torch.Tensor:
