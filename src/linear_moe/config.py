@@ -57,6 +57,8 @@ class JobConfig:
             (t.precision in ("auto", "fp32", "bf16"), f"train.precision={t.precision!r} must be one of auto, fp32, bf16"),
             (t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be one of auto, cpu, cuda"),
             (t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1"),
+            (t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0 (0: no evaluation)"),
+            (t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: only at the end)"),
             (not t.wandb_project or importlib.util.find_spec("wandb") is not None,
              f"train.wandb_project={t.wandb_project!r} needs wandb (pip install wandb), or leave it empty"),
             (t.activation_checkpointing in ("none", "selective", "full"),

@@ -108,3 +108,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     last = list_checkpoints(run)[-1]
     step = int(last.name.split("_")[1])
     assert step == max(_losses(run)) and step < 400
+
+
+def test_a_too_short_validation_split_fails_before_training_or_is_skipped(tmp_path, data_dir):
+    """A validation split without one full window used to fail the final evaluation after the last step, before
+    the final checkpoint was written (seen on the H100 at seq_len 32K). Now the run refuses to start, naming
+    the ways out, or, with train.eval_batches=0, trains without evaluating."""
+    from linear_moe.data import DataError
+    from linear_moe.data.sources import open_source
+    from linear_moe.train.data import open_training_data
+
+    val_tokens = open_source(open_training_data(job_for(tmp_path, data_dir)).batcher.val_path).size
+    job = job_for(tmp_path, data_dir, steps=2, **{"train.seq_len": val_tokens, "train.batch_size": 1})
+    with pytest.raises(DataError, match=f"fewer than seq_len \\+ 1 = {val_tokens + 1}.*train.eval_batches=0"):
+        train(job)
+    assert not (tmp_path / "runs").exists()  # refused before the run directory, not after the training
+    result = train(job_for(tmp_path, data_dir, steps=2, **{"train.seq_len": val_tokens, "train.batch_size": 1,
+                                                             "train.eval_batches": 0}))
+    assert result.step == 2 and result.checkpoint is not None and result.eval_loss != result.eval_loss  # nan

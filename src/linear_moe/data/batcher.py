@@ -74,20 +74,28 @@ class TokenBatcher:
         x, y = self.batch(step)
         return pack_windows(torch.cat([x, y[:, -1:]], dim=1), eos_id)
 
+    def check_eval(self) -> np.ndarray:
+        """The validation tokens, or a DataError when there is no split or it holds no full window (called
+        before training too, so that a run does not fail at its final evaluation)."""
+        if self.val_path is None:
+            raise DataError(f"no validation split for {str(self.bin_path)!r}: no val.bin / <prefix>_val beside it "
+                            "and no val_path given")
+        val = open_source(self.val_path, self.dtype)
+        if val.size < self.seq_len + 1:
+            raise DataError(f"validation file {str(self.val_path)!r} has {val.size} tokens, fewer than seq_len + 1 = "
+                            f"{self.seq_len + 1}: give a longer validation split, a shorter train.seq_len, or "
+                            "train.eval_batches=0 (no evaluation)")
+        return val
+
     def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``n_batches`` batches of consecutive, non-overlapping windows from the validation split.
 
         Deterministic; wraps around to the start when the split is shorter than the request, so a
         tiny validation split still yields full batches. Ranks take interleaved windows.
         """
-        if self.val_path is None:
-            raise DataError(f"no validation split for {str(self.bin_path)!r}: no val.bin / <prefix>_val beside it "
-                            "and no val_path given")
-        val = open_source(self.val_path, self.dtype)
+        val = self.check_eval()
         span = self.seq_len + 1
         n_windows = (val.size - 1) // self.seq_len  # windows overlap by one token: labels of one = inputs of next
-        if n_windows < 1:
-            raise DataError(f"validation file {str(self.val_path)!r} has {val.size} tokens, fewer than seq_len + 1 = {span}")
         per_step = self.batch_size * self.world_size
         for b in range(n_batches):
             k = np.arange(b * per_step, (b + 1) * per_step)[self.rank::self.world_size] % n_windows

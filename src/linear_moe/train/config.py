@@ -26,7 +26,7 @@ class TrainConfig:
     cast_weights_once: bool = False    # under bf16 autocast, cast the MoE expert weights once per optimizer step
     max_skipped_steps: int = 10        # steps with a NaN/inf loss or gradient skipped before the run stops
     eval_interval: int = 60           # steps between held-out evaluations (0: only at the end)
-    eval_batches: int = 8
+    eval_batches: int = 8             # batches per evaluation (0: no evaluation)
     log_interval: int = 10
     ckpt_interval: int = 120           # steps between checkpoints (a final one is always written)
     keep_last: int = 2                 # checkpoints kept on disk

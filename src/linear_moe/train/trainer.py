@@ -182,6 +182,8 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     device, mesh = ctx.device if ctx.enabled else pick_device(t.device), ctx.mesh
     sp, sp_rank = job.parallel.sp, mesh.sp_rank
     data: TrainingData = open_training_data(job, mesh.dp_rank, mesh.dp_size)
+    if t.eval_batches:
+        data.batcher.check_eval()  # now, not at the final evaluation after hours of training
     model = build_model(job, device, ctx)
     plain_sizes = _sizes(job)
     optimizer = build_optimizer(model, t)
@@ -307,7 +309,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             if log_now or ckpt_now:
                 read_back(step + 1, log_now)
             progress.update(step + 1, loss=shown_loss, tokens_per_s=tok_s)
-            if t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < steps:
+            if t.eval_batches and t.eval_interval and (step + 1) % t.eval_interval == 0 and step + 1 < steps:
                 result.eval_loss = evaluate(model, data, t.eval_batches, device, amp, ctx, local)
                 log(step + 1, {"eval_loss": result.eval_loss})
                 progress.note(f"step {step + 1}: eval loss {result.eval_loss:.3f} (unigram entropy {data.unigram_entropy:.3f})")
@@ -321,7 +323,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
                 break
     read_back(result.step, False)
     finished = result.step == steps
-    if finished:
+    if finished and t.eval_batches:
         result.eval_loss = evaluate(model, data, t.eval_batches, device, amp, ctx, local)
         log(result.step, {"eval_loss": result.eval_loss})
     result.checkpoint = save(result.step)
@@ -335,8 +337,9 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     if result.stopped_by_signal:
         say(f"stopped by signal {stop.received} after step {result.step}; checkpoint {result.checkpoint} (resume with --resume)")
     if finished:
-        say(f"eval loss {result.eval_loss:.3f} nats/token (unigram entropy of the corpus {data.unigram_entropy:.3f}); "
-            f"checkpoint {result.checkpoint}")
+        scored = (f"eval loss {result.eval_loss:.3f} nats/token (unigram entropy of the corpus {data.unigram_entropy:.3f})"
+                  if t.eval_batches else "no evaluation (train.eval_batches=0)")
+        say(f"{scored}; checkpoint {result.checkpoint}")
         if ctx.enabled:
             say(f"sample: linear-moe generate --checkpoint {result.checkpoint} --prompt {t.sample_prompt!r}")
         else:
