@@ -2,8 +2,9 @@
 
 The stand-in implements fla-core 0.6.0's conventions (natural-log gates, g vs g_gamma, rwkv6's
 bonus, the causal conv's `[N, D, W]` state) with our torch ops, so these tests check that the
-wrapper picks the right fla function and converts arguments, normalisation and states right.
-fla's real kernels are checked on GPU by benchmarks/ops_bench.py.
+wrapper picks the right fla function and converts arguments, normalisation and states right, and
+that RWKV6 built on chunk_gla (inputs shifted one token, bonus term in torch) equals the float64
+reference. fla's real kernels are checked on GPU by benchmarks/ops_bench.py.
 """
 
 import os
@@ -15,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe import ops
+from ops_testing import assert_close_with_grads, gla_inputs, grads_of, randn, reference, time_slice
 
 CALLS = []
+STAND_IN_CHUNK = 4  # the stand-in chunk_* run our chunked form with chunks that divide no test length
 REGISTERED = []  # backend classes the wrapper registers into (fake) fla dispatch
 
 
@@ -25,8 +28,10 @@ def _gla(name):
            output_final_state=False, cu_seqlens=None):
         CALLS.append(name)
         decay = next((x for x in (g, g_gamma, gk) if x is not None), None)
+        mode = "recurrent" if name.startswith("fused_recurrent") else "chunk"
         return ops.gla(q, k, v, decay, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend="torch")
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend="torch",
+                       mode=mode, chunk_size=STAND_IN_CHUNK)
     return fn
 
 
@@ -109,8 +114,9 @@ def _gen():
     ("scalar", False, False, "recurrent", "fused_recurrent_simple_gla"),
     ("vector", False, False, "chunk", "chunk_gla"),
     ("vector", False, False, "recurrent", "fused_recurrent_gla"),
-    ("vector", True, False, "chunk", "chunk_rwkv6"),
-    ("scalar", True, False, "chunk", "chunk_rwkv6"),
+    ("vector", True, False, "chunk", "chunk_gla"),  # RWKV6 on chunk_gla (see the tests below)
+    ("scalar", True, False, "chunk", "chunk_gla"),
+    ("vector", True, False, "recurrent", "fused_recurrent_rwkv6"),
 ])
 def test_gla_mapping(fake_fla, decay, bonus, normalize, mode, expected):
     g = _gen()
@@ -129,6 +135,53 @@ def test_gla_mapping(fake_fla, decay, bonus, normalize, mode, expected):
     o_ref, s_ref = ops.gla(q, k, v, ld, backend="torch", **kw)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+def _gla_ref_one_by_one(cu_seqlens):
+    """The float64 reference run on each sequence of ``cu_seqlens`` alone (from its own initial state)."""
+    def fn(initial_state=None, **args):
+        parts = [reference.gla_ref(**time_slice(args, lo, hi),
+                                   initial_state=None if initial_state is None else initial_state[n:n + 1])
+                 for n, (lo, hi) in enumerate(zip(cu_seqlens.tolist(), cu_seqlens[1:].tolist()))]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([s for _, s in parts], 0)
+    return fn
+
+
+@pytest.mark.parametrize("cu", [None, [0, 5, 17, 30], [0, 0, 7, 7, 30]], ids=["dense", "varlen", "empty"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no_h0"])
+@pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
+def test_rwkv6_on_chunk_gla_matches_reference_with_gradients(fake_fla, decay, with_state, cu):
+    """RWKV6 (`bonus`) in chunk mode runs chunk_gla on k, v, decay shifted one token late; output, final
+    state and the gradients of every input equal the float64 reference. With cu_seqlens (uneven lengths,
+    empty sequences, none a multiple of the stand-in's chunk) the shift must not cross a boundary."""
+    g = _gen()
+    B, T, H, K, V = (2, 30, 2, 8, 6) if cu is None else (1, 30, 2, 8, 6)
+    args = gla_inputs(decay, g, B=B, T=T, H=H, K=K, V=V, with_state=False)
+    args["bonus"] = randn(g, H, K)
+    N = B if cu is None else len(cu) - 1
+    if with_state:
+        args["initial_state"] = randn(g, N, H, K, V)
+    cu = None if cu is None else torch.tensor(cu)
+    weights = [randn(g, B, T, H, V).double(), randn(g, N, H, K, V).double()]
+
+    def wrapper(**a):
+        return fake_fla.gla(**a, output_final_state=True, cu_seqlens=cu, mode="chunk")
+
+    actual = grads_of(wrapper, args, weights)
+    assert CALLS == ["chunk_gla"]
+    expected = grads_of(reference.gla_ref if cu is None else _gla_ref_one_by_one(cu), args, weights)
+    names = {"q", "k", "v", "bonus"} | ({"log_decay"} if decay != "none" else set()) | (
+        {"initial_state"} if with_state else set())
+    assert_close_with_grads(actual, expected, 1e-4, f"decay={decay}", names=names)
+
+
+def test_rwkv6_on_chunk_gla_without_final_state(fake_fla):
+    g = _gen()
+    args = gla_inputs("vector_bonus", g, B=1, T=9, with_state=False)
+    o, s = fake_fla.gla(**args, mode="chunk")
+    assert s is None and CALLS == ["chunk_gla"]
+    o_ref, _ = reference.gla_ref(**args)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("gated,mode,expected", [
