@@ -19,7 +19,7 @@ has tests && echo "== GPU tests" && timeout 240 python3 -m pytest -q -p no:cache
 has moe && echo "== MoE layer" && timeout 120 python3 benchmarks/moe_bench.py --profile 2>&1 | grep -v "^ *[0-9.]* ms .*x  [a-z_]" | tail -30
 if has model; then  # 8K tokens per step: the peer (HF Qwen2-MoE) fits at this size only (fp32 logits)
   echo "== model throughput beside the peer"
-  timeout ${MODEL_S:-300} python3 benchmarks/model_bench.py --lengths 2048,8192 --tokens-per-step 8192 --kinds ${MODEL_KINDS:-gdn,hybrid,attention} \
+  timeout ${MODEL_S:-300} python3 benchmarks/model_bench.py --lengths 2048,8192 --tokens-per-step 8192 --kinds ${MODEL_KINDS:-gdn@graph,gla@graph,hybrid@graph,attention@graph,gdn} \
     --peer ${PEERS:-peer_sdpa,peer_fla_gdn} --steps 3 --warmup 2 --checkpoint-from 1000000 --profile-lengths 8192 2>&1 | cut -c1-300 | tail -20
   mv "$OUT/model_bench.json" "$OUT/model_bench_peer.json"; mv "$OUT/model_bench.png" "$OUT/model_bench_peer.png" 2>/dev/null
 fi
