@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
 from linear_moe.parallel.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
+from linear_moe.train.cuda_graph import capture_step  # noqa: E402
 from linear_moe.train.flops import peak_flops, training_flops_per_token  # noqa: E402
 
 KINDS = {  # name -> (mixer, layer pattern)
@@ -106,35 +107,6 @@ def top_kernels(step_fn, n: int) -> list[list]:
     return [["TOTAL", round(total, 2), sum(c for _, c in per.values())]] + [[k[:90], round(ms, 2), c] for k, (ms, c) in top]
 
 
-def graphed(step_body, opt, warmup: int):
-    """``step_body`` (forward, backward, optimizer step -> loss) captured once in a CUDA graph; returns a
-    function that replays it and hands back the loss tensor the graph writes.
-
-    The recipe of PyTorch's whole-network capture: warm-up steps on a side stream (lazy initialisation,
-    Triton autotuning), gradients set to None so that the captured backward allocates them in the graph's
-    pool and every replay writes them afresh, and an optimizer built with ``capturable=True``.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            opt.zero_grad(set_to_none=True)
-            step_body()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step_body()
-
-    def replay():
-        graph.replay()
-        return loss
-
-    return replay
-
-
 def parse_kind(kind: str) -> tuple[str, bool]:
     """'gdn@graph' -> ('gdn', True); raises for an unknown kind or suffix."""
     base, _, variant = kind.partition("@")
@@ -182,7 +154,7 @@ def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
 
         if use_graph:
             t0 = time.perf_counter()
-            step = graphed(body, opt, args.warmup)
+            step = capture_step(body, opt, args.warmup)
             row["capture_s"] = round(time.perf_counter() - t0, 1)
         dt, loss = time_steps(model, step, 1 if use_graph else args.warmup, args.steps)
         if T in args.profile_lengths:
