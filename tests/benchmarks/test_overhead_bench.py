@@ -66,8 +66,9 @@ def test_ops_per_step_stay_at_or_below_the_cut_count():
     counter = _two_layer_gdn_ops()
     total = sum(sum(c.values()) for c in counter.counts.values())
     assert total <= GDN_2_LAYER_OPS + 20, f"{total} ops per step, was {GDN_2_LAYER_OPS}: {counter.counts}"
-    # per layer three mm: the mixer's six input projections as one, o_proj, the router (+ one for the loss)
-    assert counter.counts["forward"]["mm"] <= 2 * 3 + 1
+    # per layer three mm: the mixer's six input projections as one, o_proj, the router; plus the fused loss's
+    # three (logits, and the input and weight gradients it computes in the forward pass), none in backward
+    assert counter.counts["forward"]["mm"] <= 2 * 3 + 3
 
 
 def test_cast_weights_once_saves_the_expert_casts_of_later_micro_batches():
