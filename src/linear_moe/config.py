@@ -57,6 +57,11 @@ class JobConfig:
             (t.precision in ("auto", "fp32", "bf16"), f"train.precision={t.precision!r} must be one of auto, fp32, bf16"),
             (t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be one of auto, cpu, cuda"),
             (t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1"),
+            (not t.cuda_graph or not self.data.packing,
+             "train.cuda_graph needs data.packing=false: packed batches change the shape of cu_seqlens every step, "
+             "and a CUDA graph replays fixed shapes"),
+            (not t.cuda_graph or (self.parallel.pp == 1 and not t.compile),
+             "train.cuda_graph cannot be combined with pipeline parallelism or train.compile"),
             (t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0 (0: no evaluation)"),
             (t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: only at the end)"),
             (not t.wandb_project or importlib.util.find_spec("wandb") is not None,

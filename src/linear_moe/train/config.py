@@ -24,6 +24,7 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager traces without code generation)
     activation_checkpointing: str = "none"  # none | selective (recompute token mixers) | full (whole blocks)
     cast_weights_once: bool = False    # under bf16 autocast, cast the MoE expert weights once per optimizer step
+    cuda_graph: bool = False           # replay the whole step (fwd, bwd, clip, AdamW) as one CUDA graph: one GPU, no packing
     max_skipped_steps: int = 10        # steps with a NaN/inf loss or gradient skipped before the run stops
     eval_interval: int = 60           # steps between held-out evaluations (0: only at the end)
     eval_batches: int = 8             # batches per evaluation (0: no evaluation)

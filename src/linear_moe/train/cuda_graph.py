@@ -53,3 +53,44 @@ def capture_step(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimi
 
     replay.graph = graph  # kept alive with the function; its pool holds the step's activations and gradients
     return replay
+
+
+class GraphedStep:
+    """The trainer's step as a CUDA graph: ``body(batches) -> tuple of tensors`` runs eagerly on a side stream
+    for the first ``warmup`` calls (lazy initialisation, Triton autotuning; these are real steps), is captured
+    at the next call and replayed from then on. Each call first copies its batches into the static input
+    tensors the graph reads; it returns copies of the graph's outputs (the next replay overwrites them).
+
+    ``body`` must start with ``optimizer.zero_grad(set_to_none=True)`` (see ``capture_step``), keep shapes
+    static (no packed ``cu_seqlens``, whose length changes) and make no host-device sync.
+    """
+
+    def __init__(self, body: Callable, warmup: int = 2):
+        self.body, self.warmup, self.calls = body, max(1, warmup), 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: list | None = None
+        self.outputs: tuple | None = None
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, batches: list) -> tuple:
+        if self.static is None:
+            self.static = [b.__class__(b.input_ids.clone(), b.labels.clone(), None) for b in batches]
+        else:
+            for s, b in zip(self.static, batches):
+                s.input_ids.copy_(b.input_ids)
+                s.labels.copy_(b.labels)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                outputs = self.body(self.static)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return tuple(o.clone() for o in outputs)
+        if self.graph is None:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the step; the replay below runs it
+                self.outputs = self.body(self.static)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.outputs)

@@ -17,6 +17,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay) and torch.cuda.is_available()
+    if cfg.cuda_graph and fused:
+        # replayed as a CUDA graph: step counters on the device, and the learning rate a device tensor that
+        # set_lr updates in place (a float would be frozen into the captured kernel)
+        lr = torch.tensor(cfg.lr, dtype=torch.float32, device=decay[0].device if decay else no_decay[0].device)
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True, capturable=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -32,4 +37,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):  # a CUDA-graph step reads this tensor: update it in place
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import JobConfig
+from ..config import ConfigError, JobConfig
 from ..model.causal_lm import LinearMoEForCausalLM
 from ..moe import collect_expert_load, plot_expert_load, update_moe_biases
 from ..moe.experts import cast_expert_weights_once
@@ -33,6 +33,7 @@ from ..parallel.lasp2 import shard_sequence
 from ..parallel.parallelize import local_cu_seqlens, parallelize_model, parallelize_pipeline
 from ..parallel.pipeline import AUX_NAMES, PipelineModel
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .cuda_graph import GraphedStep
 from .data import Batch, TrainingData, open_training_data
 from .distributed import Distributed, StepLog, init_distributed
 from .flops import peak_flops, training_flops_per_token
@@ -154,6 +155,47 @@ def forward_backward(model, batches: list[Batch], amp) -> tuple[torch.Tensor, to
     return lm, aux
 
 
+def _graphed_step(model, optimizer, amp, max_norm: float) -> GraphedStep:
+    """One process's step (micro-batches, clipping, the device-side non-finite skip, AdamW, the MoE bias
+    step) as a ``GraphedStep``: eager for two steps, then captured and replayed."""
+    if isinstance(amp, torch.autocast):  # no cast cache across the graph boundary
+        amp = torch.autocast(amp.device, dtype=amp.fast_dtype, cache_enabled=False)
+
+    def body(batches):
+        optimizer.zero_grad(set_to_none=True)
+        loss, aux = forward_backward(model, batches, amp)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        finite = torch.isfinite(grad_norm)
+        step_unless_nonfinite(optimizer, finite)  # fused AdamW: decided on the device
+        update_moe_biases(model, None)
+        return loss, aux, grad_norm, finite
+
+    return GraphedStep(body)
+
+
+def _lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        group["capturable"] = True
+
+
+@contextlib.contextmanager
+def _lr_as_float(optimizer: torch.optim.Optimizer):
+    """Param groups with a float lr while the block runs (a checkpoint), the same lr tensors after (a
+    captured CUDA graph reads those very tensors)."""
+    tensors = [g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in optimizer.param_groups]
+    for g, lr in zip(optimizer.param_groups, tensors):
+        if lr is not None:
+            g["lr"] = float(lr)
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, tensors):
+            if lr is not None:
+                g["lr"] = lr
+
+
 def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool | None:
     """``optimizer.step()`` when ``finite`` (a device bool) holds, else leave weights and optimizer state
     as they are. A fused Adam(W) does this on the device (its ``found_inf`` input, which also undoes the
@@ -184,6 +226,9 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     data: TrainingData = open_training_data(job, mesh.dp_rank, mesh.dp_size)
     if t.eval_batches:
         data.batcher.check_eval()  # now, not at the final evaluation after hours of training
+    if t.cuda_graph and (device.type != "cuda" or ctx.enabled):
+        raise ConfigError(f"train.cuda_graph needs one CUDA device in one process (device {device}, "
+                          f"{ctx.world if ctx.enabled else 1} ranks); leave it off otherwise")
     model = build_model(job, device, ctx)
     plain_sizes = _sizes(job)
     optimizer = build_optimizer(model, t)
@@ -194,6 +239,8 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
         state = load_checkpoint(ckpt, model, optimizer, map_location=device)
         start_step, skipped = state["step"], state.get("skipped_steps", 0)
         data.load_state_dict(state.get("data", {}))
+        if t.cuda_graph:  # the loaded param groups hold a float lr (see save): back to the device tensor
+            _lr_as_tensor(optimizer, device)
     steps = total_steps(job)
     say = print if ctx.is_main and not quiet else (lambda *a: None)
     if ctx.is_main:
@@ -220,9 +267,11 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             logger.log(step, row)
 
     def save(step: int) -> Path:
-        return save_checkpoint(run_dir, step, model, optimizer, {"tokens": step * tokens_per_step, "skipped_steps": result.skipped_steps,
-                                                                   "data": data.state_dict()},
-                               job.to_toml(), t.keep_last, extra)
+        with _lr_as_float(optimizer):  # a checkpoint holds plain numbers, whatever the step's form
+            return save_checkpoint(run_dir, step, model, optimizer, {"tokens": step * tokens_per_step,
+                                                                       "skipped_steps": result.skipped_steps,
+                                                                       "data": data.state_dict()},
+                                   job.to_toml(), t.keep_last, extra)
 
     def local(batch: Batch) -> Batch:
         """This rank's slice of the time axis under sequence parallelism (LASP-2 joins the pieces)."""
@@ -242,6 +291,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
     aux_logged = _aux_names(job)
     max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
     interval_start, interval_steps, tok_s, shown_loss = time.perf_counter(), 0, 0.0, float("nan")
+    graphed = _graphed_step(model, optimizer, amp, max_norm) if t.cuda_graph else None
 
     def read_back(step: int, log_now: bool) -> None:
         """Read the steps kept since the last read (one collective, one host copy); log them."""
@@ -289,16 +339,20 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             lr = lr_at(step, t, steps)
             set_lr(optimizer, lr)
             batches = [_to_device(local(data.train_batch(step * t.grad_accum + micro)), device) for micro in range(t.grad_accum)]
-            loss, aux = forward_backward(model, batches, amp)
-            grad_norm = (clip_grad_norm_(model, max_norm, mesh) if ctx.enabled
-                         else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            # The norm is reduced over every mesh and stage, so this flag is the same on every rank and
-            # they skip or step together; a non-finite loss gives non-finite gradients.
-            finite = torch.isfinite(grad_norm)
-            stepped = step_unless_nonfinite(optimizer, finite)
-            if stepped is not False:  # None: the device decided; the bias step uses token counts only
-                update_moe_biases(model, mesh.group("dp_sp") if ctx.enabled else None)
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:  # the same step, replayed as one CUDA graph (_graphed_step)
+                loss, aux, grad_norm, finite = graphed(batches)
+                stepped = None
+            else:
+                loss, aux = forward_backward(model, batches, amp)
+                grad_norm = (clip_grad_norm_(model, max_norm, mesh) if ctx.enabled
+                             else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                # The norm is reduced over every mesh and stage, so this flag is the same on every rank and
+                # they skip or step together; a non-finite loss gives non-finite gradients.
+                finite = torch.isfinite(grad_norm)
+                stepped = step_unless_nonfinite(optimizer, finite)
+                if stepped is not False:  # None: the device decided; the bias step uses token counts only
+                    update_moe_biases(model, mesh.group("dp_sp") if ctx.enabled else None)
+                optimizer.zero_grad(set_to_none=True)
             steplog.add(step + 1, lr, loss, aux, grad_norm, finite)
             result.step, interval_steps = step + 1, interval_steps + 1
             log_now = (step + 1) % t.log_interval == 0 or step + 1 == steps
