@@ -23,10 +23,11 @@ if has model; then  # 8K tokens per step: the peer (HF Qwen2-MoE) fits at this s
     --peer ${PEERS:-peer_sdpa,peer_fla_gdn} --steps 3 --warmup 2 --checkpoint-from 1000000 --profile-lengths 8192 2>&1 | cut -c1-300 | tail -20
   mv "$OUT/model_bench.json" "$OUT/model_bench_peer.json"; mv "$OUT/model_bench.png" "$OUT/model_bench_peer.png" 2>/dev/null
 fi
-if has scaling; then  # the same tokens per step at every length; selective checkpointing throughout
+if has scaling; then  # the same tokens per step (64K) at every length up to 64K; full checkpointing throughout (memory)
   echo "== scaling in sequence length"
-  timeout ${SCALING_S:-300} python3 benchmarks/model_bench.py --lengths ${SCALING_LENGTHS:-2048,8192,32768,65536} --tokens-per-step ${SCALING_TOKENS:-32768} \
-    --kinds ${SCALING_KINDS:-gdn,hybrid,attention} --steps 2 --warmup 1 --checkpoint-from 0 --profile-lengths 32768 2>&1 | cut -c1-300 | tail -20
+  timeout ${SCALING_S:-300} python3 benchmarks/model_bench.py --lengths ${SCALING_LENGTHS:-2048,8192,32768,65536} --tokens-per-step ${SCALING_TOKENS:-65536} \
+    --kinds ${SCALING_KINDS:-gdn@graph,gla@graph,hybrid@graph,attention@graph} --steps 2 --warmup 1 --checkpoint-from 0 \
+    --checkpointing ${SCALING_AC:-full} --profile-lengths 32768 2>&1 | cut -c1-300 | tail -20
   mv "$OUT/model_bench.json" "$OUT/model_bench_scaling.json"; mv "$OUT/model_bench.png" "$OUT/model_bench_scaling.png" 2>/dev/null
 fi
 has decode && echo "== decode" && timeout ${DECODE_S:-200} python3 benchmarks/decode_bench.py --out "$OUT" ${DECODE_ARGS:---cuda-graph} 2>&1 | tail -12
