@@ -165,6 +165,21 @@ def run_one(mixer: str, T: int, args, cfg: ModelConfig, device: torch.device, se
     return row
 
 
+def resumed_rows(path: str, env: dict, shapes: dict) -> dict:
+    """The measured rows of an earlier run, by (mixer, T), each marked with that run's commit and source digest.
+    Refuses a file from another device, torch / Triton / fla version or shape: its numbers do not compare."""
+    earlier = json.loads(Path(path).read_text())
+    for key in ("device", "torch", "triton", "fla"):
+        if earlier["environment"].get(key) != env.get(key):
+            raise SystemExit(f"--resume {path}: measured with {key}={earlier['environment'].get(key)!r}, this run has "
+                             f"{env.get(key)!r}; rows from different setups do not compare")
+    if earlier["shapes"] != shapes:
+        raise SystemExit(f"--resume {path}: shapes {earlier['shapes']} differ from this run's {shapes}")
+    origin = {k: earlier["environment"].get(k) for k in ("commit", "source_digest") if earlier["environment"].get(k)}
+    return {(r["mixer"], r["T"]): {**r, "resumed_from": r.get("resumed_from", origin)}
+            for r in earlier["rows"] if "error" not in r}
+
+
 def add_ratios(rows: list[dict]) -> None:
     """``vs_attention``: this mixer's tokens/s over ``attention``'s at the same T (> 1: faster)."""
     reference = {r["T"]: r["tok_s"] for r in rows if r["mixer"] == REFERENCE and "tok_s" in r}
@@ -204,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-lengths", default="", help="comma list of lengths to record the top GPU kernels at")
     p.add_argument("--profile-top", type=int, default=12)
     p.add_argument("--out", default="", help="output folder (default $OUT, else benchmarks/results/)")
+    p.add_argument("--resume", default="", help="a mixer_bench.json of an earlier call on the same kind of machine: "
+                   "its measured rows are kept and not run again (a table that outlasts one device call)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     args.lengths = [int(t) for t in (args.lengths or ("32,64" if args.tiny else "2048,8192,32768")).split(",") if t]
@@ -233,6 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = {"hidden": cfg.hidden_size, "heads": cfg.attention.num_heads, "tokens_per_step": args.tokens,
               "dtype": "bf16 autocast (fp32 weights)", "mode": cfg.mixer_options.mode}
     t0, rows = time.perf_counter(), []
+    kept = resumed_rows(args.resume, env, shapes) if args.resume else {}
 
     def save() -> None:
         add_ratios(rows)
@@ -241,12 +259,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "shapes": shapes, "rows": rows}, indent=1))
 
     configs = [(m, T) for m in args.mixers for T in args.lengths]
-    for i, (mixer, T) in enumerate(configs):
+    todo = sum((m, T) not in kept for m, T in configs)
+    for mixer, T in configs:
+        if (mixer, T) in kept:
+            rows.append(kept[(mixer, T)])
+            continue
         left = args.budget_s - (time.perf_counter() - t0)
+        todo -= 1
         if left <= 0:
             rows.append({"mixer": mixer, "T": T, "B": max(1, args.tokens // T), "error": "skipped: --budget-s spent"})
         else:
-            rows.append(run_one(mixer, T, args, cfg, device, left / (len(configs) - i)))
+            rows.append(run_one(mixer, T, args, cfg, device, left / (todo + 1)))
         save()
     print()
     print(table(rows))

@@ -239,6 +239,8 @@ def main():
     parser.add_argument("--torch-timing-max-len", type=int, default=2048)
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop starting work after this")
     parser.add_argument("--cases", default="", help="comma-separated subset of CASES (default all)")
+    parser.add_argument("--resume", default="", help="an ops_bench.json of an earlier call on the same kind of machine: "
+                        "its results are kept and not run again (a table that outlasts one device call)")
     a = parser.parse_args()
     device = torch.device(a.device)
     if device.type == "cpu":
@@ -252,6 +254,8 @@ def main():
               "python": platform.python_version(), "git_commit": os.environ.get("GIT_COMMIT"),
               "seed": seed, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "check": {}, "time_ms": {}, "targets": {}}
+    if a.resume:
+        resume_into(result, a.resume)
 
     # Work in priority order (gated kinds first) so that a time limit cuts the least important.
     groups = [["simple_gla", "gated_deltanet", "gla"], ["linear_attn", "retention", "deltanet", "rwkv6"],
@@ -282,6 +286,8 @@ def run_checks(result, cases, a, device, seed, deadline):
                 if variant == "fla-stock" and case not in USES_DQKWG:
                     continue  # identical to "ours": fla's own kernels throughout
                 key = f"{case}/{variant}/{str(dtype)[6:]}"
+                if key in result["check"]:  # kept from --resume
+                    continue
                 if time.time() > deadline:
                     result["check"][key] = {"ok": False, "error": "not run: out of time"}
                     continue
@@ -297,6 +303,7 @@ def run_checks(result, cases, a, device, seed, deadline):
                 r = result["check"][key]
                 print(f"check {key:45s} {'ok ' if r['ok'] else 'BAD'} "
                       f"{r.get('max_rel', r.get('error'))}", flush=True)
+                dump(result, a.out)  # each entry survives a time limit that kills the process
 
 
 def run_timing(result, cases, a, device, seed, deadline):
@@ -318,6 +325,8 @@ def run_timing(result, cases, a, device, seed, deadline):
             names = ["ours"] + (["fla-stock"] if case in USES_DQKWG else []) + \
                 ([] if a.skip_torch_timing or T > a.torch_timing_max_len else ["torch"])
             for variant in names:
+                if f"{case}/{variant}" in row:  # kept from --resume
+                    continue
                 if time.time() > deadline:
                     row[f"{case}/{variant}"] = "not run: out of time"
                     continue
@@ -330,8 +339,24 @@ def run_timing(result, cases, a, device, seed, deadline):
                     ms = f"{type(e).__name__}: {e}"[:200]
                 row[f"{case}/{variant}"] = ms
                 print(f"time T={T:6d} {case:16s} {variant:10s} {ms}", flush=True)
+                dump(result, a.out)
             del args
             torch.cuda.empty_cache()
+
+
+def resume_into(result: dict, path: str) -> None:
+    """Keep an earlier run's measured checks and times in ``result`` (errors and "not run" entries run again),
+    recording that run in ``result["resumed"]``; refuse one from another device or torch / Triton / fla version."""
+    with open(path) as f:
+        earlier = json.load(f)
+    for key in ("device", "torch", "triton", "fla"):
+        if earlier.get(key) != result[key]:
+            raise SystemExit(f"--resume {path}: measured with {key}={earlier.get(key)!r}, this run has {result[key]!r}; "
+                             "results from different setups do not compare")
+    result["resumed"] = earlier.get("resumed", []) + [{k: earlier.get(k) for k in ("date", "git_commit", "seed")}]
+    result["check"].update({k: v for k, v in earlier["check"].items() if "max_rel" in v})
+    for T, row in earlier["time_ms"].items():
+        result["time_ms"].setdefault(T, {}).update({k: v for k, v in row.items() if isinstance(v, (int, float))})
 
 
 def dump(result, path):

@@ -57,3 +57,33 @@ def test_every_registered_mixer_runs_in_the_dry_run(tmp_path):
                              "--warmup", "1", "--out", str(tmp_path)])
     assert {r["mixer"] for r in rows} == set(mixer_bench.available_mixers())
     assert [r for r in rows if "error" in r] == []
+
+
+def test_resume_keeps_measured_rows_and_runs_the_rest(tmp_path, monkeypatch):
+    """A table that outlasts one device call: the second call keeps the first call's measured rows (marked
+    with their origin), runs only what is missing or failed, and refuses a file from another setup."""
+    first = tmp_path / "first"
+    real = mixer_bench.build_mixer
+
+    def flaky(name, *a):
+        if name == "gla":
+            raise RuntimeError("simulated failure")
+        return real(name, *a)
+
+    monkeypatch.setattr(mixer_bench, "build_mixer", flaky)
+    mixer_bench.main(TINY + ["--lengths", "16", "--mixers", "attention,gla", "--out", str(first)])
+    monkeypatch.setattr(mixer_bench, "build_mixer", real)
+    ran = []
+    monkeypatch.setattr(mixer_bench, "run_one", lambda m, T, *a: ran.append((m, T)) or {"mixer": m, "T": T, "B": 1,
+                                                                                         "ms": 1.0, "tok_s": 16e3})
+    rows = mixer_bench.main(TINY + ["--lengths", "16", "--mixers", "attention,gla,mamba2", "--out", str(tmp_path),
+                                    "--resume", str(first / "mixer_bench.json")])
+    assert ran == [("gla", 16), ("mamba2", 16)]  # attention kept; the failed gla row runs again
+    assert rows[0]["mixer"] == "attention" and "resumed_from" in rows[0] and rows[0]["ms"] > 0
+    assert rows[1]["vs_attention"] == pytest.approx(16e3 / rows[0]["tok_s"])
+    other = json.loads((first / "mixer_bench.json").read_text())
+    other["environment"]["torch"] = "0.0"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="torch='0.0'"):
+        mixer_bench.main(TINY + ["--lengths", "16", "--mixers", "attention", "--out", str(tmp_path),
+                                 "--resume", str(tmp_path / "other.json")])
