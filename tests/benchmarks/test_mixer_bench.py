@@ -30,15 +30,21 @@ def test_tiny_dry_run_measures_each_mixer_against_attention(tmp_path, capsys):
     assert "ms fwd+bwd" in capsys.readouterr().out
 
 
-def test_a_failing_mixer_keeps_the_table(tmp_path, monkeypatch, capsys):
+def _failing(monkeypatch, mixer: str, message: str):
+    """Make building ``mixer`` raise ``message``; returns the real builder."""
     real = mixer_bench.build_mixer
 
     def flaky(name, *a):
-        if name == "gla":
-            raise RuntimeError("CUDA out of memory (simulated)")
+        if name == mixer:
+            raise RuntimeError(message)
         return real(name, *a)
 
     monkeypatch.setattr(mixer_bench, "build_mixer", flaky)
+    return real
+
+
+def test_a_failing_mixer_keeps_the_table(tmp_path, monkeypatch, capsys):
+    _failing(monkeypatch, "gla", "CUDA out of memory (simulated)")
     rows = mixer_bench.main(TINY + ["--lengths", "16", "--mixers", "gla,linear_attention", "--out", str(tmp_path)])
     assert "out of memory" in rows[0]["error"] and rows[0]["mixer"] == "gla"
     assert "ms" in rows[1] and "error" not in rows[1]
@@ -63,14 +69,7 @@ def test_resume_keeps_measured_rows_and_runs_the_rest(tmp_path, monkeypatch):
     """A table that outlasts one device call: the second call keeps the first call's measured rows (marked
     with their origin), runs only what is missing or failed, and refuses a file from another setup."""
     first = tmp_path / "first"
-    real = mixer_bench.build_mixer
-
-    def flaky(name, *a):
-        if name == "gla":
-            raise RuntimeError("simulated failure")
-        return real(name, *a)
-
-    monkeypatch.setattr(mixer_bench, "build_mixer", flaky)
+    real = _failing(monkeypatch, "gla", "simulated failure")
     mixer_bench.main(TINY + ["--lengths", "16", "--mixers", "attention,gla", "--out", str(first)])
     monkeypatch.setattr(mixer_bench, "build_mixer", real)
     ran = []
