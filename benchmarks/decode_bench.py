@@ -100,10 +100,10 @@ def _copy_into(old, new) -> None:
                 _copy_into(old[i], v)
 
 
-def prefill(model, prompt: torch.Tensor, chunk: int):
+def prefill(model, prompt: torch.Tensor, chunk: int, reserve: int = 0):
     """Run the prompt ``[batch, context]`` row by row (bounded activation memory at long context), each
     row in chunks of ``chunk`` tokens when > 0 (states carried). Returns (last logits ``[batch, vocab]``,
-    states)."""
+    states, attention caches with room for ``reserve`` more tokens)."""
     logits, states = [], []
     for row in prompt.split(1):
         step = chunk if chunk > 0 else row.shape[1]
@@ -113,7 +113,8 @@ def prefill(model, prompt: torch.Tensor, chunk: int):
             state = out.states
         logits.append(out.logits[:, -1])
         states.append(state)
-    return torch.cat(logits), stack_states(states)
+        out = state = None
+    return torch.cat(logits), stack_states(states, reserve, consume=True)  # consume: the cache is not held twice
 
 
 def decode_eager(model, token: torch.Tensor, states, steps: int, events: list | None = None):
@@ -182,11 +183,13 @@ def run_one(model, kind: str, context: int, args, device: torch.device) -> list[
     try:
         prompt = torch.randint(0, model.config.vocab_size, (args.batch, context), device=device)
         chunk = args.prefill_chunk if kind != "attention" else 0  # attention's chunked prefill needs a dense mask
+        # room for every step this row takes (warm-up, the graph check and capture, the timed steps), made
+        # when the rows are stacked: growing the cache later would copy it (twice its size in memory)
+        room = args.warmup + args.new_tokens + 16
         with Timer(device) as t:
-            logits, states = prefill(model, prompt, chunk)
+            logits, states = prefill(model, prompt, chunk, room)
         base["prefill_ms"] = t.ms
-        # room for every step this row takes (warm-up, the graph check and capture, the timed steps)
-        states = reserve_caches(states, args.warmup + args.new_tokens + 16)
+        states = reserve_caches(states, room)  # a no-op now: the room is there
         token = logits.argmax(-1)
         if args.warmup:  # warm the kernels and the allocator
             tokens, states = decode_eager(model, token, states, args.warmup)

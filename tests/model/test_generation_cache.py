@@ -45,6 +45,16 @@ def test_cached_decode_through_growth_equals_the_full_forward(case):
     assert _rel(torch.cat(logits, 1), full) < 1e-4
 
 
+def _decode_rows(model, seqs, lengths, new, state):
+    """``new`` one-token steps of a stacked batch: row b feeds its tokens ``lengths[b] ..`` -> logits [B, new, V]."""
+    logits = []
+    for t in range(new):
+        out = model(torch.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None], states=state, return_states=True)
+        logits.append(out.logits)
+        state = out.states
+    return torch.cat(logits, 1)
+
+
 def test_ragged_stacked_decode_equals_each_row_full_forward():
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     model = _model(g, **CASES["attention gqa"])
@@ -52,13 +62,26 @@ def test_ragged_stacked_decode_equals_each_row_full_forward():
     seqs = [torch.randint(0, 61, (n + new,), generator=g) for n in lengths]
     with torch.no_grad():
         states = stack_states([model(s[None, :n], return_states=True).states for s, n in zip(seqs, lengths)])
-        states = reserve_caches(states, new)
-        logits = []
-        for t in range(new):
-            out = model(torch.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None], states=states,
-                        return_states=True)
-            logits.append(out.logits)
-            states = out.states
-        logits = torch.cat(logits, 1)
+        logits = _decode_rows(model, seqs, lengths, new, reserve_caches(states, new))
         for b, (s, n) in enumerate(zip(seqs, lengths)):
             assert _rel(logits[b], model(s[None]).logits[0, n:]) < 1e-4
+
+
+def test_stacking_with_room_and_consuming_the_rows_decodes_the_same():
+    """stack_states(reserve=, consume=True), the decode benchmark's memory-lean path: the stacked caches
+    already hold the room (no copy to grow them), the rows give up each layer once stacked, and decoding
+    gives the same logits as stacking plainly then reserving."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = _model(g, **CASES["attention gqa"])
+    lengths, new = [3, 60], 9  # 60 + 9 tokens pass the 64-slot rounding: the room must be made on purpose
+    seqs = [torch.randint(0, 61, (n + new,), generator=g) for n in lengths]
+    decode = lambda state: _decode_rows(model, seqs, lengths, new, state)  # noqa: E731
+    with torch.no_grad():
+        rows = [model(s[None, :n], return_states=True).states for s, n in zip(seqs, lengths)]
+        plain = reserve_caches(stack_states(rows), new)
+        rows = [model(s[None, :n], return_states=True).states for s, n in zip(seqs, lengths)]
+        lean = stack_states(rows, reserve=new, consume=True)
+        assert all(layer is None for row in rows for layer in row)
+        assert all(c["k"].shape[2] >= c["used"] + new for c in lean)
+        assert all(a["k"] is b["k"] for a, b in zip(lean, reserve_caches(lean, new)))  # no growth copy
+        assert _rel(decode(lean), decode(plain)) < 1e-6

@@ -155,12 +155,14 @@ def reserve_kv_cache(state: dict, capacity: int) -> dict:
     return {**state, "k": k, "v": v}
 
 
-def stack_kv_caches(rows: list[dict]) -> dict:
+def stack_kv_caches(rows: list[dict], reserve: int = 0) -> dict:
     """One batch cache from the caches of separate calls (any batch sizes and lengths): each row is
-    left-padded so every row's next slot is the same; ``start`` marks where its own keys begin."""
+    left-padded so every row's next slot is the same; ``start`` marks where its own keys begin. ``reserve``:
+    room for that many more slots, made now rather than by a later copy (``reserve_kv_cache``)."""
     used = max(r["used"] for r in rows)
     B = sum(r["k"].shape[0] for r in rows)
-    k, v = _buffer(rows[0]["k"], B, cache_capacity(used)), _buffer(rows[0]["v"], B, cache_capacity(used))
+    capacity = cache_capacity(used + reserve)
+    k, v = _buffer(rows[0]["k"], B, capacity), _buffer(rows[0]["v"], B, capacity)
     starts, b = [], 0
     for r in rows:
         n, pad = r["k"].shape[0], used - r["used"]

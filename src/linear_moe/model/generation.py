@@ -136,20 +136,29 @@ def _as_prompts(prompts, device: torch.device) -> list[torch.Tensor]:
     return out
 
 
-def stack_states(rows: list):
+def stack_states(rows: list, reserve: int = 0, consume: bool = False):
     """Stack per-prompt states (each from a batch-1 call) into one batch state: tensors are concatenated
-    along the batch; softmax-attention caches (of different lengths) are left-padded to one cache."""
+    along the batch; softmax-attention caches (of different lengths) are left-padded to one cache, with room
+    for ``reserve`` more slots. ``consume``: the rows' per-layer lists give up each layer once it is stacked
+    (set to None), so memory holds the rows and the stack of one layer, not both whole (at batch 32 and
+    32K context the softmax model's cache is 51 GB)."""
     first = rows[0]
     if first is None:
         return None
     if isinstance(first, torch.Tensor):
         return torch.cat(rows, dim=0)
     if is_kv_cache(first):
-        return stack_kv_caches(rows)
+        return stack_kv_caches(rows, reserve)
     if isinstance(first, dict):
-        return {key: stack_states([r[key] for r in rows]) for key in first}
+        return {key: stack_states([r[key] for r in rows], reserve) for key in first}
     if isinstance(first, (list, tuple)):
-        return [stack_states(list(layer)) for layer in zip(*rows)]
+        out = []
+        for i in range(len(first)):
+            out.append(stack_states([r[i] for r in rows], reserve))
+            if consume and all(isinstance(r, list) for r in rows):
+                for r in rows:
+                    r[i] = None
+        return out
     raise TypeError(f"cannot stack a decoding state of type {type(first).__name__}")
 
 
