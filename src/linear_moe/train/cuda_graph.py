@@ -34,18 +34,10 @@ def capture_step(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimi
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step needs a CUDA device (CUDA graphs)")
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            optimizer.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(max(1, warmup)):
+        _on_side_stream(side, lambda: (optimizer.zero_grad(set_to_none=True), step()))
     optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    graph, loss = _record(step)
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -81,16 +73,28 @@ class GraphedStep:
                 s.labels.copy_(b.labels)
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                outputs = self.body(self.static)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return tuple(o.clone() for o in outputs)
-        if self.graph is None:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the step; the replay below runs it
-                self.outputs = self.body(self.static)
+            return tuple(o.clone() for o in _on_side_stream(self.side, lambda: self.body(self.static)))
+        if self.graph is None:  # records the step; the replay below runs it
+            self.graph, self.outputs = _record(lambda: self.body(self.static))
         self.graph.replay()
         return tuple(o.clone() for o in self.outputs)
+
+
+def _on_side_stream(side: torch.cuda.Stream, fn: Callable):
+    """``fn()`` run eagerly on ``side``, ordered after and before the current stream's work (the warm-up
+    steps: lazy initialisation and autotuning happen off the stream a graph is later captured from)."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _record(fn: Callable) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``fn`` captured (not run) as a CUDA graph: (graph, the outputs its replays write)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
