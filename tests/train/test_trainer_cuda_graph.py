@@ -6,8 +6,8 @@ import torch
 
 from linear_moe.config import ConfigError
 from linear_moe.train.checkpoint import list_checkpoints
-from linear_moe.train.optim import set_lr
-from linear_moe.train.trainer import _lr_as_float, _lr_as_tensor, train
+from linear_moe.train.optim import lr_as_float, lr_as_tensor, set_lr
+from linear_moe.train.trainer import train
 
 from .test_trainer import job_for
 
@@ -34,12 +34,12 @@ def test_refused_without_a_cuda_device(tmp_path, data_dir):
 def test_lr_tensor_is_updated_in_place_and_saved_as_a_float():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([p], lr=0.1)
-    _lr_as_tensor(opt, torch.device("cpu"))
+    lr_as_tensor(opt, torch.device("cpu"))
     lr = opt.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and opt.param_groups[0]["capturable"] is True
     set_lr(opt, 0.25)
     assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.25  # same tensor: a captured graph reads it
-    with _lr_as_float(opt):
+    with lr_as_float(opt):
         assert opt.param_groups[0]["lr"] == 0.25 and not isinstance(opt.param_groups[0]["lr"], torch.Tensor)
     assert opt.param_groups[0]["lr"] is lr
 

@@ -38,7 +38,7 @@ from .data import Batch, TrainingData, open_training_data
 from .distributed import Distributed, StepLog, init_distributed
 from .flops import peak_flops, training_flops_per_token
 from .metrics import MetricsLogger, plot_run, read_metrics
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_as_float, lr_as_tensor, lr_at, set_lr
 from .progress import Progress
 
 
@@ -173,29 +173,6 @@ def _graphed_step(model, optimizer, amp, max_norm: float) -> GraphedStep:
     return GraphedStep(body)
 
 
-def _lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for group in optimizer.param_groups:
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-        group["capturable"] = True
-
-
-@contextlib.contextmanager
-def _lr_as_float(optimizer: torch.optim.Optimizer):
-    """Param groups with a float lr while the block runs (a checkpoint), the same lr tensors after (a
-    captured CUDA graph reads those very tensors)."""
-    tensors = [g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in optimizer.param_groups]
-    for g, lr in zip(optimizer.param_groups, tensors):
-        if lr is not None:
-            g["lr"] = float(lr)
-    try:
-        yield
-    finally:
-        for g, lr in zip(optimizer.param_groups, tensors):
-            if lr is not None:
-                g["lr"] = lr
-
-
 def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool | None:
     """``optimizer.step()`` when ``finite`` (a device bool) holds, else leave weights and optimizer state
     as they are. A fused Adam(W) does this on the device (its ``found_inf`` input, which also undoes the
@@ -240,7 +217,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
         start_step, skipped = state["step"], state.get("skipped_steps", 0)
         data.load_state_dict(state.get("data", {}))
         if t.cuda_graph:  # the loaded param groups hold a float lr (see save): back to the device tensor
-            _lr_as_tensor(optimizer, device)
+            lr_as_tensor(optimizer, device)
     steps = total_steps(job)
     say = print if ctx.is_main and not quiet else (lambda *a: None)
     if ctx.is_main:
@@ -267,7 +244,7 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             logger.log(step, row)
 
     def save(step: int) -> Path:
-        with _lr_as_float(optimizer):  # a checkpoint holds plain numbers, whatever the step's form
+        with lr_as_float(optimizer):  # a checkpoint holds plain numbers, whatever the step's form
             return save_checkpoint(run_dir, step, model, optimizer, {"tokens": step * tokens_per_step,
                                                                        "skipped_steps": result.skipped_steps,
                                                                        "data": data.state_dict()},
