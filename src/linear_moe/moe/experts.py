@@ -262,12 +262,18 @@ class GroupedExperts(nn.Module):
             return w
         if not self.cast_weights_once or torch.compiler.is_compiling():
             return w.to(dtype)
-        key = (w._version, w.data_ptr(), w.device, dtype)  # data_ptr: FSDP / to_empty may swap the storage
+        cast = self._cached(name, (w,), dtype, lambda: w.detach().to(dtype))
+        return _CachedCast.apply(w, cast) if torch.is_grad_enabled() and w.requires_grad else cast
+
+    def _cached(self, name: str, weights: tuple[torch.Tensor, ...], dtype: torch.dtype, make) -> torch.Tensor:
+        """The copy ``make()`` of ``weights`` kept under ``name`` until one of them changes: its ``_version`` or
+        its storage (``data_ptr``: FSDP / to_empty may swap it) (see ``cast_weights_once``)."""
+        key = (tuple((w._version, w.data_ptr()) for w in weights), weights[0].device, dtype)
         hit = self._cast_cache.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = self._cast_cache[name] = (key, w.detach().to(dtype))
-        return _CachedCast.apply(w, hit[1]) if torch.is_grad_enabled() and w.requires_grad else hit[1]
+                hit = self._cast_cache[name] = (key, make())
+        return hit[1]
 
     def _gate_up(self, dtype: torch.dtype) -> torch.Tensor:
         """gate_proj and up_proj stacked as one ``[E, 2H, C]`` weight in ``dtype`` (gate rows first), made at
@@ -277,12 +283,7 @@ class GroupedExperts(nn.Module):
             return torch.cat([gate.to(dtype), up.to(dtype)], dim=1)
         stacked = None
         if self.cast_weights_once:
-            key = (gate._version, gate.data_ptr(), up._version, up.data_ptr(), gate.device, dtype)
-            hit = self._cast_cache.get("gate_up")
-            if hit is None or hit[0] != key:
-                with torch.no_grad():
-                    hit = self._cast_cache["gate_up"] = (key, _stack_gate_up(gate, up, dtype))
-            stacked = hit[1]
+            stacked = self._cached("gate_up", (gate, up), dtype, lambda: _stack_gate_up(gate, up, dtype))
             if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
                 return stacked
         return _GateUpCast.apply(gate, up, dtype, stacked)
