@@ -130,37 +130,40 @@ def _fused_chunk(x, weight, labels, valid, scale, dx_out, dw, need_dw, acc_dtype
 
 # ---- checkpointed (the reference): logits recomputed in the backward pass ---------------------------------
 
-def _chunk_loss_sum(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _logits_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     logits = F.linear(x, weight)  # not `x @ weight.t()`: autocast caches the cast of a leaf weight, never of a view
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # the softmax of a 150K vocabulary needs fp32
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    # the softmax of a 150K vocabulary needs fp32
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _mean_over_chunks(x, labels, chunk_size, ignore_index, chunk_sum) -> torch.Tensor:
+    """Mean over the non-ignored tokens of the per-token losses that ``chunk_sum(slice)`` sums chunk by chunk."""
+    total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
+    for start in range(0, x.shape[0], chunk_size):
+        total = total + chunk_sum(slice(start, start + chunk_size))
+    return total / (labels != ignore_index).sum().clamp_min(1)
+
+
+def _chunk_loss_sum(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.cross_entropy(_logits_fp32(x, weight), labels, ignore_index=ignore_index, reduction="sum")
 
 
 def _checkpointed_loss(x, weight, labels, chunk_size, ignore_index):
-    total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-    for start in range(0, x.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss_sum, x[sl], weight, labels[sl], ignore_index, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(x[sl], weight, labels[sl], ignore_index)
-    return total / (labels != ignore_index).sum().clamp_min(1)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+    def chunk_sum(sl):
+        if grad:
+            return checkpoint(_chunk_loss_sum, x[sl], weight, labels[sl], ignore_index, use_reentrant=False)
+        return _chunk_loss_sum(x[sl], weight, labels[sl], ignore_index)
+
+    return _mean_over_chunks(x, labels, chunk_size, ignore_index, chunk_sum)
 
 
 # ---- vocab parallel --------------------------------------------------------------------------------------
 
 def _vocab_parallel_loss(x, weight, labels, chunk_size, ignore_index, group):
-    total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-    for start in range(0, x.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        total = total + _VocabParallelChunk.apply(x[sl], weight, labels[sl], ignore_index, group)
-    return total / (labels != ignore_index).sum().clamp_min(1)
-
-
-def _local_logits(x, weight):
-    logits = F.linear(x, weight)
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return _mean_over_chunks(x, labels, chunk_size, ignore_index,
+                             lambda sl: _VocabParallelChunk.apply(x[sl], weight, labels[sl], ignore_index, group))
 
 
 class _VocabParallelChunk(torch.autograd.Function):
@@ -169,7 +172,7 @@ class _VocabParallelChunk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, labels, ignore_index, group):
-        logits = _local_logits(x, weight)
+        logits = _logits_fp32(x, weight)
         vocab_local = weight.shape[0]
         start = dist.get_rank(group) * vocab_local
         row_max = logits.max(-1).values
@@ -188,7 +191,7 @@ class _VocabParallelChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, lse, local, mine, valid = ctx.saved_tensors
-        logits = _local_logits(x, weight)
+        logits = _logits_fp32(x, weight)
         dlogits = (logits - lse[:, None]).exp()               # this rank's slice of the softmax
         rows = mine.nonzero().squeeze(1)
         dlogits[rows, local[rows]] -= 1.0
