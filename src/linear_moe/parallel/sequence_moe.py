@@ -52,30 +52,34 @@ def apply_sequence_balance(model: nn.Module, handler) -> None:
             _wrap_memories(block.mixer, handler)
 
 
-def _record_router(router: nn.Module, seen: dict, key: str) -> None:
-    """Make ``router`` keep its last output in ``seen[key]`` for the wrapped layer forward to read."""
-    route = router.forward
+def _after_forward(module: nn.Module, after) -> None:
+    """Wrap ``module.forward``: its output and its router's output of that call (recorded as the router runs)
+    go to ``after(args, out, routed)``, whose result is returned instead."""
+    seen = {}
+    route = module.router.forward
 
     @functools.wraps(route)
     def router_forward(x):
-        seen[key] = out = route(x)
+        seen["routed"] = out = route(x)
         return out
 
-    router.forward = router_forward
+    module.router.forward = router_forward
+    inner = module.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        return after(args, out, seen.pop("routed", None))
+
+    module.forward = forward
 
 
 def _wrap(moe: nn.Module, handler) -> None:
-    seen = {}
-    _record_router(moe.router, seen, "routing")
-    inner = moe.forward
-
-    @functools.wraps(inner)
-    def forward(x):
-        y, aux = inner(x)
-        r = seen.pop("routing")
+    def after(args, out, r):
+        y, aux = out
         if not handler.enabled:
             return y, aux
-        cfg = moe.cfg
+        x, cfg = args[0], moe.cfg
         sequences = x.shape[0] if (cfg.seq_aux_loss and x.dim() == 3) else 1
         balance = sequence_balance_loss(r.probs, r.topk_idx, cfg.num_experts, sequences, handler.group, handler.size)
         scaled = cfg.aux_loss_coef * balance
@@ -83,19 +87,12 @@ def _wrap(moe: nn.Module, handler) -> None:
         return y, dataclasses.replace(aux, loss=scaled + aux.z_loss_scaled, balance_loss=balance,
                                       balance_loss_scaled=scaled)
 
-    moe.forward = forward
+    _after_forward(moe, after)
 
 
 def _wrap_memories(mixer: nn.Module, handler) -> None:
     """MoM: recompute ``mixer.aux_loss`` from its router's logits over the whole sequence."""
-    seen = {}
-    _record_router(mixer.router, seen, "logits")
-    inner = mixer.forward
-
-    @functools.wraps(inner)
-    def forward(x, state=None, cu_seqlens=None):
-        out = inner(x, state=state, cu_seqlens=cu_seqlens)
-        logits = seen.pop("logits", None)
+    def after(args, out, logits):
         if handler.enabled and mixer.training and logits is not None and mixer.aux_loss is not None:
             probs = logits.float().softmax(-1).flatten(0, -2)  # [N, M], as the mixer's own router
             chosen = probs.topk(mixer.topk, dim=-1).indices
@@ -103,4 +100,4 @@ def _wrap_memories(mixer: nn.Module, handler) -> None:
                 probs, chosen, probs.shape[-1], 1, handler.group, handler.size)
         return out
 
-    mixer.forward = forward
+    _after_forward(mixer, after)
