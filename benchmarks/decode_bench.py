@@ -189,7 +189,6 @@ def run_one(model, kind: str, context: int, args, device: torch.device) -> list[
         with Timer(device) as t:
             logits, states = prefill(model, prompt, chunk, room)
         base["prefill_ms"] = t.ms
-        states = reserve_caches(states, room)  # a no-op now: the room is there
         token = logits.argmax(-1)
         if args.warmup:  # warm the kernels and the allocator
             tokens, states = decode_eager(model, token, states, args.warmup)
