@@ -16,7 +16,12 @@ TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=benchmarks/tuning/h100-torc
 has tests && echo "== GPU tests" && timeout 240 python3 -m pytest -q -p no:cacheprovider tests/moe/test_moe_cuda.py \
   tests/ops/test_ops_cuda.py tests/layers/test_linear_mixers_cuda.py tests/layers/test_part2_cuda.py tests/interop/test_gpu.py \
   tests/benchmarks/test_decode_bench.py tests/moe/test_moe_kernels.py tests/train/test_cuda_graph.py tests/train/test_trainer_cuda_graph.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
-has moe && echo "== MoE layer" && timeout 120 python3 benchmarks/moe_bench.py --profile 2>&1 | grep -v "^ *[0-9.]* ms .*x  [a-z_]" | tail -30
+if has moe; then  # bf16 weights, then fp32 weights under autocast (how the trainer runs the layer)
+  echo "== MoE layer" && timeout 120 python3 benchmarks/moe_bench.py --profile 2>&1 | grep -v "^ *[0-9.]* ms .*x  [a-z_]" | tail -30
+  mv "$OUT/moe_bench.json" "$OUT/moe_bench_bf16.json" 2>/dev/null
+  echo "== MoE layer, autocast" && timeout 90 python3 benchmarks/moe_bench.py --autocast --skip-loop 2>&1 | tail -12
+  mv "$OUT/moe_bench.json" "$OUT/moe_bench_autocast.json" 2>/dev/null
+fi
 if has model; then  # 8K tokens per step: the peer (HF Qwen2-MoE) fits at this size only (fp32 logits)
   echo "== model throughput beside the peer"
   timeout ${MODEL_S:-300} python3 benchmarks/model_bench.py --lengths 2048,8192 --tokens-per-step 8192 --kinds ${MODEL_KINDS:-gdn@graph,gla@graph,hybrid@graph,attention@graph,gdn} \
