@@ -137,6 +137,27 @@ def test_gla_mapping(fake_fla, decay, bonus, normalize, mode, expected):
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_normalize_in_bf16_pads_the_value_width_even(fake_fla, monkeypatch):
+    """fla's 16-bit backward needs an even value width: V = 4 plus the ones column is padded to 6, and the pad
+    leaves the output and the returned state (V + 1 columns) as they were."""
+    g = _gen()
+    B, T, H, K, V = 2, 13, 2, 8, 4
+    q, k = (F.elu(torch.randn(B, T, H, K, generator=g)) + 1 for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g)
+    h0 = torch.rand(B, H, K, V + 1, generator=g)
+    widths, inner = [], sys.modules["fla.ops.simple_gla"].chunk_simple_gla
+    monkeypatch.setattr(sys.modules["fla.ops.simple_gla"], "chunk_simple_gla",
+                        lambda q, k, v, **kw: widths.append((v.shape[-1], kw["initial_state"].shape[-1])) or inner(
+                            q.float(), k.float(), v.float(), **kw))
+    o, s = fake_fla.gla(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, normalize=True, initial_state=h0,
+                        output_final_state=True, mode="chunk")
+    assert widths == [(V + 2, V + 2)]
+    o_ref, s_ref = ops.gla(q, k, v, None, normalize=True, initial_state=h0, output_final_state=True, backend="torch")
+    assert o.dtype == torch.bfloat16 and s.shape == (B, H, K, V + 1)
+    torch.testing.assert_close(o.float(), o_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(s, s_ref, rtol=2e-2, atol=2e-2)
+
+
 def _gla_ref_one_by_one(cu_seqlens):
     """The float64 reference run on each sequence of ``cu_seqlens`` alone (from its own initial state)."""
     def fn(initial_state=None, **args):

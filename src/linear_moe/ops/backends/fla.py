@@ -9,7 +9,8 @@ Conventions bridged here (ours -> fla):
   bonus term in torch (`_rwkv6_on_chunk_gla`; faster than fla's chunk_rwkv6 on the H100).
   delta_rule -> chunk_(gated_)delta_rule. mode "recurrent" (or one token) uses the
   fused_recurrent_* kernels (fused_recurrent_rwkv6 with `bonus`).
-- `normalize`: a ones column is appended to v (so the state carries z), output divided by it.
+- `normalize`: a ones column is appended to v (so the state carries z), output divided by it; in bf16/fp16 a
+  zero column too where that makes the width odd (fla's backward needs it even), dropped from the state.
 - short_conv: fla's state is the last W inputs `[N, C, W]`, ours the last W-1 `[N, C, W-1]`.
 
 On Hopper with Triton >= 3.4, < 3.7.1 fla's gated backward step is miscompiled (fla #640) and
@@ -95,8 +96,13 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
     B, T, H, K = q.shape
     state, cu = _prepare(q, initial_state, cu_seqlens)
     scale = K ** -0.5 if scale is None else scale
+    V = v.shape[-1]
     if normalize:  # z_t rides along as an extra value column; contract: no scale on q . S
-        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        # fla's 16-bit backward wants an even value width: an odd V + 1 gets a zero column too (dropped below)
+        pad = (V + 1) % 2 if v.dtype in (torch.bfloat16, torch.float16) else 0
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1), v.new_zeros(*v.shape[:-1], pad)], dim=-1)
+        if state is not None and pad:
+            state = F.pad(state, (0, pad)).contiguous()
         scale = 1.0
     recurrent = _recurrent(mode, T)
     common = dict(scale=scale, initial_state=state, output_final_state=output_final_state,
@@ -125,7 +131,8 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
         gates = {} if g is None else ({"g_gamma": g} if g.dim() == 1 else {"g": g})
         o, s = fn(q, k, v, **gates, **common)
     if normalize:
-        o = o[..., :-1].float() / (o[..., -1:].float() + 1e-6)
+        o = o[..., :V].float() / (o[..., V:V + 1].float() + 1e-6)
+        s = s[..., :V + 1] if output_final_state else s
     return o.to(q.dtype), (s.float() if output_final_state else None)
 
 
