@@ -32,12 +32,15 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+# a 51 GB KV cache (softmax attention, batch 32, 32K context) built row by row fragments the default
+# allocator's segments past fitting on an 80 GB card; expandable segments keep it one mapping
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from linear_moe.layers.attention import SoftmaxAttention  # noqa: E402
+from linear_moe.layers.attention import SoftmaxAttention, is_kv_cache  # noqa: E402
 from linear_moe.layers.config import AttentionConfig  # noqa: E402
 from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
@@ -68,15 +71,20 @@ def build_model(kind: str, args, device: torch.device) -> LinearMoEForCausalLM:
     return model.to(dtype=args.dtype).eval()
 
 
-def _map_states(fn, a, b=None):
-    """Apply ``fn`` to every tensor of a (nested list / dict) decoding state, pairwise with ``b`` if given."""
-    if isinstance(a, torch.Tensor):
-        return fn(a) if b is None else fn(a, b)
-    if isinstance(a, dict):
-        return {k: _map_states(fn, v, None if b is None else b[k]) for k, v in a.items()}
-    if isinstance(a, (list, tuple)):
-        return [_map_states(fn, v, None if b is None else b[i]) for i, v in enumerate(a)]
-    return a  # ints (attention's host-side slot count) are the same for every row
+def _private(state):
+    """A copy of a decoding state that shares the attention caches' key/value buffers (at batch 32 and 32K
+    context they are 51 GB: no copy fits beside them) and copies everything else. Sharing is safe here: a
+    step writes only the slots past the cache's ``used`` count, which every later step rewrites before it
+    reads them, so neither copy sees the other's writes."""
+    if is_kv_cache(state):
+        return {key: value if key in ("k", "v") else _private(value) for key, value in state.items()}
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {key: _private(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_private(value) for value in state]
+    return state
 
 
 def _copy_into(old, new) -> None:
@@ -144,9 +152,9 @@ class StaticDecode:
                  max_steps: int = 1024):
         self.model, self.graph = model, None
         self.token = token[:, None].clone()
-        self.states = _map_states(torch.clone, reserve_caches(states, max_steps + warmup + 1))
+        self.states = _private(reserve_caches(states, max_steps + warmup + 1))
         if cuda_graph:
-            start_token, start_states = self.token.clone(), _map_states(torch.clone, self.states)
+            start_token, start_states = self.token.clone(), _private(self.states)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # kernels autotune and allocate outside the capture
