@@ -4,11 +4,9 @@ Conventions bridged here (ours -> fla):
 - layouts are the same (`[batch, time, heads, dim]`, states `[N, heads, k_dim, v_dim]`); fla
   takes natural-log gates, like our `log_decay`, and converts to log2 inside.
 - `log_decay` None -> chunk_simple_gla without gate; `[H]` -> chunk_simple_gla(g_gamma);
-  `[B,T,H]` -> chunk_simple_gla(g); `[B,T,H,K]` -> chunk_gla; any decay with `bonus` (RWKV6,
-  decay broadcast to `[B,T,H,K]`) -> chunk_gla on k, v and decay shifted one token late plus the
-  bonus term in torch (`_rwkv6_on_chunk_gla`; faster than fla's chunk_rwkv6 on the H100).
-  delta_rule -> chunk_(gated_)delta_rule. mode "recurrent" (or one token) uses the
-  fused_recurrent_* kernels (fused_recurrent_rwkv6 with `bonus`).
+  `[B,T,H]` -> chunk_simple_gla(g); `[B,T,H,K]` -> chunk_gla; any decay with `bonus` ->
+  chunk_rwkv6 (decay broadcast to `[B,T,H,K]`). delta_rule -> chunk_(gated_)delta_rule.
+  mode "recurrent" (or one token) uses the fused_recurrent_* kernels.
 - `normalize`: a ones column is appended to v (so the state carries z), output divided by it; in bf16/fp16 a
   zero column too where that makes the width odd (fla's backward needs it even), dropped from the state.
 - short_conv: fla's state is the last W inputs `[N, C, W]`, ours the last W-1 `[N, C, W-1]`.
@@ -109,16 +107,14 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
                   cu_seqlens=cu)
     g = log_decay.float() if log_decay is not None else None
     if bonus is not None:
+        from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
         w = torch.zeros_like(q, dtype=torch.float32) if g is None else g
         if w.dim() == 1:
             w = w[None, None, :, None].expand(B, T, H, K)
         elif w.dim() == 3:
             w = w[..., None].expand(B, T, H, K)
-        if recurrent:
-            from fla.ops.rwkv6 import fused_recurrent_rwkv6
-            o, s = fused_recurrent_rwkv6(q, k, v, w.contiguous(), bonus.to(q.dtype), **common)
-        else:
-            o, s = _rwkv6_on_chunk_gla(q, k, v, w, bonus, **common)
+        fn = fused_recurrent_rwkv6 if recurrent else chunk_rwkv6
+        o, s = fn(q, k, v, w.contiguous(), bonus.to(q.dtype), **common)
     elif g is not None and g.dim() == 4:
         from fla.ops.gla import chunk_gla, fused_recurrent_gla
         if recurrent:
@@ -134,48 +130,6 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
         o = o[..., :V].float() / (o[..., V:V + 1].float() + 1e-6)
         s = s[..., :V + 1] if output_final_state else s
     return o.to(q.dtype), (s.float() if output_final_state else None)
-
-
-def _rwkv6_on_chunk_gla(q, k, v, w, bonus, *, scale, initial_state, output_final_state, cu_seqlens):
-    """RWKV6 (gla with `bonus`) on fla's chunk_gla: at 32K tokens fwd+bwd (H=16, D=128, bf16, H100)
-    fla's chunk_gla took 7.3 ms where its chunk_rwkv6 took 9.2 ms (this path itself not yet timed).
-    w: log decay `[B,T,H,K]`. Returns (o `[B,T,H,V]` fp32, final state `[N,H,K,V]` fp32 or None).
-
-    RWKV6 reads the state before its own step, GLA after it (diag(w) short for diag(exp w)):
-        ours: o_t = scale q_t (S_{t-1} + diag(u) k_t^T v_t),   S_t  = diag(w_t) S_{t-1} + k_t^T v_t
-        GLA:  o'_t = scale q_t S'_t,                           S'_t = diag(g_t) S'_{t-1} + k'_t^T v'_t
-    Feed GLA k, v and the decay one token late (k'_t = k_{t-1}, v'_t = v_{t-1}, g_t = w_{t-1}) and, at
-    each sequence's first token, k' = v' = 0 and g = 0 (decay 1): then S'_first = S_init and by
-    induction S'_t = S_{t-1}. So o_t = o'_t + scale (q_t . u . k_t) v_t, and the final state is one
-    more step from GLA's: S_last = diag(w_last) S'_last + k_last^T v_last. The shift never crosses a
-    sequence boundary of cu_seqlens, and every index stays on the device (no host sync).
-    """
-    from fla.ops.gla import chunk_gla
-
-    B, T, H, K = q.shape
-    starts = torch.zeros(1, dtype=torch.long, device=q.device) if cu_seqlens is None else cu_seqlens[:-1]
-    # T + 1 slots: an empty sequence at the end starts at T
-    first = torch.zeros(T + 1, dtype=torch.bool, device=q.device).index_fill_(0, starts, True)
-    first = first[:T].view(1, T, 1, 1)
-
-    def late(x):  # x_{t-1}, zero at each sequence's first token (roll's wrap-around lands on token 0)
-        return x.roll(1, dims=1).masked_fill(first, 0)
-
-    o, s = chunk_gla(q, late(k), late(v), late(w), scale=scale, initial_state=initial_state,
-                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    o = o.float() + scale * (qf * bonus.float() * kf).sum(-1, keepdim=True) * vf
-    if not output_final_state:
-        return o, None
-    if cu_seqlens is None:
-        w_last, k_last, v_last = w[:, -1], kf[:, -1], vf[:, -1]  # [B, H, *]
-    else:
-        last = (cu_seqlens[1:] - 1).clamp_min(0)  # an empty sequence keeps its state (below)
-        w_last, k_last, v_last = w[0, last], kf[0, last], vf[0, last]  # [N, H, *]
-    final = w_last.exp().unsqueeze(-1) * s.float() + k_last.unsqueeze(-1) * v_last.unsqueeze(-2)
-    if cu_seqlens is not None:
-        final = torch.where((cu_seqlens[1:] > cu_seqlens[:-1]).view(-1, 1, 1, 1), final, s.float())
-    return o, final
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
