@@ -5,7 +5,9 @@ chunks, so at most one chunk's logits are alive.
 Fused form (the default): the forward pass computes each chunk's logits once and, while they are alive,
 the gradients too (``softmax - onehot`` times the head weight and the inputs, Liger-Kernel's idea); the
 backward pass only scales the two stored gradients by the incoming one. Nothing of the logits is kept and
-the head matmul is not recomputed. Checkpointed form (``fused=False``, the reference): each chunk under
+the head matmul is not recomputed. On CUDA the per-chunk softmax and its gradient are one Triton kernel
+(``ce_kernel.py``: two reads and one in-place write of the logits instead of five passes, three in fp32).
+Checkpointed form (``fused=False``, the reference): each chunk under
 ``torch.utils.checkpoint``, its logits recomputed in the backward pass.
 
 Vocab-parallel form (``process_group``): each rank holds a contiguous slice of the vocabulary's rows
@@ -106,6 +108,25 @@ def _fused_chunk(x, weight, labels, valid, scale, dx_out, dw, need_dw, acc_dtype
     ``dx_out``. A function of its own so that the chunk's ``[chunk, vocab]`` tensors die on return,
     before the next chunk's are made. Holds at most the compute-dtype logits and one fp32 copy."""
     logits = F.linear(x, weight)                                  # [chunk, vocab], compute dtype
+    want_grad = dx_out is not None or need_dw
+    if _use_kernel(logits, acc_dtype):  # one Triton program per row: two reads, one in-place write
+        rows = _kernel().cross_entropy_rows_(logits, labels, scale, want_grad)
+        loss_sum, dlogits = torch.where(valid, rows, 0).sum(), logits
+    else:
+        loss_sum, dlogits = _softmax_grad_torch(logits, labels, valid, scale, acc_dtype, want_grad)
+    if not want_grad:
+        return loss_sum, dw
+    if dx_out is not None:
+        dx_out.copy_(dlogits @ weight)
+    if need_dw:
+        part = dlogits.t() @ x
+        dw = part.to(acc_dtype) if dw is None else dw.add_(part)  # accumulated across chunks in fp32
+    return loss_sum, dw
+
+
+def _softmax_grad_torch(logits, labels, valid, scale, acc_dtype, want_grad):
+    """(sum of the valid rows' losses, ``scale * (softmax - onehot)`` in the logits' dtype, written over them,
+    or None): the PyTorch form of ``ce_kernel.cross_entropy_rows_`` (CPU, fp64, torch.compile)."""
     target = logits.gather(1, labels[:, None]).squeeze(1).to(acc_dtype)
     row_max = logits.amax(-1).to(acc_dtype)
     # exp(logits - max) in fp32 (in place when the logits are fp32 already: no second copy)
@@ -114,18 +135,32 @@ def _fused_chunk(x, weight, labels, valid, scale, dx_out, dw, need_dw, acc_dtype
     sum_exp = exp.sum(-1)
     lse = sum_exp.log() + row_max
     loss_sum = torch.where(valid, lse - target, 0).sum()
-    if dx_out is None and not need_dw:
-        return loss_sum, dw
+    if not want_grad:
+        return loss_sum, None
     # d token loss / d logits = softmax - onehot = (exp - sum_exp * onehot) / sum_exp; the mean's 1/num_valid
     # and the 1/sum_exp go into one factor per row, the result is cast to the compute dtype in the same pass
     exp.scatter_add_(1, labels[:, None], -sum_exp[:, None])
-    dlogits = torch.mul(exp, (scale / sum_exp)[:, None], out=logits)
-    if dx_out is not None:
-        dx_out.copy_(dlogits @ weight)
-    if need_dw:
-        part = dlogits.t() @ x
-        dw = part.to(acc_dtype) if dw is None else dw.add_(part)  # accumulated across chunks in fp32
-    return loss_sum, dw
+    return loss_sum, torch.mul(exp, (scale / sum_exp)[:, None], out=logits)
+
+
+_kernel_state: dict[str, object] = {}
+
+
+def _kernel():
+    """The Triton module (``ce_kernel``), or None when Triton does not import (looked up once)."""
+    if "module" not in _kernel_state:
+        try:
+            from linear_moe.ops import ce_kernel
+        except ImportError:
+            ce_kernel = None
+        _kernel_state["module"] = ce_kernel
+    return _kernel_state["module"]
+
+
+def _use_kernel(logits: torch.Tensor, acc_dtype: torch.dtype) -> bool:
+    """The Triton kernel runs for CUDA logits in fp32 arithmetic (not fp64), outside torch.compile."""
+    return (logits.is_cuda and acc_dtype == torch.float32 and not torch.compiler.is_compiling()
+            and _kernel() is not None)
 
 
 # ---- checkpointed (the reference): logits recomputed in the backward pass ---------------------------------
