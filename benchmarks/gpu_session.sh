@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs of the issues in one script, part by part (PARTS="tests profile moe model scaling decode train mixers ops").
+# The GPU runs of the issues in one script, part by part (PARTS="tests loss profile moe model scaling decode train mixers ops").
 # Wheels missing on the GPU image travel in .whl/; Triton's autotuning results travel in .tune/h100.tgz
 # (benchmarks/warm_kernels.py): fla's kernels otherwise spend minutes per mixer tuning on a fresh machine.
 # Each part writes its JSON/log under $OUT; the timeouts keep one slow part from losing the others.
@@ -15,10 +15,11 @@ TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=benchmarks/tuning/h100-torc
 [ -f "$TUNE" ] && python3 benchmarks/warm_kernels.py --mixers "" --unpack "$TUNE"
 GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py tests/layers/test_linear_mixers_cuda.py
   tests/layers/test_part2_cuda.py tests/interop/test_gpu.py tests/benchmarks/test_decode_bench.py tests/moe/test_moe_kernels.py
-  tests/train/test_cuda_graph.py tests/train/test_trainer_cuda_graph.py"}
+  tests/train/test_cuda_graph.py tests/train/test_trainer_cuda_graph.py tests/ops/test_ce_kernel.py"}
 # -v into the log: a run cut by its timeout still names the test it was in
 has tests && echo "== GPU tests" && timeout ${TESTS_S:-240} python3 -m pytest -v --durations=12 -p no:cacheprovider $GPU_TESTS \
   2>&1 | tee "$OUT/gpu_tests.log" | grep -v PASSED | tail -30
+has loss && echo "== LM-head loss" && timeout ${LOSS_S:-120} python3 benchmarks/loss_bench.py 2>&1 | tail -6
 has profile && echo "== op profile" && timeout ${PROFILE_S:-90} python3 benchmarks/op_profile.py ${PROFILE_ARGS:-} 2>&1 | tail -24
 if has moe; then  # bf16 weights, then fp32 weights under autocast (how the trainer runs the layer)
   echo "== MoE layer" && timeout 120 python3 benchmarks/moe_bench.py --profile 2>&1 | grep -v "^ *[0-9.]* ms .*x  [a-z_]" | tail -30
