@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     w = (torch.randn(args.vocab, args.hidden, device=device, generator=g) * 0.02).requires_grad_()
     labels = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
     use_kernel = cross_entropy._use_kernel
+    os.environ["LINEAR_MOE_CE_KERNEL"] = "1"  # the kernel row needs it (opt-in until its GPU run is recorded)
 
     def step(kind):
         def run():

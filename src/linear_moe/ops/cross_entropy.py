@@ -5,8 +5,9 @@ chunks, so at most one chunk's logits are alive.
 Fused form (the default): the forward pass computes each chunk's logits once and, while they are alive,
 the gradients too (``softmax - onehot`` times the head weight and the inputs, Liger-Kernel's idea); the
 backward pass only scales the two stored gradients by the incoming one. Nothing of the logits is kept and
-the head matmul is not recomputed. On CUDA the per-chunk softmax and its gradient are one Triton kernel
-(``ce_kernel.py``: two reads and one in-place write of the logits instead of five passes, three in fp32).
+the head matmul is not recomputed. With ``LINEAR_MOE_CE_KERNEL=1`` the per-chunk softmax and its gradient on CUDA are one
+Triton kernel (``ce_kernel.py``: two reads and one in-place write of the logits instead of five passes,
+three in fp32).
 Checkpointed form (``fused=False``, the reference): each chunk under
 ``torch.utils.checkpoint``, its logits recomputed in the backward pass.
 
@@ -15,6 +16,8 @@ Vocab-parallel form (``process_group``): each rank holds a contiguous slice of t
 the sum of exponentials and the target logit are all-reduced over the group (three vectors of one
 number per token), so no rank ever holds a token's full logits (Megatron's vocab-parallel loss)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -158,9 +161,11 @@ def _kernel():
 
 
 def _use_kernel(logits: torch.Tensor, acc_dtype: torch.dtype) -> bool:
-    """The Triton kernel runs for CUDA logits in fp32 arithmetic (not fp64), outside torch.compile."""
-    return (logits.is_cuda and acc_dtype == torch.float32 and not torch.compiler.is_compiling()
-            and _kernel() is not None)
+    """The Triton kernel runs for CUDA logits in fp32 arithmetic (not fp64), outside torch.compile, when
+    ``LINEAR_MOE_CE_KERNEL=1``. Opt-in until its GPU run is recorded: it is checked on CPU through Triton's
+    interpreter only (tests/ops/test_ce_kernel.py, which runs compiled on a GPU; benchmarks/loss_bench.py)."""
+    return (os.environ.get("LINEAR_MOE_CE_KERNEL", "0") == "1" and logits.is_cuda and acc_dtype == torch.float32
+            and not torch.compiler.is_compiling() and _kernel() is not None)
 
 
 # ---- checkpointed (the reference): logits recomputed in the backward pass ---------------------------------
