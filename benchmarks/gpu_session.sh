@@ -42,9 +42,9 @@ if has scaling; then  # the same tokens per step (64K) at every length up to 64K
 fi
 has decode && echo "== decode" && timeout ${DECODE_S:-200} python3 benchmarks/decode_bench.py --out "$OUT" ${DECODE_ARGS:---cuda-graph} 2>&1 | tail -12
 if has train; then  # issue 7: A0.3B-2B, packed KJV data, bf16, selective checkpointing, 8K and 32K tokens per sequence
-  for spec in ${TRAIN_SPECS:-8192:4:150 32768:1:120}; do
+  for spec in ${TRAIN_SPECS:-8192:4:300 32768:1:300}; do  # ~330 s and ~210 s of steps: one call each (TRAIN_SPECS=...)
     IFS=: read -r T B N <<<"$spec"; echo "== train A0.3B-2B T=$T B=$B steps=$N"
-    timeout ${TRAIN_S:-240} python3 -m linear_moe train --quiet --preset A0.3B-2B --model.mixer gated_deltanet --model.vocab_size 32768 \
+    timeout ${TRAIN_S:-480} python3 -m linear_moe train --quiet --preset A0.3B-2B --model.mixer gated_deltanet --model.vocab_size 32768 \
       --data.packing true --train.seq_len "$T" --train.batch_size "$B" --train.max_steps "$N" --train.activation_checkpointing selective \
       --train.eval_interval 0 --train.log_interval 10 --train.ckpt_interval 100000 --data.cache_dir /tmp/lmcache \
       --train.output_dir /tmp/runs --train.run_name "a03b_T$T" 2>&1 | tail -3
