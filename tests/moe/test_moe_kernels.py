@@ -1,16 +1,12 @@
 """The MoE Triton kernels (SwiGLU forward/backward with the routing weight, gather-sum) against their
 PyTorch forms, and the whole layer with the kernels switched on against the per-token reference.
 
-Runs on CUDA, or on CPU through Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is
-imported) when Triton is installed; skips when it is absent.
+Runs on CUDA, or on CPU through Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before Triton is imported) when Triton is installed; skips when it is absent.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from linear_moe.moe import MoEConfig, MoELayer  # noqa: E402

@@ -1,7 +1,7 @@
 """Our Triton chunk_bwd_dqkwg (the fla #640 fix) against a float64 autograd reference.
 
-Runs on CUDA, or on CPU through Triton's interpreter (TRITON_INTERPRET=1, set here before Triton
-is imported) when Triton is installed; skips when Triton is absent (the usual CPU CI).
+Runs on CUDA, or on CPU through Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before Triton is imported) when Triton is installed; skips when Triton is absent (the usual CPU CI).
 """
 
 import math
@@ -10,8 +10,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from linear_moe.ops.backends.triton.dqkwg import chunk_bwd_dqkwg  # noqa: E402

@@ -1,17 +1,13 @@
 """The fused cross-entropy's Triton kernel (``ops/ce_kernel.py``) against the PyTorch form of the same step, and
 the whole fused loss with the kernel switched on against the full-logits loss.
 
-Runs on CUDA, or on CPU through Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is
-imported) when Triton is installed; skips when it is absent.
+Runs on CUDA, or on CPU through Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before Triton is imported) when Triton is installed; skips when it is absent.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from linear_moe.ops import ce_kernel, cross_entropy  # noqa: E402

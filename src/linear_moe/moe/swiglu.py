@@ -15,18 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_triton_state: dict[str, object] = {}
-
+from linear_moe.ops.backends import optional_module
 
 def fused_kernels():
-    """The Triton kernel module, or None when Triton does not import (looked up once)."""
-    if "module" not in _triton_state:
-        try:
-            from . import kernels
-        except ImportError:
-            kernels = None
-        _triton_state["module"] = kernels
-    return _triton_state["module"]
+    """The Triton kernel module (``kernels.py``), or None when Triton does not import."""
+    return optional_module("linear_moe.moe.kernels")
 
 
 def use_fused_kernels(t: torch.Tensor) -> bool:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from linear_moe.ops.backends import optional_module
+
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 8192,
                          ignore_index: int = -100, *, process_group=None, fused: bool = True) -> torch.Tensor:
@@ -146,18 +148,9 @@ def _softmax_grad_torch(logits, labels, valid, scale, acc_dtype, want_grad):
     return loss_sum, torch.mul(exp, (scale / sum_exp)[:, None], out=logits)
 
 
-_kernel_state: dict[str, object] = {}
-
-
 def _kernel():
-    """The Triton module (``ce_kernel``), or None when Triton does not import (looked up once)."""
-    if "module" not in _kernel_state:
-        try:
-            from linear_moe.ops import ce_kernel
-        except ImportError:
-            ce_kernel = None
-        _kernel_state["module"] = ce_kernel
-    return _kernel_state["module"]
+    """The Triton module (``ce_kernel.py``), or None when Triton does not import."""
+    return optional_module("linear_moe.ops.ce_kernel")
 
 
 def _use_kernel(logits: torch.Tensor, acc_dtype: torch.dtype) -> bool:

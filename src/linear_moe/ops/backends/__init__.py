@@ -54,6 +54,20 @@ def _package_version(dist_name: str) -> str | None:
         return None
 
 
+_optional: dict[str, ModuleType | None] = {}
+
+
+def optional_module(name: str) -> ModuleType | None:
+    """The module ``name`` (e.g. one of our Triton kernel modules), or None when it does not import (no Triton
+    on this machine); looked up once per process."""
+    if name not in _optional:
+        try:
+            _optional[name] = import_module(name)
+        except ImportError:
+            _optional[name] = None
+    return _optional[name]
+
+
 def triton_version() -> str | None:
     """Installed Triton version, or None when Triton is not installed."""
     return _package_version("triton")
