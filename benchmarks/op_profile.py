@@ -1,5 +1,6 @@
 """Where one primitive's fwd+bwd time goes: our fast form beside fla's own kernels at one shape, with the top
-GPU kernels of ours. Written to find why RWKV6 on chunk_gla measured 15.9 ms where chunk_gla alone took 7.3.
+GPU kernels of ours. Written to find why RWKV6 on chunk_gla (k, v and decay shifted) measured 15.9 ms where
+chunk_gla alone took 7.3; for RWKV6 it also times the query-shifted route (LINEAR_MOE_RWKV6_CHUNK).
 
     python benchmarks/op_profile.py [--case rwkv6] [--T 32768] [--B 1] [--top 14]
 
@@ -8,6 +9,7 @@ Prints the times (ms, median of 10 after 3 warm-up calls) and the kernel table; 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -66,11 +68,18 @@ def main() -> None:
 
         def fla_gla(q, k, v, log_decay, bonus, initial_state):
             return chunk_gla(q, k, v, log_decay.float(), initial_state=initial_state.float(), output_final_state=True)
-        rows.update({"fla chunk_rwkv6": fla_rwkv6, "fla chunk_gla (no bonus)": fla_gla})
+        def shifted_q(**a):
+            os.environ["LINEAR_MOE_RWKV6_CHUNK"] = "chunk_gla_shifted_q"
+            try:
+                return ops.gla(**a, output_final_state=True, backend="fla")
+            finally:
+                del os.environ["LINEAR_MOE_RWKV6_CHUNK"]
+        rows.update({"ours, chunk_gla_shifted_q route": shifted_q, "fla chunk_rwkv6": fla_rwkv6,
+                     "fla chunk_gla (no bonus)": fla_gla})
     for name, call in rows.items():
         print(f"{name:32s} {timed(fwd_bwd(call, x)):8.2f} ms", flush=True)
     ours = fwd_bwd(rows["ours (ops.gla, backend fla)"], x)
-    for name, ms, calls in top_kernels(ours, args.top):
+    for name, ms, calls in top_kernels(ours, args.top):  # the default route's kernels
         print(f"  {ms:8.2f} ms {calls:5d}x  {name}")
 
 

@@ -34,6 +34,7 @@ CASES = {
     "retention": ("gla", "constant", False, False, False, "chunk"),
     "deltanet": ("delta_rule", "none", False, False, False, "chunk"),
     "rwkv6": ("gla", "vector", True, False, False, "chunk"),
+    "rwkv6_shifted_q": ("gla", "vector", True, False, False, "chunk"),  # the same op on another route (ROUTES)
     "simple_gla_varlen": ("gla", "scalar", False, False, True, "chunk"),
     "gated_deltanet_varlen": ("delta_rule", "scalar", False, False, True, "chunk"),
     "short_conv": ("short_conv", "none", False, False, False, "chunk"),
@@ -42,7 +43,9 @@ CASES = {
 }
 # [B, T, H, K, V] of the checks (varlen: B = 1, cu_seqlens [0, 37, 141, 200])
 CHECK_SHAPE = {False: (2, 160, 16, 128, 128), True: (1, 200, 16, 128, 128)}
-TIMED = ["linear_attn", "retention", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet"]
+TIMED = ["linear_attn", "retention", "simple_gla", "gla", "rwkv6", "rwkv6_shifted_q", "deltanet", "gated_deltanet"]
+# cases that run a different fla route of the same op: LINEAR_MOE_RWKV6_CHUNK during the call
+ROUTES = {"rwkv6_shifted_q": "chunk_gla_shifted_q"}
 USES_DQKWG = {"linear_attn", "linear_attn_norm", "retention", "simple_gla", "simple_gla_varlen",
               "deltanet", "gated_deltanet", "gated_deltanet_varlen"}
 
@@ -140,6 +143,20 @@ def ref_conv(x, weight, bias, initial_state, cu):
 
 
 def run_public(case, args, backend, cu):
+    if case not in ROUTES:
+        return _run_public(case, args, backend, cu)
+    saved = os.environ.get("LINEAR_MOE_RWKV6_CHUNK")
+    os.environ["LINEAR_MOE_RWKV6_CHUNK"] = ROUTES[case]
+    try:
+        return _run_public(case, args, backend, cu)
+    finally:
+        if saved is None:
+            del os.environ["LINEAR_MOE_RWKV6_CHUNK"]
+        else:
+            os.environ["LINEAR_MOE_RWKV6_CHUNK"] = saved
+
+
+def _run_public(case, args, backend, cu):
     op, _, _, normalize, _, mode = CASES[case]
     if op == "short_conv":
         return ops.short_conv(args["x"], args["weight"], args["bias"], activation="silu",
@@ -258,7 +275,7 @@ def main():
         resume_into(result, a.resume)
 
     # Work in priority order (gated kinds first) so that a time limit cuts the least important.
-    groups = [["simple_gla", "gated_deltanet", "gla"], ["linear_attn", "retention", "deltanet", "rwkv6"],
+    groups = [["simple_gla", "gated_deltanet", "gla"], ["linear_attn", "retention", "deltanet", "rwkv6", "rwkv6_shifted_q"],
               [c for c in CASES if c not in TIMED]]
     if a.cases:
         unknown = set(a.cases.split(",")) - set(CASES)

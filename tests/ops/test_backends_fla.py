@@ -169,9 +169,12 @@ def _gla_ref_one_by_one(cu_seqlens):
 @pytest.mark.parametrize("cu", [None, [0, 5, 17, 30], [0, 0, 7, 7, 30]], ids=["dense", "varlen", "empty"])
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no_h0"])
 @pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
-def test_rwkv6_chunk_matches_reference_with_gradients(fake_fla, decay, with_state, cu):
-    """RWKV6 (`bonus`) in chunk mode: every decay shape broadcast for chunk_rwkv6; output, final state and the
-    gradients of every input equal the float64 reference, dense and packed (uneven and empty sequences)."""
+@pytest.mark.parametrize("route", ["chunk_rwkv6", "chunk_gla_shifted_q"])
+def test_rwkv6_chunk_matches_reference_with_gradients(fake_fla, monkeypatch, route, decay, with_state, cu):
+    """RWKV6 (`bonus`) in chunk mode, on either route (chunk_rwkv6, or chunk_gla with the queries one token
+    early): every decay shape; output, final state and the gradients of every input equal the float64
+    reference, dense and packed (uneven and empty sequences: the shift must not cross a boundary)."""
+    monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", route)
     g = _gen()
     B, T, H, K, V = (2, 30, 2, 8, 6) if cu is None else (1, 30, 2, 8, 6)
     args = gla_inputs(decay, g, B=B, T=T, H=H, K=K, V=V, with_state=False)
@@ -186,11 +189,18 @@ def test_rwkv6_chunk_matches_reference_with_gradients(fake_fla, decay, with_stat
         return fake_fla.gla(**a, output_final_state=True, cu_seqlens=cu, mode="chunk")
 
     actual = grads_of(wrapper, args, weights)
-    assert CALLS == ["chunk_rwkv6"]
+    assert CALLS == [route.replace("_shifted_q", "")]
     expected = grads_of(reference.gla_ref if cu is None else _gla_ref_one_by_one(cu), args, weights)
     names = {"q", "k", "v", "bonus"} | ({"log_decay"} if decay != "none" else set()) | (
         {"initial_state"} if with_state else set())
     assert_close_with_grads(actual, expected, 1e-4, f"decay={decay}", names=names)
+
+
+def test_rwkv6_route_must_be_known(fake_fla, monkeypatch):
+    monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", "chunk_magic")
+    args = gla_inputs("vector_bonus", _gen(), B=1, T=9, with_state=False)
+    with pytest.raises(ValueError, match="LINEAR_MOE_RWKV6_CHUNK='chunk_magic' is unknown; allowed: chunk_rwkv6"):
+        fake_fla.gla(**args, mode="chunk")
 
 
 def test_rwkv6_chunk_without_final_state(fake_fla):

@@ -5,7 +5,8 @@ Conventions bridged here (ours -> fla):
   takes natural-log gates, like our `log_decay`, and converts to log2 inside.
 - `log_decay` None -> chunk_simple_gla without gate; `[H]` -> chunk_simple_gla(g_gamma);
   `[B,T,H]` -> chunk_simple_gla(g); `[B,T,H,K]` -> chunk_gla; any decay with `bonus` ->
-  chunk_rwkv6 (decay broadcast to `[B,T,H,K]`). delta_rule -> chunk_(gated_)delta_rule.
+  chunk_rwkv6 (decay broadcast to `[B,T,H,K]`), or with `LINEAR_MOE_RWKV6_CHUNK=chunk_gla_shifted_q`
+  chunk_gla on queries one token early (`_rwkv6_on_chunk_gla`). delta_rule -> chunk_(gated_)delta_rule.
   mode "recurrent" (or one token) uses the fused_recurrent_* kernels.
 - `normalize`: a ones column is appended to v (so the state carries z), output divided by it; in bf16/fp16 a
   zero column too where that makes the width odd (fla's backward needs it even), dropped from the state.
@@ -16,6 +17,8 @@ fla raises; `install_dqkwg_fix` registers our Triton version into fla's backend 
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -113,8 +116,12 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
             w = w[None, None, :, None].expand(B, T, H, K)
         elif w.dim() == 3:
             w = w[..., None].expand(B, T, H, K)
-        fn = fused_recurrent_rwkv6 if recurrent else chunk_rwkv6
-        o, s = fn(q, k, v, w.contiguous(), bonus.to(q.dtype), **common)
+        if recurrent:
+            o, s = fused_recurrent_rwkv6(q, k, v, w.contiguous(), bonus.to(q.dtype), **common)
+        elif rwkv6_chunk_route() == "chunk_gla_shifted_q":
+            o, s = _rwkv6_on_chunk_gla(q, k, v, w, bonus, **common)
+        else:
+            o, s = chunk_rwkv6(q, k, v, w.contiguous(), bonus.to(q.dtype), **common)
     elif g is not None and g.dim() == 4:
         from fla.ops.gla import chunk_gla, fused_recurrent_gla
         if recurrent:
@@ -130,6 +137,58 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
         o = o[..., :V].float() / (o[..., V:V + 1].float() + 1e-6)
         s = s[..., :V + 1] if output_final_state else s
     return o.to(q.dtype), (s.float() if output_final_state else None)
+
+
+RWKV6_CHUNK_ROUTES = ("chunk_rwkv6", "chunk_gla_shifted_q")
+
+
+def rwkv6_chunk_route() -> str:
+    """RWKV6's chunk-mode kernel: fla's ``chunk_rwkv6`` (the default: measured) or ``chunk_gla_shifted_q``
+    (``_rwkv6_on_chunk_gla``: to be measured beside it), chosen by ``LINEAR_MOE_RWKV6_CHUNK``."""
+    route = os.environ.get("LINEAR_MOE_RWKV6_CHUNK", "chunk_rwkv6")
+    if route not in RWKV6_CHUNK_ROUTES:
+        raise ValueError(f"LINEAR_MOE_RWKV6_CHUNK={route!r} is unknown; allowed: {', '.join(RWKV6_CHUNK_ROUTES)}")
+    return route
+
+
+def _rwkv6_on_chunk_gla(q, k, v, w, bonus, *, scale, initial_state, output_final_state, cu_seqlens):
+    """RWKV6 (gla with ``bonus``) on fla's chunk_gla with the queries one token early. w: log decay
+    ``[B,T,H,K]``. Returns (o ``[B,T,H,V]`` in q's dtype, final state ``[N,H,K,V]`` fp32 or None).
+
+    RWKV6 reads the state before its own step, GLA after it, over the same recurrence
+    ``S_t = diag(exp w_t) S_{t-1} + k_t^T v_t``: ours ``o_t = scale q_t S_{t-1} + bonus``, GLA's ``o'_t = scale
+    q'_t S_t``. Give GLA ``q'_t = q_{t+1}`` (0 at each sequence's last token) and ``o'_{t-1}`` is our ``o_t``
+    without the bonus; at a sequence's first token that is ``scale q_t S_init`` instead (0 without an initial
+    state), and the final state is GLA's own. Only q and o move one token (16-bit, one pass each way), where
+    shifting k, v and the fp32 decay instead cost ~10 ms of torch passes at 32K tokens on the H100. The bonus
+    ``scale (q_t . u . k_t) v_t`` is three 16-bit passes. Never crosses a cu_seqlens boundary; no host sync.
+    """
+    from fla.ops.gla import chunk_gla
+
+    B, T, H, K = q.shape
+    starts = torch.zeros(1, dtype=torch.long, device=q.device) if cu_seqlens is None else cu_seqlens[:-1]
+    # T + 1 slots: an empty sequence at the end starts at T (the spare slot)
+    first = torch.zeros(T + 1, dtype=torch.bool, device=q.device).index_fill_(0, starts, True)[:T]
+    # a sequence's last token gets the next one's first query: its output lands on that first token, which
+    # is overwritten below, so nothing crosses a boundary (in either pass) and q needs no mask
+    o_early, s = chunk_gla(q.roll(-1, dims=1), k, v, w, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    o = o_early.roll(1, dims=1)
+    if initial_state is None:
+        o = o.masked_fill(first.view(1, T, 1, 1), 0)
+    else:  # each sequence's first token reads its initial state
+        if cu_seqlens is None:
+            head = scale * torch.einsum("bhk,bhkv->bhv", q[:, 0].float(), initial_state)  # [B, H, V]
+            o = torch.cat([head[:, None].to(o.dtype), o[:, 1:]], dim=1)
+        else:
+            nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
+            head = scale * torch.einsum("nhk,nhkv->nhv", q[0, starts.clamp(max=T - 1)].float(), initial_state)
+            at = torch.where(nonempty, starts, T)  # empty sequences write the spare slot
+            heads = torch.zeros(T + 1, H, head.shape[-1], dtype=o.dtype, device=q.device).index_copy(
+                0, at, head.to(o.dtype))[:T]
+            o = torch.where(first.view(1, T, 1, 1), heads[None], o)
+    dot = torch.linalg.vecdot(q * bonus.to(q.dtype), k)  # [B, T, H]
+    return o + (scale * dot)[..., None] * v, s
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
