@@ -65,7 +65,7 @@ def test_no_tokens_keeps_the_graph():
     y = ex(torch.randn(0, 8), torch.zeros(2, dtype=torch.long))
     assert y.shape == (0, 8)
     y.sum().backward()
-    assert torch.equal(ex.gate_proj.grad, torch.zeros_like(ex.gate_proj))
+    assert torch.equal(ex.gate_up_proj.grad, torch.zeros_like(ex.gate_up_proj))
 
 
 def test_grouped_experts_match_swiglu_per_expert():
@@ -114,7 +114,7 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
     y.float().sum().backward()
-    assert experts.gate_proj.grad.dtype == torch.float32 and torch.isfinite(experts.gate_proj.grad).all()
+    assert experts.gate_up_proj.grad.dtype == torch.float32 and torch.isfinite(experts.gate_up_proj.grad).all()
 
 
 @pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
@@ -134,7 +134,7 @@ def test_fused_grouped_experts_match_the_loop_in_every_gradient():
         results.append((y, *torch.autograd.grad((y * g).sum(), (x, w, *ex.parameters()))))
     for a, b in zip(*results):
         assert _rel(a, b) < 1e-5
-    assert torch.equal(results[0][-3][1], torch.zeros(8, 16))  # an expert without rows gets a zero gradient
+    assert torch.equal(results[0][-2][1], torch.zeros(16, 16))  # an expert without rows gets a zero gradient
 
 
 @pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
@@ -172,8 +172,9 @@ def _experts_and_loop(num_experts, hidden, inter, dtype=torch.float32):
 def _run(ex, x, counts, w, g, token=None, slot_to_row=None, autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = ex(x, counts, w, token, slot_to_row)
-    inputs = (x, w, ex.gate_proj, ex.up_proj, ex.down_proj)
-    return (y, *torch.autograd.grad((y.float() * g).sum(), inputs))
+    dx, dw, d_gate_up, d_down = torch.autograd.grad((y.float() * g).sum(), (x, w, ex.gate_up_proj, ex.down_proj))
+    h = ex.intermediate_size
+    return y, dx, dw, d_gate_up[:, :h], d_gate_up[:, h:], d_down
 
 
 @pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
@@ -228,7 +229,7 @@ def test_stacked_gate_up_under_autocast_with_and_without_the_cached_cast(gather)
         once = _run(cached, x, counts, w, g, token, slot_to_row, autocast=True)
         for a, b in zip(once, fresh):
             assert a.dtype == b.dtype and torch.equal(a, b)
-    _, stacked = cached._cast_cache["gate_up"]
+    _, stacked = cached._cast_cache["gate_up_proj"]
     assert stacked.shape == (4, 32, 32) and stacked.dtype == torch.bfloat16
     assert torch.equal(stacked[:, :16], cached.gate_proj.bfloat16())
     assert torch.equal(stacked[:, 16:], cached.up_proj.bfloat16())
@@ -247,10 +248,9 @@ def test_stacked_gate_up_under_autocast_with_and_without_the_cached_cast(gather)
 
 @pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
 @pytest.mark.parametrize("gather", [False, True])
-def test_no_grad_inference_skips_the_stacked_copy_and_gives_the_same_output(gather, monkeypatch):
-    """Without autograd and with the weights in the compute dtype (generation), gate and up run as two GEMMs
-    against the weights themselves: no stacked copy per call (per decoded token), same output as training's
-    stacked path."""
+def test_no_grad_inference_runs_on_the_stacked_weight_itself(gather, monkeypatch):
+    """Without autograd and with the weights in the compute dtype (generation), the grouped GEMMs read the
+    ``gate_up_proj`` parameter itself: no copy per call (per decoded token), same output as with autograd."""
     import linear_moe.moe.experts as experts_mod
 
     gen = torch.Generator().manual_seed(7)
@@ -262,12 +262,46 @@ def test_no_grad_inference_skips_the_stacked_copy_and_gives_the_same_output(gath
         counts, token, slot_to_row = torch.tensor([3, 0, 6, 0, 4, 2]), None, None
         x = torch.randn(15, 16, generator=gen)
     w = torch.rand(int(counts.sum()), generator=gen)
-    trained = ex(x, counts, w, token, slot_to_row)  # grad mode: the stacked path
-    stacks = []
-    monkeypatch.setattr(experts_mod, "_stack_gate_up", lambda *a: stacks.append(1) or experts_mod.torch.cat(
-        [a[0].to(a[2]), a[1].to(a[2])], dim=1))
+    trained = ex(x, counts, w, token, slot_to_row)
+    weights, real = [], experts_mod._GroupedSwiGLU.apply
+    monkeypatch.setattr(experts_mod._GroupedSwiGLU, "apply", lambda *a: weights.append(a[1]) or real(*a))
     with torch.no_grad():
         inferred = ex(x, counts, w, token, slot_to_row)
-    assert stacks == [] and _rel(inferred, trained) < 1e-5
-    ex(x, counts, w, token, slot_to_row)  # with autograd on, the stacked path again
-    assert stacks == [1]
+    assert weights[0] is ex.gate_up_proj and _rel(inferred, trained) < 1e-5
+
+
+def test_separate_gate_and_up_in_a_state_dict_load_into_the_stacked_weight():
+    """Checkpoints written before gate and up were one parameter load unchanged."""
+    ex = GroupedExperts(3, 8, 4)
+    old = {"gate_proj": torch.randn(3, 4, 8), "up_proj": torch.randn(3, 4, 8), "down_proj": torch.randn(3, 8, 4)}
+    ex.load_state_dict(dict(old))
+    assert torch.equal(ex.gate_proj, old["gate_proj"]) and torch.equal(ex.up_proj, old["up_proj"])
+    assert torch.equal(ex.down_proj, old["down_proj"]) and set(ex.state_dict()) == {"gate_up_proj", "down_proj"}
+
+
+@pytest.mark.skipif(not _grouped_mm_runs(torch.device("cpu"), torch.bfloat16), reason="no CPU bf16 grouped_mm")
+def test_a_bf16_step_copies_no_weight():
+    """Weights already in the compute dtype: forward and backward read gate|up and down in place and their
+    gradients come out whole (two separate gate / up parameters cost a stacking copy each step and a split
+    of the gradient: four weight-sized copies)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten._to_copy, torch.ops.aten.cat,
+                                       torch.ops.aten.clone, torch.ops.aten.new_empty_strided):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    ex = GroupedExperts(4, 32, 16).bfloat16()
+    x = torch.randn(12, 32, dtype=torch.bfloat16, requires_grad=True)
+    counts = torch.tensor([5, 0, 4, 3])
+    with Copies() as seen:
+        ex(x, counts).float().sum().backward()
+    weight_shapes = {tuple(p.shape) for p in ex.parameters()} | {(4, 16, 32)}  # the halves too
+    assert ex.gate_up_proj.grad is not None and not weight_shapes & set(seen.shapes), seen.shapes

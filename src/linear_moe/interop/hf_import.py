@@ -153,6 +153,7 @@ def map_hf_weights(cfg: ModelConfig, model: LinearMoEForCausalLM, tensors: dict[
             state[f"{ours}.ffn.shared_expert_gate.weight"] = src.take(f"{mp}.shared_expert_gate.weight")
     # rotary tables some exporters store are recomputed here
     src.used.update(n for n in src.tensors if n.endswith("rotary_emb.inv_freq"))
+    _stack_gate_up(state)
     unexpected = sorted(set(src.tensors) - src.used)
     params = dict(model.state_dict())
     mismatched = src.mismatched + [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(params[k].shape)}"
@@ -163,6 +164,15 @@ def map_hf_weights(cfg: ModelConfig, model: LinearMoEForCausalLM, tensors: dict[
                          f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, "
                          f"mismatched shapes {mismatched[:5]}")
     return {k: v for k, v in state.items() if v is not None}
+
+
+def _stack_gate_up(state: dict) -> None:
+    """Our experts keep gate and up as one ``[E, 2H, C]`` parameter: stack each layer's pair in place (None,
+    a tensor the checkpoint lacked, when either half is missing: the missing list already names it)."""
+    for gate in [k for k in state if k.endswith(".experts.gate_proj")]:
+        base = gate[:-len("gate_proj")]
+        g, u = state.pop(gate), state.pop(base + "up_proj")
+        state[base + "gate_up_proj"] = None if g is None or u is None else torch.cat([g, u], dim=1)
 
 
 def storage_dtype(name: str) -> torch.dtype:
