@@ -11,6 +11,8 @@ default) unless ``--pure-bf16`` (the peer's setting: weights and optimizer state
 A kind with the suffix ``@graph`` (e.g. ``gdn@graph``) captures our whole training step (forward, backward,
 AdamW) in one CUDA graph after the warm-up steps and replays it: the step has static shapes and no
 host-device syncs, so the graph removes the host's kernel-launch time (thousands of launches per step).
+A further ``+ce_kernel`` (e.g. ``gdn@graph+ce_kernel``) runs that row's loss with its Triton softmax kernel
+(``LINEAR_MOE_CE_KERNEL=1``), so one run compares the loss forms.
 The peer cannot be captured (HF's per-expert loop syncs with the host to find each expert's tokens).
 """
 from __future__ import annotations
@@ -108,19 +110,24 @@ def top_kernels(step_fn, n: int) -> list[list]:
     return [["TOTAL", round(total, 2), sum(c for _, c in per.values())]] + [[k[:90], round(ms, 2), c] for k, (ms, c) in top]
 
 
-def parse_kind(kind: str) -> tuple[str, bool]:
-    """'gdn@graph' -> ('gdn', True); raises for an unknown kind or suffix."""
-    base, _, variant = kind.partition("@")
+def parse_kind(kind: str) -> tuple[str, bool, bool]:
+    """'gdn@graph+ce_kernel' -> ('gdn', True, True): the kind, whether the step is graphed, whether the loss
+    runs its Triton softmax kernel (LINEAR_MOE_CE_KERNEL for that row); raises for an unknown kind or suffix."""
+    rest, _, flag = kind.partition("+")
+    base, _, variant = rest.partition("@")
     peers = ("peer_sdpa", "peer_fla_gla", "peer_fla_gdn")
-    if base not in (*KINDS, *peers) or variant not in ("", "graph") or (variant and base in peers):
-        raise ValueError(f"kind {kind!r}: allowed {', '.join(KINDS)} (each optionally @graph) and {', '.join(peers)}")
-    return base, variant == "graph"
+    if (base not in (*KINDS, *peers) or variant not in ("", "graph") or flag not in ("", "ce_kernel")
+            or ((variant or flag) and base in peers)):
+        raise ValueError(f"kind {kind!r}: allowed {', '.join(KINDS)} (each optionally @graph, then optionally "
+                         f"+ce_kernel) and {', '.join(peers)}")
+    return base, variant == "graph", flag == "ce_kernel"
 
 
 def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
     B = max(1, tokens_per_step // T)
     row = {"kind": kind, "T": T, "B": B}
-    base, use_graph = parse_kind(kind)
+    base, use_graph, ce_kernel = parse_kind(kind)
+    os.environ["LINEAR_MOE_CE_KERNEL"] = "1" if ce_kernel else "0"  # read at each loss call: this row only
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = opt = x = step = None
