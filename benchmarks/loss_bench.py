@@ -25,7 +25,7 @@ from linear_moe.ops import cross_entropy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_bench import environment  # noqa: E402
-from op_profile import timed  # noqa: E402
+from ops_bench import bench_ms, env_var  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,12 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(args.tokens, args.hidden, device=device, generator=g, requires_grad=True)
     w = (torch.randn(args.vocab, args.hidden, device=device, generator=g) * 0.02).requires_grad_()
     labels = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
-    use_kernel = cross_entropy._use_kernel
-    os.environ["LINEAR_MOE_CE_KERNEL"] = "1"  # the kernel row needs it (opt-in until its GPU run is recorded)
 
     def step(kind):
         def run():
-            cross_entropy._use_kernel = use_kernel if kind == "fused+kernel" else (lambda *a: False)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 if kind == "full_logits":
                     loss = F.cross_entropy(F.linear(x, w).float(), labels)
@@ -60,21 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = {}
     for kind in ("fused+kernel", "fused+torch", "checkpointed", "full_logits"):
-        try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                ms = timed(step(kind))
-                peak = torch.cuda.max_memory_allocated() / 2**30
-            else:
-                step(kind)()
-                ms, peak = None, None
-            loss = float(step(kind)())
-            rows[kind] = {"ms": ms, "peak_gib": peak, "loss": loss}
-        except Exception as e:  # e.g. full logits out of memory at large --tokens: keep the other rows
-            rows[kind] = {"error": repr(e)[:300]}
-        finally:
-            cross_entropy._use_kernel = use_kernel
+        # the kernel is opt-in until its GPU run is recorded: on for its own row only
+        with env_var("LINEAR_MOE_CE_KERNEL", "1" if kind == "fused+kernel" else "0"):
+            rows[kind] = _measure(step(kind), device)
         print(f"{kind:14s} {_describe(rows[kind])}", flush=True)
     env = environment() if device.type == "cuda" else {"device": "cpu", "torch": torch.__version__}
     result = {"environment": env, "shape": vars(args), "rows": rows}
@@ -82,6 +67,20 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "loss_bench.json").write_text(json.dumps(result, indent=1))
     return rows
+
+
+def _measure(run, device: torch.device) -> dict:
+    """Time (CUDA) or just run (CPU) one form's fwd+bwd: ms, peak memory, the loss, or the error it raised."""
+    try:
+        ms = peak = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            ms = bench_ms(run)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        return {"ms": ms, "peak_gib": peak, "loss": float(run())}
+    except Exception as e:  # e.g. full logits out of memory at large --tokens: keep the other rows
+        return {"error": repr(e)[:300]}
 
 
 def _describe(row: dict) -> str:

@@ -4,12 +4,12 @@ chunk_gla alone took 7.3; for RWKV6 it also times the query-shifted route (LINEA
 
     python benchmarks/op_profile.py [--case rwkv6] [--T 32768] [--B 1] [--top 14]
 
-Prints the times (ms, median of 10 after 3 warm-up calls) and the kernel table; writes nothing.
+Prints the times (ms, the median of ``ops_bench.bench_ms``, as the ops table times them) and the kernel
+table; writes nothing.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -19,23 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from model_bench import top_kernels  # noqa: E402
-from ops_bench import make_inputs  # noqa: E402
-
-from linear_moe import ops  # noqa: E402
-
-
-def timed(fn, iters: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from ops_bench import bench_ms, make_inputs, run_public  # noqa: E402
 
 
 def fwd_bwd(call, inputs: dict):
@@ -57,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = make_inputs(args.case, args.B, args.T, 16, 128, 128, torch.bfloat16, "cuda", gen)
-    rows = {"ours (ops.gla, backend fla)": lambda **a: ops.gla(**a, output_final_state=True, backend="fla")}
+    rows = {"ours (backend fla)": lambda **a: run_public(args.case, a, "fla", None)}
     if args.case == "rwkv6":
         from fla.ops.gla import chunk_gla
         from fla.ops.rwkv6 import chunk_rwkv6
@@ -68,17 +52,12 @@ def main() -> None:
 
         def fla_gla(q, k, v, log_decay, bonus, initial_state):
             return chunk_gla(q, k, v, log_decay.float(), initial_state=initial_state.float(), output_final_state=True)
-        def shifted_q(**a):
-            os.environ["LINEAR_MOE_RWKV6_CHUNK"] = "chunk_gla_shifted_q"
-            try:
-                return ops.gla(**a, output_final_state=True, backend="fla")
-            finally:
-                del os.environ["LINEAR_MOE_RWKV6_CHUNK"]
-        rows.update({"ours, chunk_gla_shifted_q route": shifted_q, "fla chunk_rwkv6": fla_rwkv6,
-                     "fla chunk_gla (no bonus)": fla_gla})
+
+        rows.update({"ours, chunk_gla_shifted_q route": lambda **a: run_public("rwkv6_shifted_q", a, "fla", None),
+                     "fla chunk_rwkv6": fla_rwkv6, "fla chunk_gla (no bonus)": fla_gla})
     for name, call in rows.items():
-        print(f"{name:32s} {timed(fwd_bwd(call, x)):8.2f} ms", flush=True)
-    ours = fwd_bwd(rows["ours (ops.gla, backend fla)"], x)
+        print(f"{name:32s} {bench_ms(fwd_bwd(call, x)):8.2f} ms", flush=True)
+    ours = fwd_bwd(rows["ours (backend fla)"], x)
     for name, ms, calls in top_kernels(ours, args.top):  # the default route's kernels
         print(f"  {ms:8.2f} ms {calls:5d}x  {name}")
 

@@ -13,6 +13,7 @@ Usage (GPU machine): python benchmarks/ops_bench.py --out $OUT/ops_bench.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -142,18 +143,24 @@ def ref_conv(x, weight, bias, initial_state, cu):
     return F.silu(y), torch.stack(finals)
 
 
-def run_public(case, args, backend, cu):
-    if case not in ROUTES:
-        return _run_public(case, args, backend, cu)
-    saved = os.environ.get("LINEAR_MOE_RWKV6_CHUNK")
-    os.environ["LINEAR_MOE_RWKV6_CHUNK"] = ROUTES[case]
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """``os.environ[name] = value`` inside the block (nothing when value is None), as it was after."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
-        return _run_public(case, args, backend, cu)
+        yield
     finally:
         if saved is None:
-            del os.environ["LINEAR_MOE_RWKV6_CHUNK"]
+            os.environ.pop(name, None)
         else:
-            os.environ["LINEAR_MOE_RWKV6_CHUNK"] = saved
+            os.environ[name] = saved
+
+
+def run_public(case, args, backend, cu):
+    with env_var("LINEAR_MOE_RWKV6_CHUNK", ROUTES.get(case)):
+        return _run_public(case, args, backend, cu)
 
 
 def _run_public(case, args, backend, cu):

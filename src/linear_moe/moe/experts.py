@@ -252,18 +252,13 @@ class GroupedExperts(nn.Module):
             return w
         if not self.cast_weights_once or torch.compiler.is_compiling():
             return w.to(dtype)
-        cast = self._cached(name, (w,), dtype, lambda: w.detach().to(dtype))
-        return _CachedCast.apply(w, cast) if torch.is_grad_enabled() and w.requires_grad else cast
-
-    def _cached(self, name: str, weights: tuple[torch.Tensor, ...], dtype: torch.dtype, make) -> torch.Tensor:
-        """The copy ``make()`` of ``weights`` kept under ``name`` until one of them changes: its ``_version`` or
-        its storage (``data_ptr``: FSDP / to_empty may swap it) (see ``cast_weights_once``)."""
-        key = (tuple((w._version, w.data_ptr()) for w in weights), weights[0].device, dtype)
+        # kept until the weight changes: its _version, or its storage (data_ptr: FSDP / to_empty may swap it)
+        key = (w._version, w.data_ptr(), w.device, dtype)
         hit = self._cast_cache.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = self._cast_cache[name] = (key, make())
-        return hit[1]
+                hit = self._cast_cache[name] = (key, w.detach().to(dtype))
+        return _CachedCast.apply(w, hit[1]) if torch.is_grad_enabled() and w.requires_grad else hit[1]
 
     def clear_cast_cache(self) -> None:
         """Drop the cached compute-dtype weights (see ``cast_weights_once``)."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from linear_moe.ops.backends import optional_module
 
+
 def fused_kernels():
     """The Triton kernel module (``kernels.py``), or None when Triton does not import."""
     return optional_module("linear_moe.moe.kernels")

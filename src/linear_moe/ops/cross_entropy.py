@@ -5,10 +5,9 @@ chunks, so at most one chunk's logits are alive.
 Fused form (the default): the forward pass computes each chunk's logits once and, while they are alive,
 the gradients too (``softmax - onehot`` times the head weight and the inputs, Liger-Kernel's idea); the
 backward pass only scales the two stored gradients by the incoming one. Nothing of the logits is kept and
-the head matmul is not recomputed. With ``LINEAR_MOE_CE_KERNEL=1`` the per-chunk softmax and its gradient on CUDA are one
-Triton kernel (``ce_kernel.py``: two reads and one in-place write of the logits instead of five passes,
-three in fp32).
-Checkpointed form (``fused=False``, the reference): each chunk under
+the head matmul is not recomputed. With ``LINEAR_MOE_CE_KERNEL=1`` the per-chunk softmax and its gradient
+on CUDA are one Triton kernel (``ce_kernel.py``: two reads and one in-place write of the logits instead of
+five passes, three in fp32). Checkpointed form (``fused=False``, the reference): each chunk under
 ``torch.utils.checkpoint``, its logits recomputed in the backward pass.
 
 Vocab-parallel form (``process_group``): each rank holds a contiguous slice of the vocabulary's rows

@@ -157,7 +157,7 @@ def _rwkv6_on_chunk_gla(q, k, v, w, bonus, *, scale, initial_state, output_final
 
     RWKV6 reads the state before its own step, GLA after it, over the same recurrence
     ``S_t = diag(exp w_t) S_{t-1} + k_t^T v_t``: ours ``o_t = scale q_t S_{t-1} + bonus``, GLA's ``o'_t = scale
-    q'_t S_t``. Give GLA ``q'_t = q_{t+1}`` (0 at each sequence's last token) and ``o'_{t-1}`` is our ``o_t``
+    q'_t S_t``. Give GLA ``q'_t = q_{t+1}`` and ``o'_{t-1}`` is our ``o_t``
     without the bonus; at a sequence's first token that is ``scale q_t S_init`` instead (0 without an initial
     state), and the final state is GLA's own. Only q and o move one token (16-bit, one pass each way), where
     shifting k, v and the fp32 decay instead cost ~10 ms of torch passes at 32K tokens on the H100. The bonus
