@@ -20,6 +20,7 @@ def _rows(g, n, vocab, dtype, spread=4.0):
     logits = (torch.randn(n, vocab, generator=g) * spread).to(DEVICE, dtype)
     labels = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
     valid = torch.rand(n, generator=g).to(DEVICE) > 0.2
+    valid[0], valid[-1] = False, True  # always an ignored row and a counted one (a random draw may lack either)
     scale = torch.where(valid, torch.rand(n, generator=g).to(DEVICE) + 0.5, 0.0)
     return logits, labels, valid, scale
 
