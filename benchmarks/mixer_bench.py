@@ -85,11 +85,12 @@ def record_backends(seen: dict):
 
     def recording(op_name, backend=None, device="cpu", dtype=None, **features):
         name = original(op_name, backend, device, dtype, **features)
+        label = name
         if (name == "fla" and features.get("requires_grad", True) and backends._uses_dqkwg_gated(op_name, features.get("decay", "none"))
                 and backends.hopper_dqkwg_bug(backends.cuda_capability(torch.device(device)), backends.triton_version())):
-            name = "fla+ours"  # fla's kernels with our fixed gated backward step (fla #640)
-        seen.setdefault(op_name, set()).add(name)
-        return name
+            label = "fla+ours"  # fla's kernels with our fixed gated backward step (fla #640)
+        seen.setdefault(op_name, set()).add(label)
+        return name  # the op runs on what it resolved; only the record says more
 
     backends.resolve_backend = recording
     try:
@@ -154,7 +155,8 @@ def run_one(mixer: str, T: int, args, cfg: ModelConfig, device: torch.device, se
 
             row["top_kernels"] = top_kernels(step, args.profile_top)
     except Exception as e:  # record and go on: one mixer's OOM or missing kernel must not lose the table
-        row["error"] = repr(e)[:400]
+        msg = repr(e)  # a Triton CompilationError puts its reason last, after the kernel's source
+        row["error"] = msg if len(msg) <= 600 else f"{msg[:200]} ... {msg[-400:]}"
         if args.verbose:
             traceback.print_exc()
     finally:

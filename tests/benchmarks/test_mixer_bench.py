@@ -86,3 +86,20 @@ def test_resume_keeps_measured_rows_and_runs_the_rest(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="torch='0.0'"):
         mixer_bench.main(TINY + ["--lengths", "16", "--mixers", "attention", "--out", str(tmp_path),
                                  "--resume", str(tmp_path / "other.json")])
+
+
+@pytest.mark.parametrize("op,decay,label", [("gla", "scalar", "fla+ours"), ("delta_rule", "scalar", "fla+ours"),
+                                            ("gla", "vector", "fla")])
+def test_recorded_backend_label_never_reaches_the_op(monkeypatch, op, decay, label):
+    """On Hopper + Triton 3.6 the table labels gated kernels "fla+ours" (our backward step inside fla's), but the op
+    itself must still be told "fla": handing it the label failed every gated mixer on the H100 (the first run)."""
+    from linear_moe.ops import backends
+
+    monkeypatch.setattr(backends, "resolve_backend", lambda op_name, backend=None, device="cpu", dtype=None, **f: "fla")
+    monkeypatch.setattr(backends, "hopper_dqkwg_bug", lambda capability, triton: True)
+    monkeypatch.setattr(backends, "cuda_capability", lambda device: (9, 0))
+    seen: dict = {}
+    with mixer_bench.record_backends(seen):
+        assert backends.resolve_backend(op, None, "cuda", None, decay=decay, requires_grad=True) == "fla"
+    assert seen == {op: {label}}
+    assert mixer_bench.describe_backends("gsa", seen) == f"{op}:{label}"

@@ -156,6 +156,40 @@ def test_normalize_in_bf16_pads_the_value_width_even(fake_fla, monkeypatch):
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("decay,bonus,fn", [("none", False, "fla.ops.simple_gla:chunk_simple_gla"),
+                                             ("vector", False, "fla.ops.gla:chunk_gla"),
+                                             ("scalar", True, "fla.ops.rwkv6:chunk_rwkv6")])
+def test_bf16_odd_key_width_and_mixed_dtypes(fake_fla, monkeypatch, decay, bonus, fn):
+    """fla's 16-bit kernels take one dtype and an even key width: fp32 keys/values beside bf16 queries (HGRN2 under
+    autocast) are cast, and an odd K (Based's 153 features) gets a zero feature, in the decay, bonus and state too,
+    dropped again from the returned state; output and state equal the reference on the same rounded inputs."""
+    g = _gen()
+    B, T, H, K, V = 2, 13, 2, 5, 4
+    q = torch.randn(B, T, H, K, generator=g).bfloat16()
+    k, v = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g)  # fp32
+    ld = {"none": None, "scalar": F.logsigmoid(torch.randn(B, T, H, generator=g)),
+          "vector": F.logsigmoid(torch.randn(B, T, H, K, generator=g))}[decay]
+    u = torch.randn(H, K, generator=g) if bonus else None
+    h0 = torch.randn(B, H, K, V, generator=g)
+    mod, name = fn.split(":")
+    seen, inner = [], getattr(sys.modules[mod], name)
+
+    def strict(q, k, v, *args, **kw):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+        seen.append((q.shape[-1], k.shape[-1], kw["initial_state"].shape[-2]) + tuple(a.shape[-1] for a in args))
+        return inner(q.float(), k.float(), v.float(), *(a.float() for a in args), **kw)
+    monkeypatch.setattr(sys.modules[mod], name, strict)
+    kw = dict(bonus=u, initial_state=h0, output_final_state=True)
+    o, s = fake_fla.gla(q, k, v, ld, mode="chunk", **kw)
+    widths = {"none": (6, 6, 6), "vector": (6, 6, 6, 6), "scalar": (6, 6, 6, 6, 6)}[decay]
+    assert seen == [widths]
+    o_ref, s_ref = ops.gla(q.float(), k.bfloat16().float(), v.bfloat16().float(), ld,
+                           backend="torch", **kw)
+    assert o.dtype == torch.bfloat16 and s.shape == (B, H, K, V)
+    torch.testing.assert_close(o.float(), o_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-4)
+
+
 def _gla_ref_one_by_one(cu_seqlens):
     """The float64 reference run on each sequence of ``cu_seqlens`` alone (from its own initial state)."""
     def fn(initial_state=None, **args):

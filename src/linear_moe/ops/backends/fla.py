@@ -97,14 +97,24 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
     B, T, H, K = q.shape
     state, cu = _prepare(q, initial_state, cu_seqlens)
     scale = K ** -0.5 if scale is None else scale
+    k, v = k.to(q.dtype), v.to(q.dtype)  # fla's kernels take one dtype (e.g. HGRN2's fp32 keys under autocast)
     V = v.shape[-1]
+    half = q.dtype in (torch.bfloat16, torch.float16)
     if normalize:  # z_t rides along as an extra value column; contract: no scale on q . S
         # fla's 16-bit backward wants an even value width: an odd V + 1 gets a zero column too (dropped below)
-        pad = (V + 1) % 2 if v.dtype in (torch.bfloat16, torch.float16) else 0
+        pad = (V + 1) % 2 if half else 0
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1), v.new_zeros(*v.shape[:-1], pad)], dim=-1)
         if state is not None and pad:
             state = F.pad(state, (0, pad)).contiguous()
         scale = 1.0
+    if half and K % 2:  # and an even key width: a zero key feature (Based's 153) adds nothing to q . S
+        q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
+        if log_decay is not None and log_decay.dim() == 4:
+            log_decay = F.pad(log_decay, (0, 1))
+        if bonus is not None:
+            bonus = F.pad(bonus, (0, 1))
+        if state is not None:
+            state = F.pad(state, (0, 0, 0, 1)).contiguous()
     recurrent = _recurrent(mode, T)
     common = dict(scale=scale, initial_state=state, output_final_state=output_final_state,
                   cu_seqlens=cu)
@@ -113,9 +123,9 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
         from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
         w = torch.zeros_like(q, dtype=torch.float32) if g is None else g
         if w.dim() == 1:
-            w = w[None, None, :, None].expand(B, T, H, K)
+            w = w[None, None, :, None].expand_as(q)
         elif w.dim() == 3:
-            w = w[..., None].expand(B, T, H, K)
+            w = w[..., None].expand_as(q)
         if recurrent:
             o, s = fused_recurrent_rwkv6(q, k, v, w.contiguous(), bonus.to(q.dtype), **common)
         elif rwkv6_chunk_route() == "chunk_gla_shifted_q":
@@ -136,7 +146,7 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
     if normalize:
         o = o[..., :V].float() / (o[..., V:V + 1].float() + 1e-6)
         s = s[..., :V + 1] if output_final_state else s
-    return o.to(q.dtype), (s.float() if output_final_state else None)
+    return o.to(q.dtype), (s[:, :, :K].float() if output_final_state else None)
 
 
 RWKV6_CHUNK_ROUTES = ("chunk_rwkv6", "chunk_gla_shifted_q")
@@ -201,6 +211,7 @@ def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
     """
     T = q.shape[1]
     state, cu = _prepare(q, initial_state, cu_seqlens)
+    k, v = k.to(q.dtype), v.to(q.dtype)
     common = dict(scale=scale, initial_state=state, output_final_state=output_final_state,
                   cu_seqlens=cu)
     beta = beta.to(q.dtype)
