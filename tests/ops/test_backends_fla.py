@@ -160,11 +160,12 @@ def test_normalize_in_bf16_pads_the_value_width_even(fake_fla, monkeypatch):
                                              ("vector", False, "fla.ops.gla:chunk_gla"),
                                              ("scalar", True, "fla.ops.rwkv6:chunk_rwkv6")])
 def test_bf16_odd_key_width_and_mixed_dtypes(fake_fla, monkeypatch, decay, bonus, fn):
-    """fla's 16-bit kernels take one dtype and an even key width: fp32 keys/values beside bf16 queries (HGRN2 under
-    autocast) are cast, and an odd K (Based's 153 features) gets a zero feature, in the decay, bonus and state too,
-    dropped again from the returned state; output and state equal the reference on the same rounded inputs."""
+    """fla's 16-bit kernels take one dtype and even key and value widths: fp32 keys/values beside bf16 queries (HGRN2
+    under autocast) are cast; an odd K (Based's 153 features) gets a zero feature, in the decay, bonus and state too,
+    an odd V (GSA's 1) a zero column, both dropped again from the output and the returned state; output and state
+    equal the reference on the same rounded inputs."""
     g = _gen()
-    B, T, H, K, V = 2, 13, 2, 5, 4
+    B, T, H, K, V = 2, 13, 2, 5, 1  # GSA's slot pass has V = 1
     q = torch.randn(B, T, H, K, generator=g).bfloat16()
     k, v = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, V, generator=g)  # fp32
     ld = {"none": None, "scalar": F.logsigmoid(torch.randn(B, T, H, generator=g)),
@@ -176,12 +177,13 @@ def test_bf16_odd_key_width_and_mixed_dtypes(fake_fla, monkeypatch, decay, bonus
 
     def strict(q, k, v, *args, **kw):
         assert q.dtype == k.dtype == v.dtype == torch.bfloat16
-        seen.append((q.shape[-1], k.shape[-1], kw["initial_state"].shape[-2]) + tuple(a.shape[-1] for a in args))
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1], kw["initial_state"].shape[-2], kw["initial_state"].shape[-1])
+                    + tuple(a.shape[-1] for a in args))
         return inner(q.float(), k.float(), v.float(), *(a.float() for a in args), **kw)
     monkeypatch.setattr(sys.modules[mod], name, strict)
     kw = dict(bonus=u, initial_state=h0, output_final_state=True)
     o, s = fake_fla.gla(q, k, v, ld, mode="chunk", **kw)
-    widths = {"none": (6, 6, 6), "vector": (6, 6, 6, 6), "scalar": (6, 6, 6, 6, 6)}[decay]
+    widths = {"none": (6, 6, 2, 6, 2), "vector": (6, 6, 2, 6, 2, 6), "scalar": (6, 6, 2, 6, 2, 6, 6)}[decay]
     assert seen == [widths]
     o_ref, s_ref = ops.gla(q.float(), k.bfloat16().float(), v.bfloat16().float(), ld,
                            backend="torch", **kw)

@@ -101,12 +101,13 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
     V = v.shape[-1]
     half = q.dtype in (torch.bfloat16, torch.float16)
     if normalize:  # z_t rides along as an extra value column; contract: no scale on q . S
-        # fla's 16-bit backward wants an even value width: an odd V + 1 gets a zero column too (dropped below)
-        pad = (V + 1) % 2 if half else 0
-        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1), v.new_zeros(*v.shape[:-1], pad)], dim=-1)
-        if state is not None and pad:
-            state = F.pad(state, (0, pad)).contiguous()
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         scale = 1.0
+    width = v.shape[-1]  # V (+ 1 with normalize): what the returned state keeps
+    if half and width % 2:  # fla's 16-bit backward wants an even value width: a zero column (GSA's 1, V + 1)
+        v = F.pad(v, (0, 1))
+        if state is not None:
+            state = F.pad(state, (0, 1)).contiguous()
     if half and K % 2:  # and an even key width: a zero key feature (Based's 153) adds nothing to q . S
         q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
         if log_decay is not None and log_decay.dim() == 4:
@@ -145,8 +146,7 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
         o, s = fn(q, k, v, **gates, **common)
     if normalize:
         o = o[..., :V].float() / (o[..., V:V + 1].float() + 1e-6)
-        s = s[..., :V + 1] if output_final_state else s
-    return o.to(q.dtype), (s[:, :, :K].float() if output_final_state else None)
+    return o[..., :V].to(q.dtype), (s[:, :, :K, :width].float() if output_final_state else None)
 
 
 RWKV6_CHUNK_ROUTES = ("chunk_rwkv6", "chunk_gla_shifted_q")
