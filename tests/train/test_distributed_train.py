@@ -138,3 +138,28 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(root):
     assert losses0 == losses1 and len(losses0) == 2
     for a, b in zip(losses0, reference.losses):
         assert abs(a - b) <= 1e-5 * abs(b), (losses0, reference.losses)
+
+
+def test_the_model_is_initialised_on_the_device(monkeypatch):
+    """build_model draws the weights on the training device (meta stands in for a GPU here), not on the CPU and then
+    copies them (81 s for A0.3B-2B on a 2-core CPU); on the CPU the weights are those of the seed as before."""
+    from types import SimpleNamespace
+
+    from linear_moe.model.causal_lm import LinearMoEForCausalLM
+    from linear_moe.train import trainer
+
+    job = build_job_config(overrides=BASE + GDN_LN)
+    off = SimpleNamespace(enabled=False, mesh=None)
+    seen = []
+
+    def recording(cfg):
+        seen.append(torch.get_default_device().type)  # where the constructor's tensors are drawn
+        return LinearMoEForCausalLM(cfg)
+    monkeypatch.setattr(trainer, "LinearMoEForCausalLM", recording)
+    model = trainer.build_model(job, torch.device("meta"), off)
+    assert seen == ["meta"] and {p.device.type for p in model.parameters()} == {"meta"}
+    built = trainer.build_model(job, torch.device("cpu"), off)
+    torch.manual_seed(job.train.seed)
+    direct = LinearMoEForCausalLM(job.model)
+    for (name, a), b in zip(built.state_dict().items(), direct.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
