@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe import ops
+try:  # imported before the fixture swaps the package for a stand-in
+    from linear_moe.ops.backends.triton import rwkv6_bonus
+except ImportError:  # no Triton on this machine
+    rwkv6_bonus = None
 from ops_testing import assert_close_with_grads, gla_inputs, grads_of, randn, reference, time_slice
 
 CALLS = []
@@ -205,11 +209,17 @@ def _gla_ref_one_by_one(cu_seqlens):
 @pytest.mark.parametrize("cu", [None, [0, 5, 17, 30], [0, 0, 7, 7, 30]], ids=["dense", "varlen", "empty"])
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no_h0"])
 @pytest.mark.parametrize("decay", ["none", "constant", "scalar", "vector"])
-@pytest.mark.parametrize("route", ["chunk_rwkv6", "chunk_gla_shifted_q"])
+@pytest.mark.parametrize("route", ["chunk_rwkv6", "chunk_gla_shifted_q", "chunk_gla_shifted_q+kernel"])
 def test_rwkv6_chunk_matches_reference_with_gradients(fake_fla, monkeypatch, route, decay, with_state, cu):
     """RWKV6 (`bonus`) in chunk mode, on either route (chunk_rwkv6, or chunk_gla with the queries one token
-    early): every decay shape; output, final state and the gradients of every input equal the float64
-    reference, dense and packed (uneven and empty sequences: the shift must not cross a boundary)."""
+    early, its shift back and bonus in torch or in our Triton kernel, which CUDA tensors take; here through
+    Triton's interpreter): every decay shape; output, final state and the gradients of every input equal the
+    float64 reference, dense and packed (uneven and empty sequences: the shift must not cross a boundary)."""
+    route, _, kernel = route.partition("+")
+    if kernel:
+        if rwkv6_bonus is None:
+            pytest.skip("needs Triton")
+        monkeypatch.setattr(fake_fla, "_bonus_kernel", lambda q: rwkv6_bonus)
     monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", route)
     g = _gen()
     B, T, H, K, V = (2, 30, 2, 8, 6) if cu is None else (1, 30, 2, 8, 6)
@@ -299,3 +309,37 @@ def test_dqkwg_fix_takes_gated_calls_only(fake_fla):
     ok, reason = verify(t, t, t, t, t, t, None, None, t)            # g_gamma only (retention)
     assert ok is False and "ungated" in reason
     assert verify(t, t, t, t, t, t)[0] is False
+
+
+@pytest.mark.skipif(rwkv6_bonus is None, reason="needs Triton")
+def test_shift_and_bonus_kernel_in_bf16():
+    """The kernel on bf16 tensors (the GPU's case; fp32 math inside) against the torch form on the same rounded
+    inputs, gradients included; two batch rows, a sequence starting mid-row, a ragged key width of 20."""
+    g = _gen()
+    B, T, H, K, V = 2, 37, 3, 20, 16
+    o_early, v = (torch.randn(B, T, H, V, generator=g).bfloat16() for _ in range(2))
+    q, k = (torch.randn(B, T, H, K, generator=g).bfloat16() for _ in range(2))
+    u = torch.randn(H, K, generator=g)
+    first = torch.zeros(T, dtype=torch.bool)
+    first[[0, 11]] = True
+    leaves = [t.requires_grad_() for t in (o_early, q, k, v, u)]
+    out = rwkv6_bonus.shift_and_bonus(o_early, q, k, v, u, first.repeat(B), 0.3)
+    do = torch.randn(out.shape, generator=g).bfloat16()
+    grads = torch.autograd.grad(out, leaves, do)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    o_ref = torch.roll(ref_leaves[0], 1, dims=1).masked_fill(first.view(1, T, 1, 1), 0) + 0.3 * (
+        (ref_leaves[1] * ref_leaves[4] * ref_leaves[2]).sum(-1, keepdim=True) * ref_leaves[3])
+    ref_grads = torch.autograd.grad(o_ref, ref_leaves, do.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), o_ref, rtol=1e-2, atol=2e-2)
+    for name, a, b in zip(["o_early", "q", "k", "v", "u"], grads, ref_grads):
+        torch.testing.assert_close(a.float(), b, rtol=1e-2, atol=3e-2, msg=name)
+
+
+def test_shift_and_bonus_kernel_refuses_bad_shapes():
+    if rwkv6_bonus is None:
+        pytest.skip("needs Triton")
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="first has 3 entries, want B\\*T = 4"):
+        rwkv6_bonus.shift_and_bonus(torch.zeros(1, 4, 2, 6), q, q, torch.zeros(1, 4, 2, 6), torch.zeros(2, 8),
+                                    torch.zeros(3, dtype=torch.bool), 1.0)
