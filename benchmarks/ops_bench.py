@@ -354,7 +354,8 @@ def run_timing(result, cases, a, device, seed, deadline):
             todo = [v for v in names if f"{case}/{v}" not in row]  # the rest kept from --resume
             for r in range(a.rounds):
                 for variant in (todo if r % 2 == 0 else todo[::-1]):
-                    key, old = f"{case}/{variant}", row.get(f"{case}/{variant}")
+                    key = f"{case}/{variant}"
+                    old = row.get(key)
                     if isinstance(old, str):  # an error (e.g. fla's #640 guard) does not run again
                         continue
                     if time.time() > deadline:

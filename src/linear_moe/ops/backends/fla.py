@@ -104,18 +104,19 @@ def gla(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False, ini
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         scale = 1.0
     width = v.shape[-1]  # V (+ 1 with normalize): what the returned state keeps
-    if half and width % 2:  # fla's 16-bit backward wants an even value width: a zero column (GSA's 1, V + 1)
+    # fla's 16-bit backward wants even key and value widths: a zero value column (GSA's 1, V + 1) and a zero key
+    # feature (Based's 153), which adds nothing to q . S; both are dropped from the output and state below
+    pad_v, pad_k = (width % 2, K % 2) if half else (0, 0)
+    if pad_v:
         v = F.pad(v, (0, 1))
-        if state is not None:
-            state = F.pad(state, (0, 1)).contiguous()
-    if half and K % 2:  # and an even key width: a zero key feature (Based's 153) adds nothing to q . S
+    if pad_k:
         q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
         if log_decay is not None and log_decay.dim() == 4:
             log_decay = F.pad(log_decay, (0, 1))
         if bonus is not None:
             bonus = F.pad(bonus, (0, 1))
-        if state is not None:
-            state = F.pad(state, (0, 0, 0, 1)).contiguous()
+    if state is not None and (pad_v or pad_k):
+        state = F.pad(state, (0, pad_v, 0, pad_k)).contiguous()
     recurrent = _recurrent(mode, T)
     common = dict(scale=scale, initial_state=state, output_final_state=output_final_state,
                   cu_seqlens=cu)

@@ -96,7 +96,7 @@ class _ShiftBonus(torch.autograd.Function):
         grid, meta = _launch(B * T, H, K, V)
         _bonus_fwd_kernel[grid](o_early, q, k, v, u, first, o, score, B * T, scale, **meta)
         ctx.save_for_backward(q, k, v, u, first, score)
-        ctx.scale, ctx.u_dtype = scale, u.dtype
+        ctx.scale = scale
         return o
 
     @staticmethod
