@@ -65,7 +65,9 @@ def test_loss_only_leaves_the_logits_alone():
     got = logits.clone()
     rows = ce_kernel.cross_entropy_rows_(got, labels, scale, write_grad=False)
     assert torch.equal(got, logits)
-    torch.testing.assert_close(rows.double(), F.cross_entropy(logits.double(), labels, reduction="none"))
+    # fp32 rows against a float64 reference: fp32's tolerance (the float64 default of 1e-7 fails one draw in a few)
+    ref = F.cross_entropy(logits.double(), labels, reduction="none")
+    torch.testing.assert_close(rows.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_refuses_logits_with_strided_rows():
