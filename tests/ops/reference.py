@@ -47,6 +47,30 @@ def gla_ref(q, k, v, log_decay=None, *, bonus=None, scale=None, normalize=False,
     return o, final
 
 
+def gsa_ref(q, k, v, s, log_decay, *, scale=None, initial_state=None):
+    """Gated slot attention: `Kt_t = Kt_{t-1} diag(a_t) + k_t^T s_t`, `Vt_t = diag(a_t) Vt_{t-1} + s_t^T v_t`,
+    `o_t = softmax(scale q_t Kt_t) Vt_t`. Returns (o `[B,T,H,V]`, (slot keys `[B,H,K,M]`, slot values `[B,H,M,V]`))
+    in float64."""
+    q, k, v, s, g = map(_f64, (q, k, v, s, log_decay))
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    o = torch.zeros(B, T, H, V, dtype=torch.float64)
+    keys = torch.zeros(B, H, K, M, dtype=torch.float64)
+    values = torch.zeros(B, H, M, V, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            Kt = torch.zeros(K, M, dtype=torch.float64) if initial_state is None else initial_state[0][b, h].double()
+            Vt = torch.zeros(M, V, dtype=torch.float64) if initial_state is None else initial_state[1][b, h].double()
+            for t in range(T):
+                a = torch.exp(g[b, t, h])
+                Kt = Kt * a.unsqueeze(0) + torch.outer(k[b, t, h], s[b, t, h])
+                Vt = a.unsqueeze(1) * Vt + torch.outer(s[b, t, h], v[b, t, h])
+                o[b, t, h] = torch.softmax(scale * (q[b, t, h] @ Kt), -1) @ Vt
+            keys[b, h], values[b, h] = Kt, Vt
+    return o, (keys, values)
+
+
 def delta_rule_ref(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None):
     """`S_t = a_t (I - b_t k_t^T k_t) S_{t-1} + b_t k_t^T v_t`; `o_t = scale q_t S_t`. Float64."""
     q, k, v, beta, g, h0 = map(_f64, (q, k, v, beta, log_decay, initial_state))

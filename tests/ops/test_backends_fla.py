@@ -71,12 +71,23 @@ def _causal_conv1d(x, weight, bias=None, initial_state=None, output_final_state=
     return y, (full if output_final_state else None)
 
 
+def _gsa(name):
+    def fn(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        CALLS.append(name)
+        assert q.dtype == k.dtype == v.dtype == s.dtype and g.dtype == torch.float32  # as fla's kernels need
+        assert cu_seqlens is None or cu_seqlens.dtype == torch.long
+        o, final = ops.gsa(q.float(), k.float(), v.float(), s.float(), g, scale=scale, initial_state=initial_state,
+                           output_final_state=True, cu_seqlens=cu_seqlens, backend="torch")
+        return o.to(q.dtype), (final if output_final_state else (None, None))
+    return fn
+
+
 @pytest.fixture
 def fake_fla(monkeypatch):
     mods = {}
     for name in ["fla", "fla.ops", "fla.ops.common", "fla.ops.common.chunk_o", "fla.backends",
                  "fla.ops.simple_gla", "fla.ops.gla", "fla.ops.rwkv6", "fla.ops.delta_rule",
-                 "fla.ops.gated_delta_rule", "fla.modules", "fla.modules.causal_conv1d"]:
+                 "fla.ops.gated_delta_rule", "fla.ops.gsa", "fla.modules", "fla.modules.causal_conv1d"]:
         mods[name] = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mods[name])
     mods["fla.backends"].BaseBackend = object
@@ -93,6 +104,8 @@ def fake_fla(monkeypatch):
     mods["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = _delta(
         "fused_recurrent_gated_delta_rule", True)
     mods["fla.modules.causal_conv1d"].causal_conv1d = _causal_conv1d
+    mods["fla.ops.gsa"].chunk_gsa = _gsa("chunk_gsa")
+    mods["fla.ops.gsa"].fused_recurrent_gsa = _gsa("fused_recurrent_gsa")
     # our Triton kernel module is only registered with the (fake) dispatch, never run here
     monkeypatch.setitem(sys.modules, "linear_moe.ops.backends.triton", types.ModuleType("t"))
     monkeypatch.setitem(sys.modules, "linear_moe.ops.backends.triton.dqkwg",
@@ -343,3 +356,32 @@ def test_shift_and_bonus_kernel_refuses_bad_shapes():
     with pytest.raises(ValueError, match="first has 3 entries, want B\\*T = 4"):
         rwkv6_bonus.shift_and_bonus(torch.zeros(1, 4, 2, 6), q, q, torch.zeros(1, 4, 2, 6), torch.zeros(2, 8),
                                     torch.zeros(3, dtype=torch.bool), 1.0)
+
+
+@pytest.mark.parametrize("mode,T,packed,expected", [("chunk", 13, False, "chunk_gsa"), ("auto", 1, False, "fused_recurrent_gsa"),
+                                                  ("chunk", 13, True, "chunk_gsa")])
+def test_gsa_goes_to_fla_chunk_gsa(fake_fla, monkeypatch, mode, T, packed, expected):
+    """``ops.gsa`` hands a call the backend rule gives to fla to ``chunk_gsa`` (one token: ``fused_recurrent_gsa``)
+    with one 16-bit dtype for q, k, v, s, the gate in fp32 and fla's state pair (ours), and returns what the torch
+    form returns on the same rounded inputs."""
+    from linear_moe.ops import backends
+    monkeypatch.setattr(backends, "resolve_backend", lambda op, backend=None, device="cpu", dtype=None, **f: (
+        "fla" if op == "gsa" and backend != "torch" else "torch"))
+    g = _gen()
+    B, H, K, V, M = (1, 2, 8, 6, 4) if packed else (2, 2, 8, 6, 4)
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32) if packed else None
+    N = 2
+    q = torch.randn(B, T, H, K, generator=g).bfloat16()
+    k, v = torch.randn(B, T, H, K, generator=g).bfloat16(), torch.randn(B, T, H, V, generator=g).bfloat16()
+    log_decay = F.logsigmoid(torch.randn(B, T, H, M, generator=g))  # fp32, as the layer makes it
+    s = -torch.expm1(log_decay)
+    state = (torch.randn(N, H, K, M, generator=g), torch.randn(N, H, M, V, generator=g))
+    kw = dict(scale=1.0, initial_state=state, output_final_state=True, cu_seqlens=cu)
+    o, (hk, hv) = ops.gsa(q, k, v, s, log_decay, mode=mode, **kw)
+    assert CALLS == [expected]
+    assert o.dtype == torch.bfloat16 and hk.dtype == hv.dtype == torch.float32
+    o_ref, (hk_ref, hv_ref) = ops.gsa(q.float(), k.float(), v.float(), s.bfloat16().float(), log_decay,
+                                      backend="torch", **kw)
+    torch.testing.assert_close(o.float(), o_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(hk, hk_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hv, hv_ref, rtol=1e-4, atol=1e-4)

@@ -7,11 +7,9 @@ forget gate ``a_t = exp(log_f_t) ∈ (0, 1)^M`` and the write weights ``s_t = 1 
     Ṽ_t = diag(a_t) Ṽ_{t-1} + s_tᵀ v_t          [M, V]   values of the slots
     o_t = softmax(scale · q_t K̃_t) Ṽ_t                    read: softmax over the slots
 
-The second pass is a plain GLA (key = ``s_t``, decay over its key dim). The first pass decays along
-the slot (value) dim, which the ``gla`` op does not offer; we fold each slot into its own head with a
-scalar decay (key dim K, value dim 1), which is exact and keeps to the primitives, but costs about
-``M`` times the intra-chunk work (and activation memory) of a kernel gated along the value dim
-(fla's ``chunk_gsa``); such a kernel, or a value-dim decay in ``gla``, would replace this one call.
+The second pass is a plain GLA (key = ``s_t``, decay over its key dim); the first decays along the slot
+(value) dim. Both run in :func:`linear_moe.ops.gsa`: fla's ``chunk_gsa`` on CUDA, two ``gla`` passes
+elsewhere (the first with one head per slot: exact, ``M`` times that pass's work).
 """
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ class GatedSlotAttention(nn.Module):
     (default off, as the paper), conv_size, mode, chunk_size, backend. The output is
     ``o_proj(RMSNorm(swish(o)))`` as in the paper (no extra output gate).
 
-    State: ``slot_keys [B, H*M, K, 1]`` (first pass, one head per slot), ``slot_values [B, H, M, V]``,
+    State: ``slot_keys [B, H, K, M]``, ``slot_values [B, H, M, V]`` (fp32),
     and ``conv_q / conv_k / conv_v [B, C, W-1]`` when short convolutions are on.
     """
 
@@ -81,18 +79,10 @@ class GatedSlotAttention(nn.Module):
         v = F.silu(v.view(B, T, H, V))
         log_f = F.logsigmoid(self.f_proj(x).float().view(B, T, H, M)) / self.gate_logit_normalizer
         s = -torch.expm1(log_f)  # 1 - a_t, without cancellation when a_t is close to 1
-        run = dict(output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T))
-
-        # Pass 1: one head per (head, slot) with scalar decay; its 1-dim "value" is the slot write weight.
-        per_slot = lambda t: t.unsqueeze(3).expand(B, T, H, M, K).reshape(B, T, H * M, K)  # noqa: E731
-        scores, new_state["slot_keys"] = ops.gla(
-            per_slot(q), per_slot(k), s.reshape(B, T, H * M, 1).to(q.dtype), log_f.reshape(B, T, H * M),
-            scale=self.scale, initial_state=state_get(state, "slot_keys"), **run,
-        )
-        p = scores.view(B, T, H, M).float().softmax(-1)
-        # Pass 2: a plain GLA over the slots (key = write weight), read with the softmax weights.
-        o, new_state["slot_values"] = ops.gla(
-            p.to(v.dtype), s.to(v.dtype), v, log_f, scale=1.0, initial_state=state_get(state, "slot_values"), **run,
+        hk0, hv0 = state_get(state, "slot_keys"), state_get(state, "slot_values")
+        o, (new_state["slot_keys"], new_state["slot_values"]) = ops.gsa(
+            q, k, v, s, log_f, scale=self.scale, initial_state=None if hk0 is None else (hk0, hv0),
+            output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
         y = self.o_proj(self.norm(F.silu(o.reshape(B, T, H * V))))
         return y, new_state

@@ -1,6 +1,6 @@
 """Kernel backends for the linear-attention primitives, and the rule that picks one.
 
-The public ops (`linear_moe.ops.gla`, `delta_rule`, `short_conv`) always have a pure-PyTorch
+The public ops (`linear_moe.ops.gla`, `delta_rule`, `short_conv`, `gsa`) always have a pure-PyTorch
 form (backend "torch"). On CUDA a faster backend can take over:
 
 - "fla": flash-linear-attention's (fla-core 0.6.0) Triton kernels, wrapped by `backends/fla.py`
@@ -23,7 +23,7 @@ import torch
 
 ENV_VAR = "LINEAR_MOE_KERNEL_BACKEND"
 BACKENDS = ("torch", "fla", "triton")
-OPS = ("gla", "delta_rule", "short_conv")
+OPS = ("gla", "delta_rule", "short_conv", "gsa")
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
 
 # fla's chunk kernels keep a [K, V] state tile per program; larger heads are not supported there.
@@ -114,7 +114,7 @@ def why_not(name: str, op_name: str, device: torch.device, dtype: torch.dtype | 
     """Why backend `name` cannot run `op_name` here, or None when it can.
 
     features (all optional): decay in DECAY_KINDS, bonus, normalize, requires_grad,
-    k_dim, v_dim, cu_seqlens (bool).
+    k_dim, v_dim, m_dim, cu_seqlens (bool).
     """
     if name == "torch":
         return None
@@ -134,10 +134,14 @@ def why_not(name: str, op_name: str, device: torch.device, dtype: torch.dtype | 
         return f"fla supports float32/float16/bfloat16 inputs, got {dtype}"
     if op_name == "delta_rule" and dtype == torch.float32:
         return "fla 0.6.0's delta-rule kernels refuse float32 inputs (use bf16/fp16, or the torch backend)"
-    for key in ("k_dim", "v_dim"):
+    for key in ("k_dim", "v_dim", "m_dim"):
         dim = features.get(key)
         if dim is not None and dim > FLA_MAX_HEAD_DIM:
             return f"fla supports head dims up to {FLA_MAX_HEAD_DIM}, got {key}={dim}"
+    if op_name == "gsa" and dtype in (torch.float16, torch.bfloat16):
+        odd = [f"{key}={features[key]}" for key in ("k_dim", "v_dim", "m_dim") if features.get(key, 0) % 2]
+        if odd:  # gla pads odd widths with zero columns; chunk_gsa's softmax over the slots cannot take a pad slot
+            return f"fla's 16-bit chunk_gsa needs even head and slot widths, got {', '.join(odd)}"
     decay = features.get("decay", "none")
     if (features.get("requires_grad", True) and _uses_dqkwg_gated(op_name, decay)
             and hopper_dqkwg_bug(cuda_capability(device), triton_version())
@@ -162,12 +166,12 @@ def resolve_backend(op_name: str, backend: str | None = None, device: torch.devi
     """Pick the kernel backend for one call of a public op.
 
     Args:
-        op_name: one of OPS ("gla", "delta_rule", "short_conv").
+        op_name: one of OPS ("gla", "delta_rule", "short_conv", "gsa").
         backend: None/"auto" chooses; "torch" | "fla" | "triton" forces one. When None/"auto",
             the env var LINEAR_MOE_KERNEL_BACKEND (if set) forces one instead.
         device, dtype: of the inputs.
         features: what the call needs (decay kind, bonus, normalize, requires_grad, k_dim,
-            v_dim, cu_seqlens); see `why_not`.
+            v_dim, m_dim (GSA's slots), cu_seqlens); see `why_not`.
     Returns:
         the backend name. A forced backend that cannot run raises RuntimeError naming why;
         "auto" picks "fla" on CUDA when it can run this call, else "torch".
@@ -194,7 +198,7 @@ def resolve_backend(op_name: str, backend: str | None = None, device: torch.devi
 
 
 def get_backend(name: str) -> ModuleType:
-    """The module holding backend `name`'s op functions (`gla`, `delta_rule`, `short_conv`),
+    """The module holding backend `name`'s op functions (`gla`, `delta_rule`, `short_conv`, `gsa`),
     each taking the public op's arguments. Imports fla/Triton only now."""
     if name == "fla":
         return import_module("linear_moe.ops.backends.fla")

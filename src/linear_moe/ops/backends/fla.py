@@ -7,6 +7,7 @@ Conventions bridged here (ours -> fla):
   `[B,T,H]` -> chunk_simple_gla(g); `[B,T,H,K]` -> chunk_gla; any decay with `bonus` ->
   chunk_rwkv6 (decay broadcast to `[B,T,H,K]`), or with `LINEAR_MOE_RWKV6_CHUNK=chunk_gla_shifted_q`
   chunk_gla on queries one token early (`_rwkv6_on_chunk_gla`). delta_rule -> chunk_(gated_)delta_rule.
+  gsa -> chunk_gsa (its slot-key pass decays the value dim, which our gla cannot).
   mode "recurrent" (or one token) uses the fused_recurrent_* kernels.
 - `normalize`: a ones column is appended to v (so the state carries z), output divided by it; in bf16/fp16 a
   zero column too where that makes the width odd (fla's backward needs it even), dropped from the state.
@@ -215,6 +216,24 @@ def _shift_and_bonus(o_early, q, k, v, bonus, first, scale):
     o = o_early.roll(1, dims=1).masked_fill(first.view(1, T, 1, 1), 0)
     dot = torch.linalg.vecdot(q * bonus.to(q.dtype), k)  # [B, T, H]
     return o + (scale * dot)[..., None] * v
+
+
+def gsa(q, k, v, s, log_decay, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+        mode="auto", chunk_size=64):
+    """Gated slot attention on fla's ``chunk_gsa`` / ``fused_recurrent_gsa``; same contract as
+    `linear_moe.ops.gsa` (fla's state pair is ours: slot keys `[N,H,K,M]`, slot values `[N,H,M,V]`).
+    chunk_size is fla's own (64)."""
+    from fla.ops.gsa import chunk_gsa, fused_recurrent_gsa
+
+    K = q.shape[-1]
+    _, cu = _prepare(q, None, cu_seqlens)
+    state = None if initial_state is None else tuple(h.float().contiguous() for h in initial_state)
+    k, v, s = k.to(q.dtype), v.to(q.dtype), s.to(q.dtype)  # one dtype for fla's kernels; the gate stays fp32
+    fn = fused_recurrent_gsa if _recurrent(mode, q.shape[1]) else chunk_gsa
+    o, final = fn(q, k, v, s, log_decay.float(), scale=K ** -0.5 if scale is None else scale,
+                  initial_state=state, output_final_state=output_final_state,
+                  cu_seqlens=cu)
+    return o.to(q.dtype), (tuple(h.float() for h in final) if output_final_state else None)
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
