@@ -23,16 +23,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _block(pid, h, n_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_T: tl.constexpr,
+           BK: tl.constexpr, BV: tl.constexpr):
+    """This program's tokens, which of them exist, their rows of ``[B*T*H, D]`` (the head is the fastest index),
+    the key and value column ranges, and the masks of the ``[BLOCK_T, BK]`` and ``[BLOCK_T, BV]`` tiles."""
+    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = tok < n_tokens
+    row = tok.to(tl.int64) * H + h
+    ck, cv = tl.arange(0, BK), tl.arange(0, BV)
+    return tok, live, row, ck, cv, live[:, None] & (ck[None, :] < K), live[:, None] & (cv[None, :] < V)
+
+
+@triton.jit
 def _bonus_fwd_kernel(o_early_ptr, q_ptr, k_ptr, v_ptr, u_ptr, first_ptr, o_ptr, score_ptr, n_tokens, scale,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_T: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    live = tok < n_tokens
-    row = tok.to(tl.int64) * H + h  # rows of [B*T*H, D]: the head is the fastest index
-    ck, cv = tl.arange(0, BK), tl.arange(0, BV)
-    mk = live[:, None] & (ck[None, :] < K)
-    mv = live[:, None] & (cv[None, :] < V)
+    tok, live, row, ck, cv, mk, mv = _block(pid, h, n_tokens, H, K, V, BLOCK_T, BK, BV)
     q = tl.load(q_ptr + row[:, None] * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + row[:, None] * K + ck[None, :], mask=mk, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + h * K + ck, mask=ck < K, other=0.0).to(tl.float32)
@@ -51,12 +58,7 @@ def _bonus_bwd_kernel(do_ptr, q_ptr, k_ptr, v_ptr, u_ptr, first_ptr, score_ptr, 
                       dv_ptr, du_part_ptr, n_tokens, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BLOCK_T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    live = tok < n_tokens
-    row = tok.to(tl.int64) * H + h
-    ck, cv = tl.arange(0, BK), tl.arange(0, BV)
-    mk = live[:, None] & (ck[None, :] < K)
-    mv = live[:, None] & (cv[None, :] < V)
+    tok, live, row, ck, cv, mk, mv = _block(pid, h, n_tokens, H, K, V, BLOCK_T, BK, BV)
     do = tl.load(do_ptr + row[:, None] * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + row[:, None] * V + cv[None, :], mask=mv, other=0.0).to(tl.float32)
     score = tl.load(score_ptr + row, mask=live, other=0.0)
