@@ -53,10 +53,11 @@ if has train; then  # issue 7: A0.3B-2B, packed KJV data, bf16, selective checkp
     cp /tmp/runs/a03b_T$T/metrics.jsonl "$OUT/train_a03b_T$T.jsonl" 2>/dev/null; tail -1 "$OUT/train_a03b_T$T.jsonl" | cut -c1-600
   done
 fi
-# A table that outlasts one call continues from the last call's JSON, carried back in .tune/ (--resume)
+# A table that outlasts one call continues from the last call's JSON, carried back in .tune/ (--resume). Each new row
+# at 32K keeps its top GPU kernels (why DeltaNet / Gated DeltaNet layers take ~17 ms where their kernels take ~3)
 resume() { [ -f ".tune/$1" ] && echo "--resume .tune/$1"; }
 has mixers && echo "== every mixer layer" && timeout ${MIXERS_S:-300} python3 benchmarks/mixer_bench.py --out "$OUT" \
-  --budget-s $(( ${MIXERS_S:-300} - 30 )) $(resume mixer_bench.json) ${MIXERS_ARGS:-} 2>&1 | grep -v '^{' | tail -40
+  --budget-s $(( ${MIXERS_S:-300} - 30 )) $(resume mixer_bench.json) ${MIXERS_ARGS:---profile-lengths 32768} 2>&1 | grep -v '^{' | tail -40
 has ops && echo "== ops" && timeout ${OPS_S:-240} python3 benchmarks/ops_bench.py --out "$OUT/ops_bench.json" \
   --budget-s $(( ${OPS_S:-240} - 20 )) $(resume ops_bench.json) ${OPS_ARGS:-} 2>&1 | tail -30
 python3 benchmarks/warm_kernels.py --mixers "" --pack "$OUT/tune.tgz"

@@ -238,6 +238,47 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _best(rows: list[dict], base: str, T: int) -> dict | None:
+    """The fastest measured row of kind ``base`` (any @graph / +ce_kernel variant) at length T, or None."""
+    found = [r for r in rows if "tok_s" in r and r["T"] == T and parse_kind(r["kind"])[0] == base]
+    return max(found, key=lambda r: r["tok_s"], default=None)
+
+
+def issue_targets(rows: list[dict]) -> dict:
+    """Issue 9's targets from the rows of one run, each with what was measured (the fastest variant of a kind),
+    the target and whether it is met; a target whose rows were not in the run is left out.
+
+    Beside "gdn at 32K >= 3x attention", ``flop_ratio`` is attention's training FLOPs per token over gdn's at 32K:
+    the speed ratio the two models would have at equal MFU. A measured ratio above it needs gdn's step to run at a
+    higher MFU than attention's.
+    """
+    out: dict = {}
+    gdn2k = _best(rows, "gdn", 2048)
+    if gdn2k and gdn2k.get("mfu") is not None:
+        out["gdn MFU >= 30% at 2K"] = {"measured": round(gdn2k["mfu"], 4), "kind": gdn2k["kind"],
+                                       "met": gdn2k["mfu"] >= 0.30}
+    for base in ("gdn", "gla"):
+        short, long = _best(rows, base, 2048), _best(rows, base, 32768)
+        if short and long:
+            ratio = long["tok_s"] / short["tok_s"]
+            out[f"{base} tok/s at 32K >= 0.9x at 2K"] = {"measured": round(ratio, 3), "met": ratio >= 0.9}
+    gdn, attention = _best(rows, "gdn", 32768), _best(rows, "attention", 32768)
+    if gdn and attention:
+        ratio = gdn["tok_s"] / attention["tok_s"]
+        entry = {"measured": round(ratio, 3), "kinds": [gdn["kind"], attention["kind"]], "met": ratio >= 3.0}
+        if gdn.get("flops_per_token") and attention.get("flops_per_token"):
+            entry["flop_ratio"] = round(attention["flops_per_token"] / gdn["flops_per_token"], 3)
+            entry["mfu"] = [gdn.get("mfu"), attention.get("mfu")]
+        out["gdn at 32K >= 3x attention at 32K"] = entry
+    gdn8k = _best(rows, "gdn", 8192)
+    for peer in ("peer_fla_gdn", "peer_sdpa", "peer_fla_gla"):
+        other = _best(rows, peer, 8192)
+        if gdn8k and other:
+            ratio = gdn8k["tok_s"] / other["tok_s"]
+            out[f"gdn >= 1.5x {peer} at 8K"] = {"measured": round(ratio, 3), "kind": gdn8k["kind"], "met": ratio >= 1.5}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="2048,8192,32768,65536")
@@ -269,8 +310,8 @@ def main() -> None:
         for T in lengths:
             rows.append(run_one(kind, T, max(args.tokens_per_step, T), args))
             # rewritten after every row: a run stopped by its time limit keeps what it measured
-            (out / "model_bench.json").write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows},
-                                                             indent=1, default=sorted))
+            (out / "model_bench.json").write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows,
+                                                              "targets": issue_targets(rows)}, indent=1, default=sorted))
     plot(rows, out / "model_bench.png")
     print(f"\n{'kind':14s} {'T':>6s} {'B':>3s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>9s}")
     for r in rows:
@@ -279,6 +320,8 @@ def main() -> None:
             print(f"{r['kind']:14s} {r['T']:6d} {r['B']:3d} {r['tok_s']:10.0f} {mfu} {r['peak_gib']:9.1f}")
         else:
             print(f"{r['kind']:14s} {r['T']:6d} {r['B']:3d} {r['error'][:70]}")
+    for name, entry in issue_targets(rows).items():
+        print(f"{name}: {entry}")
 
 
 if __name__ == "__main__":
