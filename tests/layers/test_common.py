@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 from linear_moe.layers import AttentionConfig, MixerConfig
 from linear_moe.layers.common import (
-    OutputNormGate, RMSNorm, ShortConvolution, ShortConvQKV, choose, grouped_qkv, l2_norm, merge_heads, op_backend,
+    OutputNormGate, RMSNorm, ShortConvolution, ShortConvQKV, choose, grouped_qkv, merge_heads, op_backend,
     op_mode, op_options, op_run_options, qkv_projections, repeat_heads, resolve_dims, short_conv_enabled, split_heads,
 )
 from linear_moe.layers.feature_maps import FEATURE_MAPS, feature_map
+from linear_moe.ops.delta_rule import l2_normalize
 
 
 def _gen():
@@ -29,7 +30,8 @@ def test_rmsnorm_and_l2_norm():
     torch.testing.assert_close(norm(x).double(), ref, rtol=1e-5, atol=1e-6)
     assert norm(x.bfloat16()).dtype == torch.bfloat16
     ref = xd / (xd.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
-    torch.testing.assert_close(l2_norm(x).double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l2_normalize(x).double(), ref, rtol=1e-5, atol=1e-6)
+    assert l2_normalize(x.bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "groupnorm", "none"])

@@ -24,6 +24,7 @@ from ops_testing import assert_close_with_grads, gla_inputs, grads_of, randn, re
 
 CALLS = []
 REGISTERED = []  # backend classes the wrapper registers into (fake) fla dispatch
+SEEN_QK = []  # (q, k) as the fake fla delta-rule kernels received them with use_qk_l2norm_in_kernel
 
 
 def _gla(name):
@@ -46,15 +47,17 @@ def _rwkv6(name):
 
 def _delta(name, gated):
     def fn(q, k, v, *args, g=None, beta=None, scale=None, initial_state=None,
-           output_final_state=False, cu_seqlens=None):
-        CALLS.append(name)
+           output_final_state=False, cu_seqlens=None, use_qk_l2norm_in_kernel=False):
+        CALLS.append(name + ("+l2norm" if use_qk_l2norm_in_kernel else ""))
         if gated and args:  # chunk_gated_delta_rule(q, k, v, g, beta, ...)
             g, beta = args
         elif args:  # chunk_delta_rule(q, k, v, beta, ...)
             (beta,) = args
+        if use_qk_l2norm_in_kernel:  # fla normalises the raw q and k it is handed
+            SEEN_QK.append((q, k))
         return ops.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                               output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                              backend="torch")
+                              backend="torch", qk_l2norm=use_qk_l2norm_in_kernel)
     return fn
 
 
@@ -385,3 +388,28 @@ def test_gsa_goes_to_fla_chunk_gsa(fake_fla, monkeypatch, mode, T, packed, expec
     torch.testing.assert_close(o.float(), o_ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(hk, hk_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hv, hv_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gated,mode,expected", [(True, "chunk", "chunk_gated_delta_rule+l2norm"),
+                                                 (False, "chunk", "chunk_delta_rule+l2norm"),
+                                                 (True, "recurrent", "fused_recurrent_gated_delta_rule+l2norm")])
+def test_delta_rule_l2norm_goes_into_fla_kernel(fake_fla, monkeypatch, gated, mode, expected):
+    """``ops.delta_rule(..., qk_l2norm=True)`` on the fla backend hands fla the raw q and k with
+    ``use_qk_l2norm_in_kernel``, and returns what the torch form returns."""
+    from linear_moe.ops import backends
+    monkeypatch.setattr(backends, "resolve_backend", lambda op, backend=None, device="cpu", dtype=None, **f: (
+        "torch" if backend == "torch" else "fla"))
+    SEEN_QK.clear()
+    g = _gen()
+    B, T, H, K, V = 2, 13, 2, 8, 4
+    q, k = torch.randn(B, T, H, K, generator=g) * 3, torch.randn(B, T, H, K, generator=g) * 3
+    v, beta = torch.randn(B, T, H, V, generator=g), torch.rand(B, T, H, generator=g)
+    ld = F.logsigmoid(torch.randn(B, T, H, generator=g)) if gated else None
+    kw = dict(initial_state=torch.randn(B, H, K, V, generator=g), output_final_state=True, mode=mode, qk_l2norm=True)
+    o, s = ops.delta_rule(q, k, v, beta, ld, **kw)
+    assert CALLS == [expected]
+    (seen_q, seen_k), = SEEN_QK
+    assert torch.equal(seen_q, q) and torch.equal(seen_k, k)  # not normalised before the kernel
+    o_ref, s_ref = ops.delta_rule(q, k, v, beta, ld, backend="torch", **kw)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)

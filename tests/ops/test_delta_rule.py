@@ -91,3 +91,22 @@ def test_delta_rule_low_precision_inputs_keep_dtype_and_fp32_state():
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
     ro, rs = reference.delta_rule_ref(**args)
     assert rel_err(o, ro) < 2e-2 and rel_err(s, rs) < 1e-4
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize("mode", ["recurrent", "chunk"])
+def test_qk_l2norm_normalises_inside_the_op_with_gradients(gated, mode):
+    """``qk_l2norm=True`` on raw q, k equals the float64 reference on ``q / sqrt(|q|² + 1e-6)`` (and k's), in output,
+    state and the gradients of the raw q and k (through the norm)."""
+    g = generator()
+    args = delta_inputs(gated, g, T=23)
+    args["q"], args["k"] = randn(g, 2, 23, 2, 8) * 3, randn(g, 2, 23, 2, 8) * 3  # raw, far from unit length
+    weights = [randn(g, 2, 23, 2, 6).double(), randn(g, 2, 2, 8, 6).double()]
+
+    def normalised_ref(q, k, **a):
+        unit = lambda x: x / (x.square().sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
+        return reference.delta_rule_ref(unit(q), unit(k), **a)
+    expected = grads_of(normalised_ref, {n: x.double() for n, x in args.items()}, weights)
+    got = grads_of(lambda **a: delta_rule(**a, output_final_state=True, mode=mode, chunk_size=8, qk_l2norm=True),
+                   args, weights)
+    assert_close_with_grads(got, expected, TOL, mode)

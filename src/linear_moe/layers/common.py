@@ -5,7 +5,7 @@
   linear mixer), :func:`short_conv_enabled` (``MixerConfig.use_short_conv`` against a mixer's default);
 * :func:`fused_projections` (several input projections as one matmul), head split / merge and
   :func:`repeat_heads` (grouped key/value heads);
-* :func:`l2_norm` and :class:`RMSNorm` (fp32 compute, output in the input dtype);
+* :class:`RMSNorm` (fp32 compute, output in the input dtype);
 * :class:`OutputNormGate`: per-head output norm (``rmsnorm`` | ``groupnorm`` | ``none``) times an
   activated output gate, the last step before ``o_proj`` in GLA, RetNet, Gated DeltaNet, Mamba2, ...;
 * :class:`ShortConvolution`: the causal depthwise convolution (weight ``[C, W]``) over ``ops.short_conv``,
@@ -211,12 +211,6 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """``x`` in at least fp32 (half / bf16 → fp32; fp32 and fp64 unchanged, so fp64 checks stay exact)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / sqrt(sum(x²) + eps)`` over the last dim, computed in fp32 (or fp64), returned in ``x.dtype``."""
-    xf = upcast(x)
-    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

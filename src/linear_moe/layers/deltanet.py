@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    OutputNormGate, ShortConvQKV, fused_projections, init_weights, l2_norm, op_options, op_run_options,
+    OutputNormGate, ShortConvQKV, fused_projections, init_weights, op_options, op_run_options,
     qkv_projections, resolve_dims, short_conv_enabled, state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
@@ -83,14 +83,14 @@ class _DeltaRuleAttention(nn.Module):
         xq, xk, xv, xb, xa, gate = fused_projections(x, self.q_proj, self.k_proj, self.v_proj, self.b_proj,
                                                      self.a_proj if gated else None, self.g_proj if gated else None)
         q, k, v = self.short_convs(self, (xq, xk, xv), state, new_state, cu_seqlens)
-        q, k, v = l2_norm(q.view(B, T, H, K)), l2_norm(k.view(B, T, H, K)), v.view(B, T, H, V)
+        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)  # L2-normalised by the op
         beta = torch.sigmoid(upcast(xb))
         log_decay = None
         if gated:
             log_decay = -upcast(self.A_log).exp() * F.softplus(upcast(xa) + upcast(self.dt_bias))
         o, new_state["recurrent"] = ops.delta_rule(
             q, k, v, beta, log_decay, scale=K ** -0.5, initial_state=state_get(state, "recurrent"),
-            output_final_state=True, cu_seqlens=cu_seqlens, **op_run_options(self, T),
+            output_final_state=True, cu_seqlens=cu_seqlens, qk_l2norm=True, **op_run_options(self, T),
         )
         y = self.o_proj(self.out_norm(o, gate).reshape(B, T, H * V))
         return y, new_state

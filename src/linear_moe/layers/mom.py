@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
 from .common import (
-    OutputNormGate, ShortConvQKV, init_weights, l2_norm, op_options, op_run_options, qkv_projections, resolve_dims,
+    OutputNormGate, ShortConvQKV, init_weights, op_options, op_run_options, qkv_projections, resolve_dims,
     short_conv_enabled, state_get,
 )
 from .config import AttentionConfig, MixerConfig
@@ -177,6 +177,6 @@ class MoMGatedDeltaNet(_MixtureOfMemories):
         beta = torch.sigmoid(self.b_proj(x).float()).view(B, T, E, H) * mask
         log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float().view(B, T, E, H) + self.dt_bias.float())
         log_decay = log_decay * mask
-        q, k = l2_norm(q), l2_norm(k) * mask[..., None].to(k.dtype)
+        k = k * mask[..., None].to(k.dtype)  # the op's L2 norm keeps a zeroed key zero
         return ops.delta_rule(q.reshape(B, T, E * H, K), k.reshape(B, T, E * H, K), v, beta.view(B, T, E * H).to(v.dtype),
-                          log_decay.view(B, T, E * H), **self._op_kwargs(state, cu_seqlens, T))
+                          log_decay.view(B, T, E * H), qk_l2norm=True, **self._op_kwargs(state, cu_seqlens, T))

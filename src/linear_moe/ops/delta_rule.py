@@ -21,18 +21,23 @@ from .delta_rule_chunk import delta_rule_chunk
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None = None, *,
                scale: float | None = None, initial_state: Tensor | None = None,
                output_final_state: bool = False, cu_seqlens: Tensor | None = None, mode: str = "auto",
-               chunk_size: int = 64, backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+               chunk_size: int = 64, backend: str | None = None,
+               qk_l2norm: bool = False) -> tuple[Tensor, Tensor | None]:
     """(Gated) delta rule `S_t = a_t (I - b_t k_t^T k_t) S_{t-1} + b_t k_t^T v_t`, `o_t = scale * q_t S_t`.
 
     Args:
-        q, k: `[B, T, H, K]` (k is used as given; the layer L2-normalises it); v: `[B, T, H, V]`.
+        q, k: `[B, T, H, K]` (used as given unless ``qk_l2norm``); v: `[B, T, H, V]`.
         beta: `[B, T, H]` write strength b_t.
         log_decay: None (DeltaNet) or `[B, T, H]` log a_t <= 0 (Gated DeltaNet).
         scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, backend: as in `gla`.
+        qk_l2norm: L2-normalise q and k first (:func:`l2_normalize`), as DeltaNet's layer does; the fla backend
+            does it inside its kernel (one pass each way), the others beforehand.
     Returns:
         o `[B, T, H, V]` in q.dtype, final state `[B or N, H, K, V]` in fp32 (or None).
     """
     if (sp := sequence_parallel_handler()) is not None:  # time split over devices (parallel/lasp2.py)
+        if qk_l2norm:
+            q, k = l2_normalize(q), l2_normalize(k)
         return sp.delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode=mode,
                              chunk_size=chunk_size, backend=backend)
@@ -53,10 +58,19 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor 
     if name != "torch":
         return run_backend(name, "delta_rule", q, k, v, beta, log_decay, scale=scale,
                            initial_state=initial_state, output_final_state=output_final_state,
-                           cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size)
+                           cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size, qk_l2norm=qk_l2norm)
+    if qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
     return delta_rule_torch(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode=mode,
                             chunk_size=chunk_size)
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(sum(x²) + eps)`` over the last dim, computed in fp32 (fp64 stays fp64), returned in x.dtype
+    (fla's in-kernel L2 norm has the same eps inside the root)."""
+    xf = x.to(compute_dtype(x.dtype))
+    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def delta_rule_torch(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,

@@ -238,17 +238,17 @@ def gsa(q, k, v, s, log_decay, *, scale=None, initial_state=None, output_final_s
 
 def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
                output_final_state=False, cu_seqlens=None, mode="auto", chunk_size=64,
-               backend=None):
+               backend=None, qk_l2norm=False):
     """(Gated) delta rule on fla kernels; same contract as `linear_moe.ops.delta_rule`.
 
-    q, k `[B,T,H,K]` (k already L2-normalised by the layer), v `[B,T,H,V]`, beta `[B,T,H]`,
-    log_decay None | `[B,T,H]`. Returns (o in q.dtype, final state fp32 or None).
+    q, k `[B,T,H,K]`, v `[B,T,H,V]`, beta `[B,T,H]`, log_decay None | `[B,T,H]`; ``qk_l2norm``: fla normalises q
+    and k inside the kernel call. Returns (o in q.dtype, final state fp32 or None).
     """
     T = q.shape[1]
     state, cu = _prepare(q, initial_state, cu_seqlens)
     k, v = k.to(q.dtype), v.to(q.dtype)
     common = dict(scale=scale, initial_state=state, output_final_state=output_final_state,
-                  cu_seqlens=cu)
+                  cu_seqlens=cu, use_qk_l2norm_in_kernel=bool(qk_l2norm))
     beta = beta.to(q.dtype)
     recurrent = _recurrent(mode, T)
     if log_decay is None:
