@@ -24,7 +24,7 @@ def test_tiny_dry_run_measures_each_mixer_against_attention(tmp_path, capsys):
         assert r["vs_attention"] == pytest.approx(r["tok_s"] / next(
             a["tok_s"] for a in rows if a["mixer"] == "attention" and a["T"] == r["T"]))
     by_mixer = {r["mixer"]: r["backend"] for r in rows}
-    assert by_mixer["gated_deltanet"] == "delta_rule:torch, short_conv:torch"  # the CPU runs the torch forms
+    assert by_mixer["gated_deltanet"] == "delta_rule:torch, norm_gate:torch, short_conv:torch"  # the CPU runs the torch forms
     assert by_mixer["mamba2"] == "gla:torch, short_conv:torch"
     assert by_mixer["attention"] == "torch (SDPA)"
     assert "ms fwd+bwd" in capsys.readouterr().out

@@ -85,12 +85,22 @@ def _gsa(name):
     return fn
 
 
+def _norm_gated(name, norm):
+    def fn(x, g, weight, bias, activation="swish", residual=None, prenorm=False, residual_in_fp32=False, eps=1e-6):
+        CALLS.append(f"{name}:{activation}")
+        assert g.dtype == x.dtype  # fla returns the gate's gradient in x's dtype
+        from linear_moe.ops.norm_gate import norm_gate_torch
+        return norm_gate_torch(x, g, weight, bias, norm=norm, activation=activation, eps=eps)
+    return fn
+
+
 @pytest.fixture
 def fake_fla(monkeypatch):
     mods = {}
     for name in ["fla", "fla.ops", "fla.ops.common", "fla.ops.common.chunk_o", "fla.backends",
                  "fla.ops.simple_gla", "fla.ops.gla", "fla.ops.rwkv6", "fla.ops.delta_rule",
-                 "fla.ops.gated_delta_rule", "fla.ops.gsa", "fla.modules", "fla.modules.causal_conv1d"]:
+                 "fla.ops.gated_delta_rule", "fla.ops.gsa", "fla.modules", "fla.modules.causal_conv1d",
+                 "fla.modules.norm", "fla.modules.norm.fused_norm_gate"]:
         mods[name] = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mods[name])
     mods["fla.backends"].BaseBackend = object
@@ -108,6 +118,8 @@ def fake_fla(monkeypatch):
         "fused_recurrent_gated_delta_rule", True)
     mods["fla.modules.causal_conv1d"].causal_conv1d = _causal_conv1d
     mods["fla.ops.gsa"].chunk_gsa = _gsa("chunk_gsa")
+    mods["fla.modules.norm.fused_norm_gate"].rms_norm_gated = _norm_gated("rms_norm_gated", "rmsnorm")
+    mods["fla.modules.norm.fused_norm_gate"].layer_norm_gated = _norm_gated("layer_norm_gated", "groupnorm")
     mods["fla.ops.gsa"].fused_recurrent_gsa = _gsa("fused_recurrent_gsa")
     # our Triton kernel module is only registered with the (fake) dispatch, never run here
     monkeypatch.setitem(sys.modules, "linear_moe.ops.backends.triton", types.ModuleType("t"))
@@ -413,3 +425,31 @@ def test_delta_rule_l2norm_goes_into_fla_kernel(fake_fla, monkeypatch, gated, mo
     o_ref, s_ref = ops.delta_rule(q, k, v, beta, ld, backend="torch", **kw)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm,activation,expected", [("rmsnorm", "swish", "rms_norm_gated:swish"),
+                                                      ("rmsnorm", "silu", "rms_norm_gated:swish"),
+                                                      ("groupnorm", "sigmoid", "layer_norm_gated:sigmoid")])
+def test_norm_gate_goes_to_fla_fused_kernel(fake_fla, monkeypatch, norm, activation, expected):
+    """``ops.norm_gate`` hands a combination fla's gated norm covers to it (the gate in x's dtype, silu as swish) and
+    returns what PyTorch returns; the layer's OutputNormGate goes the same way."""
+    from linear_moe.layers.common import OutputNormGate
+    from linear_moe.ops import backends
+    monkeypatch.setattr(backends, "resolve_backend", lambda op, backend=None, device="cpu", dtype=None, **f: (
+        "torch" if backend == "torch" else "fla"))
+    g = _gen()
+    x, gate = torch.randn(2, 7, 3, 8, generator=g).bfloat16(), torch.randn(2, 7, 3, 8, generator=g)  # fp32 gate
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    bias = b if norm == "groupnorm" else None
+    y = ops.norm_gate(x, gate, w, bias, norm=norm, activation=activation)
+    assert CALLS == [expected] and y.dtype == torch.bfloat16
+    want = ops.norm_gate(x, gate.bfloat16(), w, bias, norm=norm, activation=activation, backend="torch")
+    torch.testing.assert_close(y, want)
+    CALLS.clear()
+    layer = OutputNormGate(8, norm=norm, gate_fn=activation)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if bias is not None:
+            layer.bias.copy_(b)
+    torch.testing.assert_close(layer(x, gate.reshape(2, 7, 24)), want)
+    assert CALLS == [expected]

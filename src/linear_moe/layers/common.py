@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops  # attribute access at call time: the ops land in parallel with the layers
+from ..ops.norm_gate import ACTIVATIONS
 from .config import AttentionConfig, MixerConfig
 
 # ---- option checks --------------------------------------------------------------------------------
@@ -213,10 +214,7 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "gelu": F.gelu,
-    "relu": F.relu, "identity": lambda x: x, "none": lambda x: x,
-}
+_ACTIVATIONS = ACTIVATIONS  # the gate activations by name (ops/norm_gate.py)
 
 
 def activation(name: str, mixer: str = "", what: str = "gate_fn") -> Callable[[torch.Tensor], torch.Tensor]:
@@ -257,17 +255,20 @@ class OutputNormGate(nn.Module):
     skips the gate (a mixer built with ``use_output_gate=False``).
 
     forward(o ``[batch, time, heads, head_dim]``, gate ``[batch, time, heads * head_dim]`` or the
-    same shape as ``o``, or None) → ``[batch, time, heads, head_dim]`` in ``o.dtype``; fp32 compute.
+    same shape as ``o``, or None) → ``[batch, time, heads, head_dim]`` in ``o.dtype``; fp32 compute
+    (:func:`linear_moe.ops.norm_gate`: fla's fused kernel on CUDA; ``backend`` as the mixer's ops).
     """
 
     NORMS = ("rmsnorm", "groupnorm", "none")
 
-    def __init__(self, head_dim: int, norm: str = "rmsnorm", gate_fn: str = "swish", eps: float = 1e-5, mixer: str = ""):
+    def __init__(self, head_dim: int, norm: str = "rmsnorm", gate_fn: str = "swish", eps: float = 1e-5, mixer: str = "",
+                 backend: str | None = None):
         super().__init__()
         self.norm = choose(norm, self.NORMS, "output_norm", mixer)
         self.gate_fn_name = gate_fn
         self.gate_fn = activation(gate_fn, mixer)
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.ones(head_dim)) if norm != "none" else None
         self.bias = nn.Parameter(torch.zeros(head_dim)) if norm == "groupnorm" else None
 
@@ -278,14 +279,8 @@ class OutputNormGate(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = upcast(o)
-        if self.norm == "rmsnorm":
-            y = F.rms_norm(y, y.shape[-1:], self.weight.to(y.dtype), self.eps)
-        elif self.norm == "groupnorm":
-            y = F.layer_norm(y, y.shape[-1:], upcast(self.weight), upcast(self.bias), self.eps)
-        if gate is not None:
-            y = y * self.gate_fn(upcast(gate).reshape(o.shape))
-        return y.to(o.dtype)
+        return ops.norm_gate(o, None if gate is None else gate.reshape(o.shape), self.weight, self.bias,
+                             norm=self.norm, activation=self.gate_fn_name, eps=self.eps, backend=self.backend)
 
 
 # ---- short convolution -----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class _DeltaRuleAttention(nn.Module):
             self.dt_bias = nn.Parameter(torch.empty(H))
             self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
         self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn if self.gated else "none",
-                                       mixer=name)
+                                       mixer=name, backend=self.backend)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         self.reset_parameters()
 

@@ -60,7 +60,7 @@ class GatedLinearAttention(nn.Module):
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, mixer.gate_low_rank_dim, bias=False),
                                      nn.Linear(mixer.gate_low_rank_dim, KVH * K, bias=True))
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
-        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn, mixer=name)
+        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn, mixer=name, backend=self.backend)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         self.reset_parameters()
 

@@ -49,7 +49,7 @@ class LinearAttention(nn.Module):
         self.mode, self.backend, self.chunk_size = op_options(mixer, name)
 
         self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, KVH * K, KVH * V)
-        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn="none", mixer=name)
+        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn="none", mixer=name, backend=self.backend)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         self.reset_parameters()
 

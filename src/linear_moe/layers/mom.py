@@ -86,7 +86,7 @@ class _MixtureOfMemories(nn.Module):
         self.short_convs = ShortConvQKV(self, {"q": H * K, "k": E * H * K, "v": E * H * V}, enabled=self.use_short_conv,
                                         conv_size=mixer.conv_size, activation="silu", fallback=F.silu, mixer=name)
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
-        self.out_norm = OutputNormGate(V, mixer.output_norm, mixer.gate_fn, mixer=name)
+        self.out_norm = OutputNormGate(V, mixer.output_norm, mixer.gate_fn, mixer=name, backend=self.backend)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
         self.aux_loss: torch.Tensor | None = None
 

@@ -76,7 +76,7 @@ class _ConstantDecayAttention(nn.Module):
         self.mode, self.backend, self.chunk_size = op_options(mixer, name)
         self.q_proj, self.k_proj, self.v_proj = qkv_projections(hidden_size, H * K, H * K, H * V)
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if mixer.use_output_gate else None
-        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn, mixer=name)
+        self.out_norm = OutputNormGate(V, norm=mixer.output_norm, gate_fn=mixer.gate_fn, mixer=name, backend=self.backend)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
 
     def reset_parameters(self) -> None:

@@ -4,6 +4,7 @@
 * `delta_rule`: (gated) delta rule (DeltaNet, Gated DeltaNet).
 * `short_conv`: short causal depthwise convolution.
 * `gsa`: gated slot attention (two coupled `gla` passes; fla's chunk_gsa on GPU).
+* `norm_gate`: a mixer's output norm times its activated gate (fla's fused kernel on GPU).
 * `causal_attention`: softmax attention with GQA, varlen and sliding windows.
 * `apply_rotary`, `rotary_cos_sin`: RoPE.
 * `gla_chunk_state`, `gla_state_output`, `delta_rule_chunk_state`, `delta_rule_state_output`: the
@@ -17,10 +18,11 @@ from .conv import short_conv
 from .delta_rule import delta_rule
 from .gla import gla
 from .gsa import gsa
+from .norm_gate import norm_gate
 from .lasp import delta_rule_chunk_state, delta_rule_state_output, gla_chunk_state, gla_state_output
 from .rotary import apply_rotary, rotary_cos_sin
 
 __all__ = [
     "apply_rotary", "causal_attention", "delta_rule", "delta_rule_chunk_state", "delta_rule_state_output",
-    "gla", "gla_chunk_state", "gsa", "gla_state_output", "rotary_cos_sin", "short_conv",
+    "gla", "gla_chunk_state", "gsa", "norm_gate", "gla_state_output", "rotary_cos_sin", "short_conv",
 ]

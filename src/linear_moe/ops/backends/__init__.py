@@ -1,6 +1,6 @@
 """Kernel backends for the linear-attention primitives, and the rule that picks one.
 
-The public ops (`linear_moe.ops.gla`, `delta_rule`, `short_conv`, `gsa`) always have a pure-PyTorch
+The public ops (`linear_moe.ops.gla`, `delta_rule`, `short_conv`, `gsa`, `norm_gate`) always have a pure-PyTorch
 form (backend "torch"). On CUDA a faster backend can take over:
 
 - "fla": flash-linear-attention's (fla-core 0.6.0) Triton kernels, wrapped by `backends/fla.py`
@@ -23,7 +23,7 @@ import torch
 
 ENV_VAR = "LINEAR_MOE_KERNEL_BACKEND"
 BACKENDS = ("torch", "fla", "triton")
-OPS = ("gla", "delta_rule", "short_conv", "gsa")
+OPS = ("gla", "delta_rule", "short_conv", "gsa", "norm_gate")
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
 
 # fla's chunk kernels keep a [K, V] state tile per program; larger heads are not supported there.
@@ -166,7 +166,7 @@ def resolve_backend(op_name: str, backend: str | None = None, device: torch.devi
     """Pick the kernel backend for one call of a public op.
 
     Args:
-        op_name: one of OPS ("gla", "delta_rule", "short_conv", "gsa").
+        op_name: one of OPS ("gla", "delta_rule", "short_conv", "gsa", "norm_gate").
         backend: None/"auto" chooses; "torch" | "fla" | "triton" forces one. When None/"auto",
             the env var LINEAR_MOE_KERNEL_BACKEND (if set) forces one instead.
         device, dtype: of the inputs.
@@ -198,7 +198,7 @@ def resolve_backend(op_name: str, backend: str | None = None, device: torch.devi
 
 
 def get_backend(name: str) -> ModuleType:
-    """The module holding backend `name`'s op functions (`gla`, `delta_rule`, `short_conv`, `gsa`),
+    """The module holding backend `name`'s op functions (`gla`, `delta_rule`, `short_conv`, `gsa`, `norm_gate`),
     each taking the public op's arguments. Imports fla/Triton only now."""
     if name == "fla":
         return import_module("linear_moe.ops.backends.fla")

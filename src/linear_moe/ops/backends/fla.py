@@ -8,6 +8,7 @@ Conventions bridged here (ours -> fla):
   chunk_rwkv6 (decay broadcast to `[B,T,H,K]`), or with `LINEAR_MOE_RWKV6_CHUNK=chunk_gla_shifted_q`
   chunk_gla on queries one token early (`_rwkv6_on_chunk_gla`). delta_rule -> chunk_(gated_)delta_rule.
   gsa -> chunk_gsa (its slot-key pass decays the value dim, which our gla cannot).
+  norm_gate -> fla.modules' rms_norm_gated / layer_norm_gated.
   mode "recurrent" (or one token) uses the fused_recurrent_* kernels.
 - `normalize`: a ones column is appended to v (so the state carries z), output divided by it; in bf16/fp16 a
   zero column too where that makes the width odd (fla's backward needs it even), dropped from the state.
@@ -234,6 +235,16 @@ def gsa(q, k, v, s, log_decay, *, scale=None, initial_state=None, output_final_s
                   initial_state=state, output_final_state=output_final_state,
                   cu_seqlens=cu)
     return o.to(q.dtype), (tuple(h.float() for h in final) if output_final_state else None)
+
+
+def norm_gate(x, gate, weight, bias=None, *, norm="rmsnorm", activation="swish", eps=1e-5):
+    """``norm(x) * activation(gate)`` on fla's fused gated-norm kernel; same contract as `linear_moe.ops.norm_gate`
+    (norm rmsnorm | groupnorm, activation swish | silu | sigmoid). The gate is cast to x's dtype: fla returns its
+    gradient in that dtype."""
+    from fla.modules.norm.fused_norm_gate import layer_norm_gated, rms_norm_gated
+
+    fn = rms_norm_gated if norm == "rmsnorm" else layer_norm_gated
+    return fn(x, gate.to(x.dtype), weight, bias, activation="sigmoid" if activation == "sigmoid" else "swish", eps=eps)
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
