@@ -214,12 +214,9 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-_ACTIVATIONS = ACTIVATIONS  # the gate activations by name (ops/norm_gate.py)
-
-
 def activation(name: str, mixer: str = "", what: str = "gate_fn") -> Callable[[torch.Tensor], torch.Tensor]:
-    """An activation by name: swish | silu | sigmoid | gelu | relu | identity | none."""
-    return _ACTIVATIONS[choose(name, _ACTIVATIONS, what, mixer)]
+    """An activation by name: swish | silu | sigmoid | gelu | relu | identity | none (``ops.norm_gate``'s)."""
+    return ACTIVATIONS[choose(name, ACTIVATIONS, what, mixer)]
 
 
 class RMSNorm(nn.Module):
