@@ -5,6 +5,8 @@ sees at once which argument is wrong.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -55,13 +57,20 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (64 is the default)")
 
 
-def check_cu_seqlens(cu_seqlens: Tensor | None, batch: int, time: int) -> int | None:
-    """Validate varlen boundaries; return the number of sequences N (None without cu_seqlens)."""
-    if cu_seqlens is None:
-        return None
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        got = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1] with N >= 1, got {got}")
+# The last cu_seqlens validated, by identity: every layer of a packed step passes the same tensor, and validating it
+# reads it on the host (on a GPU a device-to-host sync that stalls the host's kernel launches), so once per tensor.
+_LAST_CU: dict = {"ref": None, "key": None, "info": None}
+
+
+def _cu_info(cu_seqlens: Tensor, batch: int, time: int) -> tuple[int, int]:
+    """(number of sequences, longest sequence) of a cu_seqlens that passes the checks; read from the host once per
+    tensor object and content version (a new tensor, or the same one changed in place, is read again)."""
+    key = (cu_seqlens._version, batch, time)
+    ref = _LAST_CU["ref"]
+    if ref is not None and ref() is cu_seqlens and _LAST_CU["key"] == key:
+        return _LAST_CU["info"]
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if batch != 1:
@@ -69,13 +78,24 @@ def check_cu_seqlens(cu_seqlens: Tensor | None, batch: int, time: int) -> int | 
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] != time or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens must start at 0, never decrease and end at time={time}, got {cu}")
-    return len(cu) - 1
+    info = (len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:])))
+    _LAST_CU.update(ref=weakref.ref(cu_seqlens), key=key, info=info)
+    return info
+
+
+def check_cu_seqlens(cu_seqlens: Tensor | None, batch: int, time: int) -> int | None:
+    """Validate varlen boundaries; return the number of sequences N (None without cu_seqlens)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1] with N >= 1, got {type(cu_seqlens).__name__}")
+    return _cu_info(cu_seqlens, batch, time)[0]
 
 
 def max_seqlen(cu_seqlens: Tensor | None, time: int) -> int:
     if cu_seqlens is None:
         return time
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    return _cu_info(cu_seqlens, 1, time)[1]
 
 
 def pick_mode(mode: str, cu_seqlens: Tensor | None, time: int) -> str:

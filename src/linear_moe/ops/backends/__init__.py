@@ -15,6 +15,7 @@ import time, so this package imports on a CPU-only machine.
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import import_module, metadata
 from types import ModuleType
@@ -47,7 +48,10 @@ def _version_tuple(text: str) -> tuple[int, int, int]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=None)
 def _package_version(dist_name: str) -> str | None:
+    """The installed version of ``dist_name`` (None if absent), read once per process: ``importlib.metadata`` scans
+    the installed distributions on every call (~1 ms each), and every op call on a GPU asks through ``why_not``."""
     try:
         return metadata.version(dist_name)
     except metadata.PackageNotFoundError:

@@ -21,6 +21,7 @@ fla raises; `install_dqkwg_fix` registers our Triton version into fla's backend 
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,24 @@ def _prepare(q, initial_state, cu_seqlens):
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs batch size 1, got q of shape {tuple(q.shape)}")
     state = initial_state.float().contiguous() if initial_state is not None else None
-    cu = cu_seqlens.long() if cu_seqlens is not None else None
-    return state, cu
+    return state, _long_cu(cu_seqlens)
+
+
+_LONG_CU: dict = {"ref": None, "version": None, "long": None}
+
+
+def _long_cu(cu_seqlens):
+    """``cu_seqlens`` as int64, the same tensor object for every call with the same source tensor (and content).
+
+    fla memoises its chunk indices by the identity of the cu_seqlens it is handed; building them reads the boundaries
+    on the host (a device sync). A fresh ``.long()`` copy per call (the packer's int32) missed that cache in every
+    layer, so each op call synced; one copy per step lets every layer after the first hit it."""
+    if cu_seqlens is None or cu_seqlens.dtype == torch.int64:
+        return cu_seqlens
+    ref = _LONG_CU["ref"]
+    if ref is None or ref() is not cu_seqlens or _LONG_CU["version"] != cu_seqlens._version:
+        _LONG_CU.update(ref=weakref.ref(cu_seqlens), version=cu_seqlens._version, long=cu_seqlens.long())
+    return _LONG_CU["long"]
 
 
 def _recurrent(mode: str, T: int) -> bool:
@@ -289,5 +306,5 @@ def short_conv(x, weight, bias=None, *, activation="silu", initial_state=None,
     if initial_state is not None:  # fla keeps one more (oldest) input, never read: pad it
         state = F.pad(initial_state, (1, 0)).to(x.dtype).contiguous()
     y, s = causal_conv1d(x, weight, bias, initial_state=state, output_final_state=output_final_state,
-                         activation=activation, cu_seqlens=cu_seqlens)
+                         activation=activation, cu_seqlens=_long_cu(cu_seqlens))
     return y, (s[..., 1:].float() if output_final_state else None)
