@@ -54,3 +54,25 @@ def test_varlen_and_conv_on_cuda():
     y, _ = short_conv(x.cuda(), w.cuda(), cu_seqlens=cu.cuda(), backend="torch")
     ry = torch.cat([reference.short_conv_ref(x[:, lo:hi], w)[0] for lo, hi in [(0, 7), (7, 30), (30, 41)]], 1)
     assert rel_err(y.cpu(), ry) < 1e-5
+
+
+@pytest.mark.parametrize("window,kv_heads", [(0, 2), (5, 1), (0, 4)])
+def test_packed_attention_on_varlen_flash(window, kv_heads):
+    """Packed (and windowed) bf16 attention on CUDA takes torch's varlen flash attention (not the [T, T] mask): its
+    output and gradients against the float64 reference."""
+    from linear_moe.ops import attention, causal_attention
+    assert attention._varlen_api() is not None, "this torch has no torch.nn.attention.varlen"
+    g = generator()
+    cu = torch.tensor([0, 17, 21, 70, 100], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 100, h, 64, generator=g) for h in (4, kv_heads, kv_heads))
+    qc, kc, vc = (x.cuda().bfloat16().requires_grad_() for x in (q, k, v))
+    assert attention._varlen_runs(qc, vc, window, None)
+    out = causal_attention(qc, kc, vc, cu_seqlens=cu.cuda(), sliding_window=window)
+    qr, kr, vr = (x.detach().cpu().double().requires_grad_() for x in (qc, kc, vc))
+    ref = reference.attention_ref(qr, kr, vr, cu_seqlens=cu, sliding_window=window)
+    assert rel_err(out.float().cpu(), ref) < 1e-2
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * w.cuda()).sum(), (qc, kc, vc))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (qr, kr, vr))
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got.float().cpu(), want) < 2e-2

@@ -83,6 +83,22 @@ def _cu_info(cu_seqlens: Tensor, batch: int, time: int) -> tuple[int, int]:
     return info
 
 
+_CASTS: dict = {}  # dtype -> (weakref to the source tensor, its version, the cast)
+
+
+def cached_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t.to(dtype)``, the same tensor object on every call with the same source tensor and content (per dtype).
+
+    For the cu_seqlens every layer of a packed step passes: kernels that memoise their host-side index building by
+    the identity of the tensor they are handed (fla) then build it once per step, not once per layer."""
+    if t is None or t.dtype == dtype:
+        return t
+    hit = _CASTS.get(dtype)
+    if hit is None or hit[0]() is not t or hit[1] != t._version:
+        hit = _CASTS[dtype] = (weakref.ref(t), t._version, t.to(dtype))
+    return hit[2]
+
+
 def check_cu_seqlens(cu_seqlens: Tensor | None, batch: int, time: int) -> int | None:
     """Validate varlen boundaries; return the number of sequences N (None without cu_seqlens)."""
     if cu_seqlens is None:

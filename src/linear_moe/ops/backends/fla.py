@@ -21,11 +21,11 @@ fla raises; `install_dqkwg_fix` registers our Triton version into fla's backend 
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
 
+from linear_moe.ops._checks import cached_cast
 from linear_moe.ops.backends import cuda_capability, hopper_dqkwg_bug, optional_module, triton_version
 
 _fix = {"installed": False, "enabled": False}
@@ -83,21 +83,13 @@ def _prepare(q, initial_state, cu_seqlens):
     return state, _long_cu(cu_seqlens)
 
 
-_LONG_CU: dict = {"ref": None, "version": None, "long": None}
-
-
 def _long_cu(cu_seqlens):
     """``cu_seqlens`` as int64, the same tensor object for every call with the same source tensor (and content).
 
     fla memoises its chunk indices by the identity of the cu_seqlens it is handed; building them reads the boundaries
     on the host (a device sync). A fresh ``.long()`` copy per call (the packer's int32) missed that cache in every
     layer, so each op call synced; one copy per step lets every layer after the first hit it."""
-    if cu_seqlens is None or cu_seqlens.dtype == torch.int64:
-        return cu_seqlens
-    ref = _LONG_CU["ref"]
-    if ref is None or ref() is not cu_seqlens or _LONG_CU["version"] != cu_seqlens._version:
-        _LONG_CU.update(ref=weakref.ref(cu_seqlens), version=cu_seqlens._version, long=cu_seqlens.long())
-    return _LONG_CU["long"]
+    return cached_cast(cu_seqlens, torch.int64)
 
 
 def _recurrent(mode: str, T: int) -> bool:
