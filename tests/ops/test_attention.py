@@ -95,3 +95,7 @@ def test_packed_and_windowed_attention_go_to_varlen_flash(monkeypatch, api, pack
     out = causal_attention(q, k, v, cu_seqlens=cu, sliding_window=window, scale=0.5)  # a scale the old API lacks
     assert len(calls) == (2 if api == "window_size" else (0 if window else 1))
     assert rel_err(out, reference.attention_ref(q, k, v, cu_seqlens=cu, sliding_window=window, scale=0.5)) < 2e-2
+    monkeypatch.setenv("LINEAR_MOE_KERNEL_BACKEND", "torch")  # the escape hatch: plain SDPA with a mask
+    before = len(calls)
+    assert rel_err(causal_attention(q, k, v, cu_seqlens=cu, sliding_window=window), reference.attention_ref(
+        q, k, v, cu_seqlens=cu, sliding_window=window)) < 2e-2 and len(calls) == before

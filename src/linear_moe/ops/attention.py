@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import cached_cast, check_cu_seqlens, check_rank, max_seqlen
+from .backends import ENV_VAR
 from .context import sequence_parallel_handler
 
 # SDPA is a builtin without an introspectable signature; `enable_gqa` arrived in torch 2.5.
@@ -94,9 +96,12 @@ def _varlen_api():
 
 def _varlen_runs(q: Tensor, v: Tensor, sliding_window: int, scale: float | None) -> bool:
     """Whether PyTorch's varlen flash attention takes this call: CUDA, fp16/bf16, equal q/v head dims that are a
-    multiple of 8 up to 256, and a window or a scale only where the API has ``window_size`` / ``scale``."""
+    multiple of 8 up to 256, and a window or a scale only where the API has ``window_size`` / ``scale``; not when
+    ``LINEAR_MOE_KERNEL_BACKEND=torch``."""
     api = _varlen_api()
     D = q.shape[-1]
+    if os.environ.get(ENV_VAR) == "torch":  # LINEAR_MOE_KERNEL_BACKEND=torch: the plain SDPA path everywhere
+        return False
     return (api is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] == D
             and D % 8 == 0 and D <= 256 and (sliding_window == 0 or "window_size" in api[1])
             and (scale is None or "scale" in api[1]))
