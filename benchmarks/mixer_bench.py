@@ -55,7 +55,8 @@ def environment(device: torch.device) -> dict:
 
 
 class Timer:
-    """Elapsed milliseconds of a region: CUDA events on a GPU (no host sync inside), wall clock on the CPU."""
+    """Elapsed milliseconds of a region: CUDA events on a GPU (no host sync inside), wall clock on the CPU; and
+    ``host_ms``, the wall time the host took to issue the region (on a GPU, before waiting for it to finish)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -64,17 +65,18 @@ class Timer:
         if self.cuda:
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.start.record()
-        else:
-            self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        # host_ms: the host's time to issue the region's work (before waiting for it). Close to ms: host-bound.
+        self.host_ms = (time.perf_counter() - self.t0) * 1e3
         if self.cuda:
             self.end.record()
             torch.cuda.synchronize()
             self.ms = self.start.elapsed_time(self.end)
         else:
-            self.ms = (time.perf_counter() - self.t0) * 1e3
+            self.ms = self.host_ms
 
 
 @contextlib.contextmanager
@@ -147,7 +149,7 @@ def run_one(mixer: str, T: int, args, cfg: ModelConfig, device: torch.device, se
             for _ in range(steps):
                 step()
         ms = timed.ms / steps
-        row.update(ms=ms, tok_s=B * T / (ms / 1e3), steps=steps, first_step_ms=first.ms,
+        row.update(ms=ms, host_ms=timed.host_ms / steps, tok_s=B * T / (ms / 1e3), steps=steps, first_step_ms=first.ms,
                    params=sum(p.numel() for p in layer.parameters()))
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         if device.type == "cuda" and T in args.profile_lengths:
@@ -191,16 +193,17 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'mixer':20s} {'T':>6s} {'B':>3s} {'ms fwd+bwd':>11s} {'tokens/s':>10s} {'x attn':>7s} "
+    lines = [f"{'mixer':20s} {'T':>6s} {'B':>3s} {'ms fwd+bwd':>11s} {'host ms':>8s} {'tokens/s':>10s} {'x attn':>7s} "
              f"{'peak GiB':>9s}  backend / error"]
     for r in rows:
         if "ms" in r:
             ratio = f"{r['vs_attention']:7.2f}" if "vs_attention" in r else "      -"
             peak = f"{r['peak_gib']:9.2f}" if r.get("peak_gib") is not None else "        -"
-            lines.append(f"{r['mixer']:20s} {r['T']:6d} {r['B']:3d} {r['ms']:11.2f} {r['tok_s']:10.0f} {ratio} {peak}  "
-                         f"{r.get('backend', '')}")
+            host = f"{r['host_ms']:8.2f}" if r.get("host_ms") is not None else "       -"  # resumed older rows lack it
+            lines.append(f"{r['mixer']:20s} {r['T']:6d} {r['B']:3d} {r['ms']:11.2f} {host} {r['tok_s']:10.0f} {ratio} "
+                         f"{peak}  {r.get('backend', '')}")
         else:
-            lines.append(f"{r['mixer']:20s} {r['T']:6d} {r['B']:3d} {'-':>11s} {'-':>10s} {'-':>7s} {'-':>9s}  "
+            lines.append(f"{r['mixer']:20s} {r['T']:6d} {r['B']:3d} {'-':>11s} {'-':>8s} {'-':>10s} {'-':>7s} {'-':>9s}  "
                          f"ERROR {r['error'][:90]}")
     return "\n".join(lines)
 

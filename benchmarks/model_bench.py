@@ -82,15 +82,18 @@ def build_peer(kind: str):
     return model
 
 
-def time_steps(model, step_fn, n_warm: int, n_steps: int) -> float:
+def time_steps(model, step_fn, n_warm: int, n_steps: int) -> tuple[float, float, float]:
+    """(seconds per step, the last loss, the host's seconds per step to issue the work before waiting for it: close
+    to the first when the host, not the GPU, sets the pace)."""
     for _ in range(n_warm):
         step_fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n_steps):
         loss = step_fn()
+    issued = time.perf_counter()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n_steps, float(loss)
+    return (time.perf_counter() - t0) / n_steps, float(loss), (issued - t0) / n_steps
 
 
 def top_kernels(step_fn, n: int) -> list[list]:
@@ -164,10 +167,10 @@ def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
             t0 = time.perf_counter()
             step = capture_step(body, opt, args.warmup)
             row["capture_s"] = round(time.perf_counter() - t0, 1)
-        dt, loss = time_steps(model, step, 1 if use_graph else args.warmup, args.steps)
+        dt, loss, host_dt = time_steps(model, step, 1 if use_graph else args.warmup, args.steps)
         if T in args.profile_lengths:
             row["top_kernels"] = top_kernels(step, args.profile_top)
-        row.update(tok_s=B * T / dt, step_s=dt, loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        row.update(tok_s=B * T / dt, step_s=dt, host_step_s=host_dt, loss=loss, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    params=sum(p.numel() for p in model.parameters()))
         if ours:
             fpt = training_flops_per_token(model, T)

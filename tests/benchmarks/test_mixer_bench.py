@@ -21,6 +21,7 @@ def test_tiny_dry_run_measures_each_mixer_against_attention(tmp_path, capsys):
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["tok_s"] == pytest.approx(r["B"] * r["T"] / (r["ms"] / 1e3))
+        assert r["host_ms"] == pytest.approx(r["ms"])  # on the CPU the host's time is the time
         assert r["vs_attention"] == pytest.approx(r["tok_s"] / next(
             a["tok_s"] for a in rows if a["mixer"] == "attention" and a["T"] == r["T"]))
     by_mixer = {r["mixer"]: r["backend"] for r in rows}

@@ -45,3 +45,15 @@ def test_issue_targets_from_the_rows_of_one_run():
     assert three["flop_ratio"] == pytest.approx(5.24 / 2.92, abs=1e-3) and three["mfu"] == [0.2, 0.25]
     assert t["gdn >= 1.5x peer_fla_gdn at 8K"] == {"measured": 1.5, "kind": "gdn@graph", "met": True}
     assert not any("gla" in name or "peer_sdpa" in name for name in t)
+
+
+def test_time_steps_reports_the_hosts_share(monkeypatch):
+    """Seconds per step, the last loss, and the host's seconds to issue a step (with nothing to wait for on the
+    CPU, the two times agree)."""
+    import time
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    dt, loss, host = model_bench.time_steps(None, lambda: calls.append(1) or time.sleep(0.002) or torch.tensor(2.5), 2, 3)
+    assert len(calls) == 5 and loss == 2.5 and 0 < host <= dt and host == pytest.approx(dt, rel=0.5)
