@@ -453,3 +453,18 @@ def test_norm_gate_goes_to_fla_fused_kernel(fake_fla, monkeypatch, norm, activat
             layer.bias.copy_(b)
     torch.testing.assert_close(layer(x, gate.reshape(2, 7, 24)), want)
     assert CALLS == [expected]
+
+
+def test_fla_wrapper_hands_fla_one_int64_copy(fake_fla):
+    """The packer's int32 cu_seqlens becomes one int64 tensor, reused while the source tensor is the same: fla memoises
+    its host-side chunk indices by that tensor's identity, so every layer after the first hits its cache."""
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    first = fake_fla._long_cu(cu)
+    assert first.dtype == torch.int64 and first.tolist() == [0, 5, 9]
+    assert fake_fla._long_cu(cu) is first and fake_fla._prepare(torch.zeros(1, 9, 1, 4), None, cu)[1] is first
+    other = torch.tensor([0, 5, 9], dtype=torch.int32)
+    assert fake_fla._long_cu(other) is not first
+    cu64 = torch.tensor([0, 9])
+    assert fake_fla._long_cu(cu64) is cu64 and fake_fla._long_cu(None) is None
+    cu[1] = 4  # changed in place: a fresh copy
+    assert fake_fla._long_cu(cu).tolist() == [0, 4, 9]

@@ -1,11 +1,9 @@
 """What an op call costs the host, where a packed GPU training step pays it in every layer: the backend rule reads
 package versions once per process, and a packed batch's cu_seqlens is read on the host (on a GPU a device sync) once
 per tensor, not once per op call; the fla wrapper hands fla one int64 copy of it, so fla's own memoised chunk
-indices (which also read it on the host) are built once too."""
+indices (which also read it on the host) are built once too (that part: test_backends_fla.py)."""
 from __future__ import annotations
 
-import sys
-import types
 from importlib import metadata
 
 import pytest
@@ -73,28 +71,3 @@ def test_a_new_or_changed_cu_seqlens_is_checked_again():
     assert _checks.check_cu_seqlens(again, 1, 30) == 3 and _checks.max_seqlen(again, 30) == 20
     with pytest.raises(ValueError, match="needs batch size 1, got batch=2"):
         _checks.check_cu_seqlens(again, 2, 30)  # the same tensor with another batch size is not a cache hit
-
-
-def test_fla_wrapper_hands_fla_one_int64_copy(monkeypatch):
-    """The packer's int32 cu_seqlens becomes one int64 tensor, reused while the source tensor is the same."""
-    for name in ["fla", "fla.ops", "fla.ops.common", "fla.ops.common.chunk_o", "fla.backends"]:
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules["fla.backends"].BaseBackend = object
-    sys.modules["fla.backends"].register = lambda op: (lambda cls: cls)
-    monkeypatch.setitem(sys.modules, "linear_moe.ops.backends.triton", types.ModuleType("t"))  # Triton may be absent
-    monkeypatch.setitem(sys.modules, "linear_moe.ops.backends.triton.dqkwg", types.SimpleNamespace(chunk_bwd_dqkwg=None))
-    sys.modules.pop("linear_moe.ops.backends.fla", None)
-    try:
-        import linear_moe.ops.backends.fla as wrapper
-        cu = torch.tensor([0, 5, 9], dtype=torch.int32)
-        first = wrapper._long_cu(cu)
-        assert first.dtype == torch.int64 and first.tolist() == [0, 5, 9]
-        assert wrapper._long_cu(cu) is first and wrapper._prepare(torch.zeros(1, 9, 1, 4), None, cu)[1] is first
-        other = torch.tensor([0, 5, 9], dtype=torch.int32)
-        assert wrapper._long_cu(other) is not first
-        cu64 = torch.tensor([0, 9])
-        assert wrapper._long_cu(cu64) is cu64 and wrapper._long_cu(None) is None
-        cu[1] = 4  # changed in place: a fresh copy
-        assert wrapper._long_cu(cu).tolist() == [0, 4, 9]
-    finally:
-        sys.modules.pop("linear_moe.ops.backends.fla", None)

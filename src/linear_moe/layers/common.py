@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops  # attribute access at call time: the ops land in parallel with the layers
-from ..ops.norm_gate import ACTIVATIONS
+from ..ops.norm_gate import ACTIVATIONS, NORMS
 from .config import AttentionConfig, MixerConfig
 
 # ---- option checks --------------------------------------------------------------------------------
@@ -214,11 +214,6 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def activation(name: str, mixer: str = "", what: str = "gate_fn") -> Callable[[torch.Tensor], torch.Tensor]:
-    """An activation by name: swish | silu | sigmoid | gelu | relu | identity | none (``ops.norm_gate``'s)."""
-    return ACTIVATIONS[choose(name, ACTIVATIONS, what, mixer)]
-
-
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight`` over the last dim; fp32 compute, output in the input dtype.
 
@@ -256,14 +251,11 @@ class OutputNormGate(nn.Module):
     (:func:`linear_moe.ops.norm_gate`: fla's fused kernel on CUDA; ``backend`` as the mixer's ops).
     """
 
-    NORMS = ("rmsnorm", "groupnorm", "none")
-
     def __init__(self, head_dim: int, norm: str = "rmsnorm", gate_fn: str = "swish", eps: float = 1e-5, mixer: str = "",
                  backend: str | None = None):
         super().__init__()
-        self.norm = choose(norm, self.NORMS, "output_norm", mixer)
-        self.gate_fn_name = gate_fn
-        self.gate_fn = activation(gate_fn, mixer)
+        self.norm = choose(norm, NORMS, "output_norm", mixer)
+        self.gate_fn_name = choose(gate_fn, ACTIVATIONS, "gate_fn", mixer)
         self.eps = eps
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(head_dim)) if norm != "none" else None

@@ -18,11 +18,11 @@ from .conv import short_conv
 from .delta_rule import delta_rule
 from .gla import gla
 from .gsa import gsa
-from .norm_gate import norm_gate
 from .lasp import delta_rule_chunk_state, delta_rule_state_output, gla_chunk_state, gla_state_output
+from .norm_gate import norm_gate
 from .rotary import apply_rotary, rotary_cos_sin
 
 __all__ = [
     "apply_rotary", "causal_attention", "delta_rule", "delta_rule_chunk_state", "delta_rule_state_output",
-    "gla", "gla_chunk_state", "gsa", "norm_gate", "gla_state_output", "rotary_cos_sin", "short_conv",
+    "gla", "gla_chunk_state", "gla_state_output", "gsa", "norm_gate", "rotary_cos_sin", "short_conv",
 ]

@@ -57,18 +57,38 @@ def check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (64 is the default)")
 
 
-# The last cu_seqlens validated, by identity: every layer of a packed step passes the same tensor, and validating it
-# reads it on the host (on a GPU a device-to-host sync that stalls the host's kernel launches), so once per tensor.
-_LAST_CU: dict = {"ref": None, "key": None, "info": None}
+class LastTensor:
+    """What was derived from the last tensor seen, kept while that same tensor object lives unchanged (its content
+    version) and the extra key matches. A new tensor, or the same one changed in place, misses.
+
+    For host reads of the cu_seqlens every layer of a packed step passes: on a GPU each read is a device sync that
+    stalls the host's kernel launches, so it happens once per tensor, not once per layer. Values must not be None.
+    """
+
+    def __init__(self):
+        self._ref, self._key, self._value = None, None, None
+
+    def get(self, t: Tensor, *key):
+        """The value stored for ``t`` under ``key``, or None."""
+        if self._ref is not None and self._ref() is t and self._key == (t._version, *key):
+            return self._value
+        return None
+
+    def put(self, t: Tensor, value, *key):
+        """Remember ``value`` for ``t`` under ``key``; returns it."""
+        self._ref, self._key, self._value = weakref.ref(t), (t._version, *key), value
+        return value
+
+
+_LAST_CU = LastTensor()  # (number of sequences, longest) of the last cu_seqlens validated
 
 
 def _cu_info(cu_seqlens: Tensor, batch: int, time: int) -> tuple[int, int]:
     """(number of sequences, longest sequence) of a cu_seqlens that passes the checks; read from the host once per
     tensor object and content version (a new tensor, or the same one changed in place, is read again)."""
-    key = (cu_seqlens._version, batch, time)
-    ref = _LAST_CU["ref"]
-    if ref is not None and ref() is cu_seqlens and _LAST_CU["key"] == key:
-        return _LAST_CU["info"]
+    info = _LAST_CU.get(cu_seqlens, batch, time)
+    if info is not None:
+        return info
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -78,12 +98,10 @@ def _cu_info(cu_seqlens: Tensor, batch: int, time: int) -> tuple[int, int]:
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] != time or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens must start at 0, never decrease and end at time={time}, got {cu}")
-    info = (len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:])))
-    _LAST_CU.update(ref=weakref.ref(cu_seqlens), key=key, info=info)
-    return info
+    return _LAST_CU.put(cu_seqlens, (len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:]))), batch, time)
 
 
-_CASTS: dict = {}  # dtype -> (weakref to the source tensor, its version, the cast)
+_CASTS: dict[torch.dtype, LastTensor] = {}  # the last cast to each dtype
 
 
 def cached_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -93,10 +111,9 @@ def cached_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     the identity of the tensor they are handed (fla) then build it once per step, not once per layer."""
     if t is None or t.dtype == dtype:
         return t
-    hit = _CASTS.get(dtype)
-    if hit is None or hit[0]() is not t or hit[1] != t._version:
-        hit = _CASTS[dtype] = (weakref.ref(t), t._version, t.to(dtype))
-    return hit[2]
+    last = _CASTS.setdefault(dtype, LastTensor())
+    cast = last.get(t)
+    return cast if cast is not None else last.put(t, t.to(dtype))
 
 
 def check_cu_seqlens(cu_seqlens: Tensor | None, batch: int, time: int) -> int | None:

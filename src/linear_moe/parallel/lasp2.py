@@ -25,7 +25,6 @@ that, inside it, the public ops (`linear_moe.ops`) hand their calls to a `Lasp2H
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._checks import LastTensor
 from ..ops.context import sequence_parallel
 from .blocks import blocks
 from .sequence_moe import apply_sequence_balance
@@ -116,12 +116,11 @@ class Lasp2Handler:
                              "handler.set_documents(global cu_seqlens) and give the model the local cu_seqlens it returns")
         if cu_seqlens is not None:
             # compared on the host once per tensor (a device sync each time): every layer passes the same one
-            seen = self.docs.checked
-            if not (seen is not None and seen[0]() is cu_seqlens and seen[1] == cu_seqlens._version):
+            if self.docs.checked.get(cu_seqlens) is None:
                 if not torch.equal(cu_seqlens.long().cpu(), self.docs.local_cu.cpu()):
                     raise ValueError(f"{op}: cu_seqlens {cu_seqlens.tolist()} is not this rank's local view "
                                      f"{self.docs.local_cu.tolist()} of the documents given to set_documents")
-                self.docs.checked = (weakref.ref(cu_seqlens), cu_seqlens._version)
+                self.docs.checked.put(cu_seqlens, True)
             if initial_state is not None:
                 raise ValueError(f"{op}: initial states of packed documents are not supported under sequence parallelism")
         if linear and self.layout != "contiguous":
@@ -224,7 +223,7 @@ class _Documents:
         start, end = rank * local_len, (rank + 1) * local_len
         inner = cu[(cu > start) & (cu < end)] - start
         self.cu = cu
-        self.checked = None  # (weakref, version) of the last cu_seqlens a layer passed that matched local_cu
+        self.checked = LastTensor()  # the last cu_seqlens a layer passed that matched local_cu
         self.local_cu = torch.cat([torch.zeros(1, dtype=torch.long), inner, torch.tensor([local_len])])
         self.continues = not bool((cu == start).any())      # the first local token continues a document
         self.reset_inside = not self.continues or inner.numel() > 0
