@@ -31,7 +31,7 @@ if has moe; then  # bf16 weights, then fp32 weights under autocast (how the trai
 fi
 if has model; then  # 8K tokens per step: the peer (HF Qwen2-MoE) fits at this size only (fp32 logits)
   echo "== model throughput beside the peer"
-  timeout ${MODEL_S:-480} python3 benchmarks/model_bench.py --lengths 2048,8192 --tokens-per-step 8192 --kinds ${MODEL_KINDS:-gdn@graph,gdn@graph+ce_kernel,gla@graph,hybrid@graph,attention@graph} \
+  timeout ${MODEL_S:-480} python3 benchmarks/model_bench.py --lengths 2048,8192 --tokens-per-step 8192 --kinds ${MODEL_KINDS:-gdn@graph,gdn@graph+torch_ce,gla@graph,hybrid@graph,attention@graph} \
     --peer ${PEERS:-peer_fla_gdn,peer_sdpa} --steps 3 --warmup 2 --checkpoint-from 1000000 --profile-lengths 8192 2>&1 | cut -c1-300 | tail -20
   mv "$OUT/model_bench.json" "$OUT/model_bench_peer.json"; mv "$OUT/model_bench.png" "$OUT/model_bench_peer.png" 2>/dev/null
 fi

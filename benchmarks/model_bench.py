@@ -11,8 +11,9 @@ default) unless ``--pure-bf16`` (the peer's setting: weights and optimizer state
 A kind with the suffix ``@graph`` (e.g. ``gdn@graph``) captures our whole training step (forward, backward,
 AdamW) in one CUDA graph after the warm-up steps and replays it: the step has static shapes and no
 host-device syncs, so the graph removes the host's kernel-launch time (thousands of launches per step).
-A further ``+ce_kernel`` (e.g. ``gdn@graph+ce_kernel``) runs that row's loss with its Triton softmax kernel
-(``LINEAR_MOE_CE_KERNEL=1``), so one run compares the loss forms.
+Every row's loss runs the library's default on CUDA, its Triton softmax kernel; a further ``+torch_ce`` (e.g.
+``gdn@graph+torch_ce``) runs that row's loss in PyTorch (``LINEAR_MOE_CE_KERNEL=0``), so one run compares the
+loss forms.
 The peer cannot be captured (HF's per-expert loop syncs with the host to find each expert's tokens).
 """
 from __future__ import annotations
@@ -114,16 +115,17 @@ def top_kernels(step_fn, n: int) -> list[list]:
 
 
 def parse_kind(kind: str) -> tuple[str, bool, bool]:
-    """'gdn@graph+ce_kernel' -> ('gdn', True, True): the kind, whether the step is graphed, whether the loss
-    runs its Triton softmax kernel (LINEAR_MOE_CE_KERNEL for that row); raises for an unknown kind or suffix."""
+    """'gdn@graph+torch_ce' -> ('gdn', True, False): the kind, whether the step is graphed, whether the loss
+    runs its Triton softmax kernel (LINEAR_MOE_CE_KERNEL for that row: on unless +torch_ce); raises for an
+    unknown kind or suffix."""
     rest, _, flag = kind.partition("+")
     base, _, variant = rest.partition("@")
     peers = ("peer_sdpa", "peer_fla_gla", "peer_fla_gdn")
-    if (base not in (*KINDS, *peers) or variant not in ("", "graph") or flag not in ("", "ce_kernel")
+    if (base not in (*KINDS, *peers) or variant not in ("", "graph") or flag not in ("", "torch_ce")
             or ((variant or flag) and base in peers)):
         raise ValueError(f"kind {kind!r}: allowed {', '.join(KINDS)} (each optionally @graph, then optionally "
-                         f"+ce_kernel) and {', '.join(peers)}")
-    return base, variant == "graph", flag == "ce_kernel"
+                         f"+torch_ce) and {', '.join(peers)}")
+    return base, variant == "graph", base not in peers and flag != "torch_ce"  # a peer computes its own loss
 
 
 def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
@@ -242,7 +244,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _best(rows: list[dict], base: str, T: int) -> dict | None:
-    """The fastest measured row of kind ``base`` (any @graph / +ce_kernel variant) at length T, or None."""
+    """The fastest measured row of kind ``base`` (any @graph / +torch_ce variant) at length T, or None."""
     found = [r for r in rows if "tok_s" in r and r["T"] == T and parse_kind(r["kind"])[0] == base]
     return max(found, key=lambda r: r["tok_s"], default=None)
 

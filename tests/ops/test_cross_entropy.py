@@ -137,3 +137,31 @@ def test_a_second_backward_through_the_fused_loss_raises():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+class _CudaLogits:
+    """Stands in for CUDA logits: the kernel switch reads only ``is_cuda``."""
+    is_cuda = True
+
+
+def test_the_triton_kernel_is_the_default_on_cuda_and_can_be_switched_off(monkeypatch):
+    from linear_moe.ops import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "_kernel", lambda: object())  # as where Triton imports
+    monkeypatch.delenv("LINEAR_MOE_CE_KERNEL", raising=False)
+    assert cross_entropy._use_kernel(_CudaLogits(), torch.float32)
+    assert not cross_entropy._use_kernel(_CudaLogits(), torch.float64)  # float64 arithmetic stays in PyTorch
+    assert not cross_entropy._use_kernel(torch.zeros(2, 3), torch.float32)  # CPU logits
+    monkeypatch.setenv("LINEAR_MOE_CE_KERNEL", "0")
+    assert not cross_entropy._use_kernel(_CudaLogits(), torch.float32)
+    monkeypatch.setattr(cross_entropy, "_kernel", lambda: None)  # no Triton: the PyTorch form
+    monkeypatch.setenv("LINEAR_MOE_CE_KERNEL", "1")
+    assert not cross_entropy._use_kernel(_CudaLogits(), torch.float32)
+
+
+def test_an_unknown_kernel_setting_is_refused(monkeypatch):
+    from linear_moe.ops import cross_entropy
+
+    monkeypatch.setenv("LINEAR_MOE_CE_KERNEL", "yes")
+    with pytest.raises(ValueError, match="LINEAR_MOE_CE_KERNEL='yes'.*allowed: '1'.*'0'"):
+        cross_entropy._use_kernel(_CudaLogits(), torch.float32)
