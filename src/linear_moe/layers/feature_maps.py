@@ -30,13 +30,32 @@ from torch import nn
 from .common import upcast
 
 
+_PAIR_SELECTIONS: dict = {}
+
+
+def _pair_selection(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[d*d, d(d+1)/2]``: column ``p`` of pair ``(i <= j)`` holds 1 (i == j) or √2 at row ``i*d + j``. Built once
+    per (d, device, dtype): building it per call cost host work and a device sync (the diagonal's mask)."""
+    key = (d, device, dtype)
+    sel = _PAIR_SELECTIONS.get(key)
+    if sel is None:
+        i, j = torch.triu_indices(d, d)
+        sel = torch.zeros(d * d, i.numel(), dtype=torch.float64)
+        sel[i * d + j, torch.arange(i.numel())] = torch.where(i == j, 1.0, torch.tensor(2.0, dtype=torch.float64).sqrt())
+        sel = _PAIR_SELECTIONS[key] = sel.to(device=device, dtype=dtype)
+    return sel
+
+
 def quadratic_features(x: torch.Tensor) -> torch.Tensor:
-    """``[..., d]`` → ``[..., d(d+1)/2]`` with ``⟨quadratic_features(x), quadratic_features(y)⟩ = (x·y)²``."""
+    """``[..., d]`` → ``[..., d(d+1)/2]`` with ``⟨quadratic_features(x), quadratic_features(y)⟩ = (x·y)²``.
+
+    The outer product ``x xᵀ`` times a constant selection matrix, in x's dtype (autocast off): its backward is a
+    matmul too, where gathering the pairs by index (``x[..., i] * x[..., j]``) made PyTorch's sort-based
+    indexing backward: 14.4 of a Based layer's 26.7 ms of kernels at 32K tokens on the H100 (2026-11-25)."""
     d = x.shape[-1]
-    i, j = torch.triu_indices(d, d, device=x.device)
-    scale = torch.full(i.shape, math.sqrt(2.0), dtype=x.dtype, device=x.device)
-    scale[i == j] = 1.0
-    return x[..., i] * x[..., j] * scale
+    with torch.autocast(x.device.type, enabled=False):
+        outer = (x[..., :, None] * x[..., None, :]).flatten(-2)
+        return outer @ _pair_selection(d, x.device, x.dtype)
 
 
 class _Elementwise(nn.Module):
