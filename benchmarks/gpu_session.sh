@@ -58,7 +58,7 @@ fi
 # at 32K keeps its top GPU kernels (why DeltaNet / Gated DeltaNet layers take ~17 ms where their kernels take ~3)
 resume() { [ -f ".tune/$1" ] && echo "--resume .tune/$1"; }
 has mixers && echo "== every mixer layer" && timeout ${MIXERS_S:-300} python3 benchmarks/mixer_bench.py --out "$OUT" \
-  --budget-s $(( ${MIXERS_S:-300} - 30 )) $(resume mixer_bench.json) ${MIXERS_ARGS:---profile-lengths 32768} 2>&1 | grep -v '^{' | tail -40
+  --budget-s $(( ${MIXERS_S:-300} - 30 )) $(resume mixer_bench.json) ${MIXERS_ARGS:---profile-lengths 32768 --host-profile-lengths 32768} 2>&1 | grep -v '^{' | tail -40
 has ops && echo "== ops" && timeout ${OPS_S:-240} python3 benchmarks/ops_bench.py --out "$OUT/ops_bench.json" \
   --budget-s $(( ${OPS_S:-240} - 20 )) $(resume ops_bench.json) ${OPS_ARGS:-} 2>&1 | tail -30
 python3 benchmarks/warm_kernels.py --mixers "" --pack "$OUT/tune.tgz"

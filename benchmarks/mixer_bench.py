@@ -4,13 +4,15 @@ the softmax ``attention`` mixer, in one run.
 
     python benchmarks/mixer_bench.py [--mixers all] [--lengths 2048,8192,32768] [--tokens 32768]
                                      [--steps 5] [--warmup 2] [--budget-s 480] [--mode auto]
-                                     [--profile-lengths 32768]
+                                     [--profile-lengths 32768] [--host-profile-lengths 32768]
     python benchmarks/mixer_bench.py --device cpu --tiny      # a dry run of the same code on tiny shapes
 
 Columns: ms per fwd+bwd step, tokens/s, speed relative to ``attention`` at the same T (> 1: faster), peak
 memory, the kernel backend each primitive actually ran on (recorded from ``resolve_backend`` during a step:
 ``fla``; ``fla+ours`` where our gated backward kernel replaces fla's on Hopper; ``torch``; attention is
 PyTorch SDPA), and an error column: one mixer failing (OOM, missing kernel) never loses the table.
+``--host-profile-lengths`` records, at those lengths, where the host's time to issue a step goes (cProfile over a
+few steps: the Python functions with the most own time, per step): the question when ``host_ms`` equals ``ms``.
 Prints a table and writes ``$OUT/mixer_bench.json`` (or ``benchmarks/results/``), rewritten after every
 row so a run cut short keeps what it measured.
 """
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import dataclasses
 import json
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import time
@@ -107,6 +111,28 @@ def describe_backends(mixer: str, seen: dict) -> str:
     return ", ".join(f"{op}:{'/'.join(sorted(names))}" for op, names in sorted(seen.items()))
 
 
+def host_profile(step, steps: int = 3, top: int = 15) -> list[list]:
+    """Where the host's time goes while issuing ``steps`` calls of ``step``: ``[["TOTAL", ms per step], [function,
+    own ms per step, calls per step], ...]``, the ``top`` functions by own time (cProfile's tottime; the profiler
+    slows pure-Python code, so read the shares, not the totals). No device sync inside the profiled steps."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, function): (primitive calls, calls, tottime, cumtime, callers)}
+    per: dict[str, list[float]] = {}
+    for (file, line, fn), (_, calls, tottime, _, _) in stats.items():
+        name = f"{fn} ({Path(file).name}:{line})" if file != "~" else fn  # "~": built-ins such as torch's C functions
+        acc = per.setdefault(name, [0.0, 0])
+        acc[0] += tottime
+        acc[1] += calls
+    total = sum(t for t, _ in per.values())
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return [["TOTAL", round(total * 1e3 / steps, 3)]] + [
+        [name[:120], round(t * 1e3 / steps, 3), round(c / steps, 1)] for name, (t, c) in ranked]
+
+
 def layer_setup(tiny: bool, mode: str = "auto") -> ModelConfig:
     """The model config whose width, mixer options and attention options the layers read."""
     cfg = ModelConfig.from_preset("A0.3B-2B")
@@ -156,6 +182,10 @@ def run_one(mixer: str, T: int, args, cfg: ModelConfig, device: torch.device, se
             from model_bench import top_kernels
 
             row["top_kernels"] = top_kernels(step, args.profile_top)
+        if T in args.host_profile_lengths:
+            row["host_profile"] = host_profile(step, top=args.profile_top)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
     except Exception as e:  # record and go on: one mixer's OOM or missing kernel must not lose the table
         msg = repr(e)  # a Triton CompilationError puts its reason last, after the kernel's source
         row["error"] = msg if len(msg) <= 600 else f"{msg[:200]} ... {msg[-400:]}"
@@ -222,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="hidden 64, 2 heads, short lengths: a CPU dry run")
     p.add_argument("--profile-lengths", default="", help="comma list of lengths to record the top GPU kernels at")
+    p.add_argument("--host-profile-lengths", default="",
+                   help="comma list of lengths to record where the host's time to issue a step goes (cProfile)")
     p.add_argument("--profile-top", type=int, default=12)
     p.add_argument("--out", default="", help="output folder (default $OUT, else benchmarks/results/)")
     p.add_argument("--resume", default="", help="a mixer_bench.json of an earlier call on the same kind of machine: "
@@ -230,7 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.lengths = [int(t) for t in (args.lengths or ("32,64" if args.tiny else "2048,8192,32768")).split(",") if t]
     args.tokens = args.tokens or (128 if args.tiny else 32768)
-    args.profile_lengths = {int(t) for t in args.profile_lengths.split(",") if t}
+    for name in ("profile_lengths", "host_profile_lengths"):
+        setattr(args, name, {int(t) for t in getattr(args, name).split(",") if t})
     known = available_mixers()
     mixers = known if args.mixers == "all" else [m for m in args.mixers.split(",") if m]
     unknown = [m for m in mixers if m not in known]

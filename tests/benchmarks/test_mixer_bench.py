@@ -104,3 +104,27 @@ def test_recorded_backend_label_never_reaches_the_op(monkeypatch, op, decay, lab
         assert backends.resolve_backend(op, None, "cuda", None, decay=decay, requires_grad=True) == "fla"
     assert seen == {op: {label}}
     assert mixer_bench.describe_backends("gsa", seen) == f"{op}:{label}"
+
+
+def test_host_profile_names_where_the_host_time_goes(tmp_path):
+    """At the asked lengths a row carries the host's profile: a per-step total, then functions by own time, our
+    layer's forward among them; other lengths carry none."""
+    rows = mixer_bench.main(TINY + ["--mixers", "gated_deltanet", "--host-profile-lengths", "32", "--out", str(tmp_path)])
+    by_t = {(r["mixer"], r["T"]): r for r in rows}
+    assert "host_profile" not in by_t[("gated_deltanet", 16)]
+    prof = by_t[("gated_deltanet", 32)]["host_profile"]
+    assert prof[0][0] == "TOTAL" and prof[0][1] > 0
+    entries = prof[1:]
+    assert 0 < len(entries) <= 12 and all(ms >= 0 and calls > 0 for _, ms, calls in entries)
+    assert [ms for _, ms, _ in entries] == sorted((ms for _, ms, _ in entries), reverse=True)
+    assert sum(ms for _, ms, _ in entries) <= prof[0][1] + 1e-6
+
+
+def _busy() -> int:
+    return sum(i * i for i in range(2000))
+
+
+def test_host_profile_counts_calls_per_step():
+    prof = mixer_bench.host_profile(lambda: [_busy() for _ in range(4)], steps=2, top=1000)
+    busy = [row for row in prof[1:] if row[0].startswith("_busy (test_mixer_bench.py:")]
+    assert len(busy) == 1 and busy[0][2] == 4.0 and busy[0][1] > 0
