@@ -11,6 +11,8 @@ Columns: ms per fwd+bwd step, tokens/s, speed relative to ``attention`` at the s
 memory, the kernel backend each primitive actually ran on (recorded from ``resolve_backend`` during a step:
 ``fla``; ``fla+ours`` where our gated backward kernel replaces fla's on Hopper; ``torch``; attention is
 PyTorch SDPA), and an error column: one mixer failing (OOM, missing kernel) never loses the table.
+On CUDA each row also records ``host_syncs``: where one step made the host wait for the device (PyTorch's sync
+debug mode), which makes ``host_ms`` equal ``ms`` without the host being the bottleneck.
 ``--host-profile-lengths`` records, at those lengths, where the host's time to issue a step goes (cProfile over a
 few steps: the Python functions with the most own time, per step): the question when ``host_ms`` equals ``ms``.
 Prints a table and writes ``$OUT/mixer_bench.json`` (or ``benchmarks/results/``), rewritten after every
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -133,6 +136,27 @@ def host_profile(step, steps: int = 3, top: int = 15) -> list[list]:
         [name[:120], round(t * 1e3 / steps, 3), round(c / steps, 1)] for name, (t, c) in ranked]
 
 
+def sync_points(step, set_mode=None) -> dict[str, int]:
+    """The places in one call of ``step`` where the host waited for the device: ``{"file:line": count}`` from
+    PyTorch's sync debug mode (its warnings name the Python line that made the synchronising call). A sync in
+    a step makes its host time include the GPU's (host_ms == ms without being host-bound) and idles the GPU
+    while the host issues the rest."""
+    set_mode = set_mode or torch.cuda.set_sync_debug_mode
+    found: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_mode("warn")
+        try:
+            step()
+        finally:
+            set_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            found[where] = found.get(where, 0) + 1
+    return found
+
+
 def layer_setup(tiny: bool, mode: str = "auto") -> ModelConfig:
     """The model config whose width, mixer options and attention options the layers read."""
     cfg = ModelConfig.from_preset("A0.3B-2B")
@@ -178,6 +202,8 @@ def run_one(mixer: str, T: int, args, cfg: ModelConfig, device: torch.device, se
         row.update(ms=ms, host_ms=timed.host_ms / steps, tok_s=B * T / (ms / 1e3), steps=steps, first_step_ms=first.ms,
                    params=sum(p.numel() for p in layer.parameters()))
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        if device.type == "cuda":
+            row["host_syncs"] = sync_points(step)
         if device.type == "cuda" and T in args.profile_lengths:
             from model_bench import top_kernels
 

@@ -128,3 +128,27 @@ def test_host_profile_counts_calls_per_step():
     prof = mixer_bench.host_profile(lambda: [_busy() for _ in range(4)], steps=2, top=1000)
     busy = [row for row in prof[1:] if row[0].startswith("_busy (test_mixer_bench.py:")]
     assert len(busy) == 1 and busy[0][2] == 4.0 and busy[0][1] > 0
+
+
+def test_sync_points_name_the_line_that_waited_and_restore_the_mode():
+    """PyTorch's sync debug mode warns at each synchronising call; the step's sync points come back by file:line
+    and count, other warnings are not counted, and the mode is reset even when the step raises."""
+    import warnings
+
+    modes = []
+
+    def step():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+
+    found = mixer_bench.sync_points(step, set_mode=modes.append)
+    assert list(found.values()) == [2] and next(iter(found)).startswith("test_mixer_bench.py:")
+    assert modes == ["warn", "default"]
+
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        mixer_bench.sync_points(failing, set_mode=modes.append)
+    assert modes[-1] == "default"
