@@ -270,6 +270,28 @@ def test_rwkv6_chunk_matches_reference_with_gradients(fake_fla, monkeypatch, rou
     assert_close_with_grads(actual, expected, 1e-4, f"decay={decay}", names=names)
 
 
+@pytest.mark.skipif(rwkv6_bonus is None, reason="needs Triton")
+def test_rwkv6_kernel_route_with_only_the_final_state_in_the_loss(fake_fla, monkeypatch):
+    """When the output takes no gradient the bonus's backward never runs: the route's input tap hands on
+    chunk_gla's gradients alone (the early query's rolled back), equal to the reference's."""
+    monkeypatch.setattr(fake_fla, "_bonus_kernel", lambda q: rwkv6_bonus)
+    monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", "chunk_gla_shifted_q")
+    g = _gen()
+    args = gla_inputs("vector", g, B=2, T=20, H=2, K=8, V=6, with_state=False)
+    args["bonus"] = randn(g, 2, 8)
+    w = randn(g, 2, 2, 8, 6).double()
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
+    _, s = fake_fla.gla(**leaves, output_final_state=True, mode="chunk")
+    got = torch.autograd.grad((s.double() * w).sum(), [leaves[n] for n in ("q", "k", "v", "log_decay")])
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in args.items()}
+    _, s_ref = reference.gla_ref(**ref_leaves)
+    want = torch.autograd.grad((s_ref * w).sum(), [ref_leaves[n] for n in ("q", "k", "v", "log_decay")],
+                               allow_unused=True)
+    for name, a, b in zip(("q", "k", "v", "log_decay"), got, want):
+        b = torch.zeros_like(a, dtype=torch.float64) if b is None else b  # the state never reads q
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_rwkv6_route_must_be_known(fake_fla, monkeypatch):
     monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", "chunk_magic")
     args = gla_inputs("vector_bonus", _gen(), B=1, T=9, with_state=False)

@@ -183,7 +183,8 @@ def _rwkv6_on_chunk_gla(q, k, v, w, bonus, *, scale, initial_state, output_final
     without the bonus; at a sequence's first token that is ``scale q_t S_init`` instead (0 without an initial
     state), and the final state is GLA's own. Only q and o move one token (16-bit, one pass each way), where
     shifting k, v and the fp32 decay instead cost ~10 ms of torch passes at 32K tokens on the H100. The shift back
-    and the bonus ``scale (q_t . u . k_t) v_t`` are one kernel each way on CUDA (``_shift_and_bonus``). Never
+    and the bonus ``scale (q_t . u . k_t) v_t`` are one kernel each way on CUDA (``rwkv6_bonus``; its backward also
+    adds chunk_gla's gradients and rolls the query's back, through ``rwkv6_bonus.tap``). Never
     crosses a cu_seqlens boundary; no host sync.
     """
     from fla.ops.gla import chunk_gla
@@ -194,9 +195,16 @@ def _rwkv6_on_chunk_gla(q, k, v, w, bonus, *, scale, initial_state, output_final
     first = torch.zeros(T + 1, dtype=torch.bool, device=q.device).index_fill_(0, starts, True)[:T]
     # a sequence's last token gets the next one's first query: its output lands on that first token, which
     # is overwritten below, so nothing crosses a boundary (in either pass) and q needs no mask
-    o_early, s = chunk_gla(q.roll(-1, dims=1), k, v, w, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    o = _shift_and_bonus(o_early, q, k, v, bonus, first, scale)
+    kernel = _bonus_kernel(q)
+    if kernel is not None:  # both backward passes meet in one kernel (rwkv6_bonus.tap)
+        q_early, k_in, v_in, link = kernel.tap(q, k, v, bonus, scale)
+        o_early, s = chunk_gla(q_early, k_in, v_in, w, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        o = kernel.shift_and_bonus(o_early, q, k, v, bonus, first.repeat(B), scale, link=link)
+    else:
+        o_early, s = chunk_gla(q.roll(-1, dims=1), k, v, w, scale=scale, initial_state=initial_state,
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        o = _shift_and_bonus_torch(o_early, q, k, v, bonus, first, scale)
     if initial_state is not None:  # each sequence's first token reads its initial state (it got 0 above)
         if cu_seqlens is None:
             head = scale * torch.einsum("bhk,bhkv->bhv", q[:, 0].float(), initial_state)  # [B, H, V]
@@ -216,13 +224,10 @@ def _bonus_kernel(q: torch.Tensor):
     return optional_module("linear_moe.ops.backends.triton.rwkv6_bonus") if q.is_cuda else None
 
 
-def _shift_and_bonus(o_early, q, k, v, bonus, first, scale):
-    """``o[t] = (0 at a sequence's first token, else o_early[t - 1]) + scale (q[t] . u . k[t]) v[t]``: one Triton
-    kernel each way on CUDA; elsewhere torch passes (a roll, a mask, the bonus: 3.9 ms at 32K tokens on the H100)."""
-    B, T = q.shape[:2]
-    kernel = _bonus_kernel(q)
-    if kernel is not None:
-        return kernel.shift_and_bonus(o_early, q, k, v, bonus, first.repeat(B), scale)
+def _shift_and_bonus_torch(o_early, q, k, v, bonus, first, scale):
+    """``o[t] = (0 at a sequence's first token, else o_early[t - 1]) + scale (q[t] . u . k[t]) v[t]`` in torch passes
+    (a roll, a mask, the bonus: 3.9 ms at 32K tokens on the H100), where our Triton kernel does not run."""
+    T = q.shape[1]
     o = o_early.roll(1, dims=1).masked_fill(first.view(1, T, 1, 1), 0)
     dot = torch.linalg.vecdot(q * bonus.to(q.dtype), k)  # [B, T, H]
     return o + (scale * dot)[..., None] * v
