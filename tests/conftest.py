@@ -15,7 +15,3 @@ sys.path.insert(0, str(Path(__file__).parent))  # shared helpers such as host_sy
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-else:
-    # fp32 comparisons with the CPU hold Triton's fp32 dot products to IEEE, as the tests hold PyTorch's matmuls
-    # (allow_tf32=False): Triton's default on NVIDIA is TF32 (~1e-3 relative), the size of those tests' tolerance
-    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
