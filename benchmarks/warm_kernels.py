@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tarfile
 import time
@@ -27,13 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from linear_moe.layers import build_mixer  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
+from linear_moe.ops.backends.tuning import triton_cache_dir as cache_dir, unpack_autotune_results  # noqa: E402
 
 DEFAULT_MIXERS = ("gated_deltanet,gla,attention,deltanet,linear_attention,retention,lightning_attention,mamba2,"
                   "rwkv6,hgrn2,gsa,based,rebased,lasp2,mom_gla,mom_gated_deltanet")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
 
 
 def pack(path: Path) -> int:
@@ -45,13 +41,7 @@ def pack(path: Path) -> int:
 
 
 def unpack(path: Path) -> int:
-    if not path.exists():
-        return 0
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".autotune.json") and ".." not in m.name]
-        tar.extractall(cache_dir(), members=members, filter="data")
-    return len(members)
+    return unpack_autotune_results(path, cache_dir(), overwrite=True) if path.exists() else 0
 
 
 def warm(name: str, T: int, B: int) -> dict:

@@ -26,9 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.ops._checks import cached_cast
-from linear_moe.ops.backends import cuda_capability, hopper_dqkwg_bug, optional_module, triton_version
+from linear_moe.ops.backends import cuda_capability, fla_version, hopper_dqkwg_bug, optional_module, triton_version
+from linear_moe.ops.backends.tuning import seed_triton_cache
 
 _fix = {"installed": False, "enabled": False}
+if torch.cuda.is_available():  # this module is imported before fla's first kernel runs: start it tuned
+    seed_triton_cache(torch.cuda.get_device_capability(), triton_version(), fla_version())
 
 
 def install_dqkwg_fix(device: torch.device | None = None) -> bool:
