@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PARTS=${PARTS:-"moe model"}
 has() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"
-TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=benchmarks/tuning/h100-torch2.11-triton3.6.0-fla0.6.0.tgz
+TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=src/linear_moe/ops/backends/autotune_results/sm90-triton3.6.0-fla0.6.0.tgz
 [ -f "$TUNE" ] && python3 benchmarks/warm_kernels.py --mixers "" --unpack "$TUNE"
 GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py tests/layers/test_linear_mixers_cuda.py
   tests/layers/test_part2_cuda.py tests/interop/test_gpu.py tests/benchmarks/test_decode_bench.py tests/moe/test_moe_kernels.py
