@@ -104,7 +104,10 @@ class Mamba2(nn.Module):
             **op_run_options(self, T),
         )
         # D skip, z gate, then RMS over each group's channels (Mamba2's group_size = d_inner / ngroups) and one
-        # weight per channel: one Triton kernel each way on CUDA
+        # weight per channel: one Triton kernel each way on CUDA. Written in the dtype o_proj computes in (under
+        # autocast it would cast to that anyway: the same rounding, one pass less)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         y = ops.ssm_output(y, xs, self.D, None if self.z_proj is None else self.z_proj(x), self.norm_weight,
-                           groups=G, eps=self.eps, out_dtype=x.dtype)
+                           groups=G, eps=self.eps, out_dtype=out_dtype)
         return self.o_proj(y), new_state
