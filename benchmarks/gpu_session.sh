@@ -17,8 +17,9 @@ GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py te
   tests/layers/test_part2_cuda.py tests/interop/test_gpu.py tests/benchmarks/test_decode_bench.py tests/moe/test_moe_kernels.py
   tests/train/test_cuda_graph.py tests/train/test_trainer_cuda_graph.py tests/ops/test_ce_kernel.py"}
 # -v into the log: a run cut by its timeout still names the test it was in; SIGINT lets pytest print its failures
-# (a plain kill lost them: 2026-11-25, s7); one test past TEST_TIMEOUT_S fails with its stack instead of stalling the rest. On a fresh machine the mixer tests spend
-# minutes autotuning fla at their small shapes: 170 s and 340 s parts were both cut in tests/layers (2026-11-25)
+# (a plain kill lost them: 2026-11-25, s7); one test past TEST_TIMEOUT_S fails with its stack instead of stalling
+# the rest. On a fresh machine the mixer tests spend minutes autotuning fla at their small shapes: 170 s and 340 s
+# parts were both cut in tests/layers (2026-11-25)
 has tests && echo "== GPU tests" && timeout -s INT -k 30 ${TESTS_S:-480} python3 -m pytest -v --durations=12 -p no:cacheprovider -rf --tb=short --timeout ${TEST_TIMEOUT_S:-150} $GPU_TESTS \
   2>&1 | tee "$OUT/gpu_tests.log" | grep -v PASSED | tail -30
 has loss && echo "== LM-head loss" && timeout ${LOSS_S:-120} python3 benchmarks/loss_bench.py 2>&1 | tail -6
