@@ -13,7 +13,7 @@ has() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"
 TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=src/linear_moe/ops/backends/autotune_results/sm90-triton3.6.0-fla0.6.0.tgz
 [ -f "$TUNE" ] && python3 benchmarks/warm_kernels.py --mixers "" --unpack "$TUNE"
-GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py tests/ops/test_ssm_output.py tests/layers/test_linear_mixers_cuda.py
+GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py tests/ops/test_ssm_output.py tests/ops/test_ops_gsa.py tests/layers/test_linear_mixers_cuda.py
   tests/layers/test_part2_cuda.py tests/interop/test_gpu.py tests/benchmarks/test_decode_bench.py tests/moe/test_moe_kernels.py
   tests/train/test_cuda_graph.py tests/train/test_trainer_cuda_graph.py tests/ops/test_ce_kernel.py"}
 # -v into the log: a run cut by its timeout still names the test it was in; SIGINT lets pytest print its failures

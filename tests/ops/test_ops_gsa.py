@@ -121,3 +121,23 @@ def test_odd_widths_refused_for_fla_in_16_bit(monkeypatch):
     assert backends.why_not("fla", "gsa", cuda, torch.bfloat16, k_dim=64, v_dim=64, m_dim=5) == (
         "fla's 16-bit chunk_gsa needs even head and slot widths, got m_dim=5")
     assert "m_dim=300" in backends.why_not("fla", "gsa", cuda, torch.bfloat16, k_dim=64, v_dim=64, m_dim=300)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-3), (torch.bfloat16, 5e-2)])
+def test_fla_chunk_gsa_on_cuda_against_the_reference(dtype, tol):
+    """fla's chunk_gsa (forced here; CUDA's pick) against the float64 loop: output, both states and every
+    gradient, in fp32 (Triton's TF32 dots) and bf16, each error printed by name. Even widths, as fla's 16-bit
+    path requires."""
+    g = generator()
+    args = _split(gsa_inputs(g, B=2, T=100, H=2, K=16, V=16, M=8))
+    weights = [randn(g, 2, 100, 2, 16).double(), randn(g, 2, 2, 16, 8).double(), randn(g, 2, 2, 8, 16).double()]
+    ref_outs, ref_grads = grads_of(_flat(lambda **a: reference.gsa_ref(**a, scale=0.25)),
+                                   {n: x.double() for n, x in args.items()}, weights)
+    cuda = {n: x.to("cuda", torch.float32 if n == "log_decay" else dtype) for n, x in args.items()}
+    outs, grads = grads_of(_flat(lambda **a: ops.gsa(**a, scale=0.25, output_final_state=True, backend="fla")),
+                           cuda, [w.cuda() for w in weights])
+    errors = {f"output {i}": rel_err(o.double().cpu(), r) for i, (o, r) in enumerate(zip(outs, ref_outs))}
+    errors.update({f"d{n}": rel_err(grads[n].double().cpu(), ref_grads[n]) for n in ref_grads})
+    assert set(grads) == set(ref_grads)
+    assert all(e < tol for e in errors.values()), errors
