@@ -76,3 +76,25 @@ def test_packed_attention_on_varlen_flash(window, kv_heads):
     ref_grads = torch.autograd.grad((ref * w).sum(), (qr, kr, vr))
     for got, want in zip(grads, ref_grads):
         assert rel_err(got.float().cpu(), want) < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "routed"])
+def test_fla_gla_on_cuda_against_the_reference(kind, masked):
+    """What CUDA picks for `gla` (fla's chunk kernels, fp32 with Triton's TF32 dots) against the float64
+    reference, output and state with their errors named; ``routed``: a third of the tokens write nothing and
+    keep the state (zero key, zero log decay), as MoM-GLA's unrouted memories do. Beside the MoM-GLA layer's
+    CUDA failure (2026-11-25), to say whether the kernel or the layer is off."""
+    g = generator()
+    args = gla_inputs(kind, g, B=2, T=150, H=4, K=32, V=32)
+    if masked:
+        keep = (torch.rand(2, 150, 4, generator=g) > 1 / 3).float()
+        args["k"] = args["k"] * keep[..., None]
+        if kind == "vector":
+            args["log_decay"] = args["log_decay"] * keep[..., None]
+        elif kind == "scalar":
+            args["log_decay"] = args["log_decay"] * keep
+    ro, rs = reference.gla_ref(**args)
+    o, s = gla(**_cuda(args), output_final_state=True, mode="chunk")
+    errors = {"output": rel_err(o.cpu(), ro), "state": rel_err(s.cpu(), rs)}
+    assert all(e < 2e-3 for e in errors.values()), errors
