@@ -84,3 +84,13 @@ def test_the_package_ships_results_for_the_gpu_image():
         assert len(members) > 200 and all(m.name.endswith(".autotune.json") for m in members)
         sample = json.load(tar.extractfile(members[0]))
         assert {"key", "configs_timings"} <= set(sample)
+
+
+def test_a_damaged_shipped_file_or_an_unwritable_cache_leaves_tuning_as_before(shipped, tmp_path, monkeypatch):
+    (tuning.SHIPPED_DIR / "sm90.tgz").write_bytes(b"not a tarball")
+    assert tuning.seed_triton_cache((9, 0), "3.6.0", "0.6.0", tmp_path / "cache") == 0
+    monkeypatch.setattr(tuning, "_seeded", {})
+    _tarball(tuning.SHIPPED_DIR / "sm90.tgz", {"AAA/k.autotune.json": shipped})
+    blocker = tmp_path / "file_not_folder"
+    blocker.write_text("")
+    assert tuning.seed_triton_cache((9, 0), "3.6.0", "0.6.0", blocker / "cache") == 0

@@ -86,6 +86,6 @@ def seed_triton_cache(capability: tuple[int, int] | None, triton: str | None, fl
     if key not in _seeded:
         try:
             _seeded[key] = unpack_autotune_results(tarball, folder)
-        except OSError:  # a read-only or full cache folder: tune as before
+        except (OSError, tarfile.TarError):  # a read-only or full cache folder, a damaged file: tune as before
             _seeded[key] = 0
     return _seeded[key]
