@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import cached_cast, check_cu_seqlens, check_rank, max_seqlen
-from .backends import ENV_VAR
+from .backends import torch_forced
 from .context import sequence_parallel_handler
 
 # SDPA is a builtin without an introspectable signature; `enable_gqa` arrived in torch 2.5.
@@ -100,7 +99,7 @@ def _varlen_runs(q: Tensor, v: Tensor, sliding_window: int, scale: float | None)
     ``LINEAR_MOE_KERNEL_BACKEND=torch``."""
     api = _varlen_api()
     D = q.shape[-1]
-    if os.environ.get(ENV_VAR) == "torch":  # LINEAR_MOE_KERNEL_BACKEND=torch: the plain SDPA path everywhere
+    if torch_forced():  # LINEAR_MOE_KERNEL_BACKEND=torch: the plain SDPA path everywhere
         return False
     return (api is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] == D
             and D % 8 == 0 and D <= 256 and (sliding_window == 0 or "window_size" in api[1])

@@ -10,13 +10,12 @@ partial sums of the weight's and D's gradients.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import ENV_VAR, optional_module
+from ._checks import compute_dtype
+from .backends import optional_module, torch_forced
 
 MAX_GROUP = 8192  # channels per group the kernel holds in one block; wider groups run in PyTorch
 
@@ -25,7 +24,7 @@ def ssm_output_torch(y: Tensor, x: Tensor, D: Tensor, z: Tensor | None, weight: 
                      eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
     """The PyTorch form (same arguments as `ssm_output`), fp32 compute (float64 stays float64)."""
     B, T, H, P = y.shape
-    acc = torch.promote_types(y.dtype, torch.float32)
+    acc = compute_dtype(y.dtype)
     out = y.to(acc) + D.to(acc)[:, None] * x.to(acc)
     out = out.reshape(B, T, H * P)
     if z is not None:
@@ -39,7 +38,7 @@ def ssm_output_torch(y: Tensor, x: Tensor, D: Tensor, z: Tensor | None, weight: 
 
 def _kernel(y: Tensor):
     """Our Triton module for CUDA tensors in eager mode, unless the torch backend is forced; else None."""
-    if not y.is_cuda or torch.compiler.is_compiling() or os.environ.get(ENV_VAR) == "torch":
+    if not y.is_cuda or torch.compiler.is_compiling() or torch_forced():
         return None
     return optional_module("linear_moe.ops.backends.triton.ssm_output")
 

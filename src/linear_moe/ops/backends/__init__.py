@@ -89,6 +89,12 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
+def torch_forced() -> bool:
+    """``LINEAR_MOE_KERNEL_BACKEND=torch``: every op keeps its PyTorch form, also those whose fast path is not a
+    registered backend (packed attention's varlen kernel, our own Triton kernels)."""
+    return os.environ.get(ENV_VAR) == "torch"
+
+
 def fla_dispatch_disabled() -> bool:
     """fla bypasses its backend registry when this is set, so our fix could not be plugged in."""
     return os.environ.get("FLA_DISABLE_BACKEND_DISPATCH") == "1"

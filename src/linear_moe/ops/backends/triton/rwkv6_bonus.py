@@ -113,7 +113,8 @@ class Link:
 
 
 def _bonus_grads(do, q, k, v, u, first, scale, shift, bonus, add=(None, None, None)):
-    """One launch of the backward kernel: returns (d_o_early or None, dq, dk, dv, du) as asked."""
+    """One launch of the backward kernel: returns (d_o_early or None, dq, dk, dv, du) as asked; ``first`` is read by
+    the shift only (None without it)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     grid, meta = _launch(B * T, H, K, V)
@@ -122,9 +123,9 @@ def _bonus_grads(do, q, k, v, u, first, scale, shift, bonus, add=(None, None, No
     du_part = torch.empty(grid[0], H, K, dtype=torch.float32, device=q.device) if bonus else None
     dq_early, dk_in, dv_in = add
     adding = dq_early is not None
-    any_ = do  # a stand-in pointer for the tensors a flag leaves unread
+    any_ = do  # a stand-in pointer for the tensors a flag leaves unread (first: read by the shift only)
     _bonus_bwd_kernel[grid](
-        do, q, k, v, u, first, d_o_early if shift else any_, dq if bonus else any_, dk if bonus else any_,
+        do, q, k, v, u, first if shift else any_, d_o_early if shift else any_, dq if bonus else any_, dk if bonus else any_,
         dv if bonus else any_, du_part if bonus else any_, dq_early.contiguous() if adding else any_,
         dk_in.contiguous() if adding else any_, dv_in.contiguous() if adding else any_, B * T, T, scale,
         SHIFT=shift, BONUS=bonus, ADD=adding, **meta)
@@ -175,9 +176,8 @@ class _Tap(torch.autograd.Function):
         if do is None:  # the bonus's output took no gradient: chunk_gla's alone
             return dq_early.roll(1, dims=1), dk, dv, None, None, None
         ctx.link.do = None
-        first = torch.zeros(1, dtype=torch.int8, device=q.device)  # read only by the shift, which is off here
         q, k, v = (t.contiguous() for t in (q, k, v))
-        _, dq, dk, dv, du = _bonus_grads(do, q, k, v, u, first, ctx.scale, shift=False, bonus=True,
+        _, dq, dk, dv, du = _bonus_grads(do, q, k, v, u, None, ctx.scale, shift=False, bonus=True,
                                          add=(dq_early, dk, dv))
         return dq, dk, dv, du, None, None
 
