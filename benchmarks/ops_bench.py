@@ -45,8 +45,9 @@ CASES = {
 # [B, T, H, K, V] of the checks (varlen: B = 1, cu_seqlens [0, 37, 141, 200])
 CHECK_SHAPE = {False: (2, 160, 16, 128, 128), True: (1, 200, 16, 128, 128)}
 TIMED = ["linear_attn", "retention", "simple_gla", "gla", "rwkv6", "rwkv6_shifted_q", "deltanet", "gated_deltanet"]
-# cases that run a different fla route of the same op: LINEAR_MOE_RWKV6_CHUNK during the call
-ROUTES = {"rwkv6_shifted_q": "chunk_gla_shifted_q"}
+# cases that name their fla route of the same op: LINEAR_MOE_RWKV6_CHUNK during the call (both explicit: the
+# default route changed to the shifted one on 2026-11-25)
+ROUTES = {"rwkv6": "chunk_rwkv6", "rwkv6_shifted_q": "chunk_gla_shifted_q"}
 USES_DQKWG = {"linear_attn", "linear_attn_norm", "retention", "simple_gla", "simple_gla_varlen",
               "deltanet", "gated_deltanet", "gated_deltanet_varlen"}
 

@@ -143,8 +143,8 @@ def _gen():
     ("scalar", False, False, "recurrent", "fused_recurrent_simple_gla"),
     ("vector", False, False, "chunk", "chunk_gla"),
     ("vector", False, False, "recurrent", "fused_recurrent_gla"),
-    ("vector", True, False, "chunk", "chunk_rwkv6"),
-    ("scalar", True, False, "chunk", "chunk_rwkv6"),
+    ("vector", True, False, "chunk", "chunk_gla"),  # RWKV6: the shifted-query route by default
+    ("scalar", True, False, "chunk", "chunk_gla"),
 ])
 def test_gla_mapping(fake_fla, decay, bonus, normalize, mode, expected):
     g = _gen()
@@ -190,7 +190,8 @@ def test_normalize_in_bf16_pads_the_value_width_even(fake_fla, monkeypatch):
 
 @pytest.mark.parametrize("decay,bonus,fn", [("none", False, "fla.ops.simple_gla:chunk_simple_gla"),
                                              ("vector", False, "fla.ops.gla:chunk_gla"),
-                                             ("scalar", True, "fla.ops.rwkv6:chunk_rwkv6")])
+                                             ("scalar", True, "fla.ops.rwkv6:chunk_rwkv6"),
+                                             ("scalar", True, "fla.ops.gla:chunk_gla")])
 def test_bf16_odd_key_width_and_mixed_dtypes(fake_fla, monkeypatch, decay, bonus, fn):
     """fla's 16-bit kernels take one dtype and even key and value widths: fp32 keys/values beside bf16 queries (HGRN2
     under autocast) are cast; an odd K (Based's 153 features) gets a zero feature, in the decay, bonus and state too,
@@ -205,6 +206,8 @@ def test_bf16_odd_key_width_and_mixed_dtypes(fake_fla, monkeypatch, decay, bonus
     u = torch.randn(H, K, generator=g) if bonus else None
     h0 = torch.randn(B, H, K, V, generator=g)
     mod, name = fn.split(":")
+    if bonus:  # RWKV6 on either route
+        monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", "chunk_rwkv6" if name == "chunk_rwkv6" else "chunk_gla_shifted_q")
     seen, inner = [], getattr(sys.modules[mod], name)
 
     def strict(q, k, v, *args, **kw):
@@ -215,7 +218,9 @@ def test_bf16_odd_key_width_and_mixed_dtypes(fake_fla, monkeypatch, decay, bonus
     monkeypatch.setattr(sys.modules[mod], name, strict)
     kw = dict(bonus=u, initial_state=h0, output_final_state=True)
     o, s = fake_fla.gla(q, k, v, ld, mode="chunk", **kw)
-    widths = {"none": (6, 6, 2, 6, 2), "vector": (6, 6, 2, 6, 2, 6), "scalar": (6, 6, 2, 6, 2, 6, 6)}[decay]
+    # the decay (and chunk_rwkv6's bonus) padded to K + 1 too; the shifted route adds its bonus outside chunk_gla
+    widths = {"none": (6, 6, 2, 6, 2), "vector": (6, 6, 2, 6, 2, 6),
+              "scalar": (6, 6, 2, 6, 2, 6) + ((6,) if name == "chunk_rwkv6" else ())}[decay]
     assert seen == [widths]
     o_ref, s_ref = ops.gla(q.float(), k.bfloat16().float(), v.bfloat16().float(), ld,
                            backend="torch", **kw)
@@ -295,15 +300,26 @@ def test_rwkv6_kernel_route_with_only_the_final_state_in_the_loss(fake_fla, monk
 def test_rwkv6_route_must_be_known(fake_fla, monkeypatch):
     monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", "chunk_magic")
     args = gla_inputs("vector_bonus", _gen(), B=1, T=9, with_state=False)
-    with pytest.raises(ValueError, match="LINEAR_MOE_RWKV6_CHUNK='chunk_magic' is unknown; allowed: chunk_rwkv6"):
+    with pytest.raises(ValueError, match="LINEAR_MOE_RWKV6_CHUNK='chunk_magic' is unknown; allowed: "
+                                         "chunk_gla_shifted_q, chunk_rwkv6"):
         fake_fla.gla(**args, mode="chunk")
 
 
-def test_rwkv6_chunk_without_final_state(fake_fla):
+def test_rwkv6_default_route_is_the_shifted_query_one(fake_fla, monkeypatch):
+    """Without LINEAR_MOE_RWKV6_CHUNK RWKV6 runs on chunk_gla (the faster route on the H100 at 2K, 8K and 32K)."""
+    monkeypatch.delenv("LINEAR_MOE_RWKV6_CHUNK", raising=False)
+    args = gla_inputs("vector_bonus", _gen(), B=1, T=9, with_state=False)
+    fake_fla.gla(**args, mode="chunk")
+    assert CALLS == ["chunk_gla"]
+
+
+@pytest.mark.parametrize("route", ["chunk_gla_shifted_q", "chunk_rwkv6"])
+def test_rwkv6_chunk_without_final_state(fake_fla, monkeypatch, route):
+    monkeypatch.setenv("LINEAR_MOE_RWKV6_CHUNK", route)
     g = _gen()
     args = gla_inputs("vector_bonus", g, B=1, T=9, with_state=False)
     o, s = fake_fla.gla(**args, mode="chunk")
-    assert s is None and CALLS == ["chunk_rwkv6"]
+    assert s is None and CALLS == [route.replace("_shifted_q", "")]
     o_ref, _ = reference.gla_ref(**args)
     torch.testing.assert_close(o.double(), o_ref, rtol=1e-4, atol=1e-5)
 
