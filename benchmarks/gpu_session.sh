@@ -13,9 +13,11 @@ has() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"
 TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=src/linear_moe/ops/backends/autotune_results/sm90-triton3.6.0-fla0.6.0.tgz
 [ -f "$TUNE" ] && python3 benchmarks/warm_kernels.py --mixers "" --unpack "$TUNE"
-GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ops_cuda.py tests/ops/test_ssm_output.py tests/ops/test_ops_gsa.py tests/layers/test_linear_mixers_cuda.py
+# The fp32 checks of fla's own kernels (test_ops_cuda, test_ops_gsa) go last: fla tunes each new fp32 shape for
+# minutes (chunk_gsa fp32 passed 150 s on 2026-11-25 s8, fla gla fp32 took 200 s in all).
+GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ssm_output.py tests/ops/test_backends_dqkwg.py tests/layers/test_linear_mixers_cuda.py
   tests/layers/test_part2_cuda.py tests/interop/test_gpu.py tests/benchmarks/test_decode_bench.py tests/moe/test_moe_kernels.py
-  tests/train/test_cuda_graph.py tests/train/test_trainer_cuda_graph.py tests/ops/test_ce_kernel.py"}
+  tests/train/test_cuda_graph.py tests/train/test_trainer_cuda_graph.py tests/ops/test_ce_kernel.py tests/ops/test_ops_cuda.py tests/ops/test_ops_gsa.py"}
 # -v into the log: a run cut by its timeout still names the test it was in; SIGINT lets pytest print its failures
 # (a plain kill lost them: 2026-11-25, s7); one test past TEST_TIMEOUT_S fails with its stack instead of stalling
 # the rest. On a fresh machine the mixer tests spend minutes autotuning fla at their small shapes: 170 s and 340 s

@@ -104,6 +104,25 @@ def test_known_bad_only_when_fix_cannot_plug_in(gpu, monkeypatch):
     assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **feats) == "fla"
 
 
+def test_small_key_width_skips_our_gated_backward_where_it_is_in_use(gpu, monkeypatch):
+    """k_dim < 32 (Mamba2 with state_size 16) faulted in our #640 replacement on the H100: the gated ops take the
+    torch backend there on the affected devices (auto), a forced fla says why; elsewhere fla keeps them."""
+    small = dict(decay="scalar", requires_grad=True, k_dim=16)
+    assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **small) == "torch"
+    assert bk.resolve_backend("delta_rule", None, "cuda", torch.bfloat16, **small) == "torch"
+    assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **{**small, "k_dim": 32}) == "fla"
+    with pytest.raises(RuntimeError, match=r"illegal memory access.*k_dim >= 32 only, got k_dim=16"):
+        bk.resolve_backend("gla", "fla", "cuda", torch.bfloat16, **small)
+    # not our kernel: inference, vector gates, ungated; or fla's own kernel is fine (Triton 3.7.1, Ampere)
+    assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **{**small, "requires_grad": False}) == "fla"
+    assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **{**small, "decay": "vector"}) == "fla"
+    assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **{**small, "decay": "none"}) == "fla"
+    gpu["triton"] = "3.7.1"
+    assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **small) == "fla"
+    gpu["triton"], gpu["cap"] = "3.6.0", (8, 0)
+    assert bk.resolve_backend("gla", None, "cuda", torch.bfloat16, **small) == "fla"
+
+
 def test_get_backend():
     with pytest.raises(ValueError, match="'torch' lives beside the public ops"):
         bk.get_backend("torch")

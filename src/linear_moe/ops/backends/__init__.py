@@ -113,6 +113,12 @@ def hopper_dqkwg_bug(capability: tuple[int, int] | None, triton: str | None) -> 
     return (3, 4, 0) <= _version_tuple(triton) < (3, 7, 1)
 
 
+# Our `chunk_bwd_dqkwg` (the #640 replacement) is known-good on the H100 at k_dim 64 and 128 (float64-checked, and it
+# trains Gated DeltaNet / Mamba2 there); at k_dim 16 in bf16 it faulted (its [BT, 16] wgmma tiles). Below this the
+# gated ops take the torch backend on the affected devices.
+DQKWG_MIN_K_DIM = 32
+
+
 def _uses_dqkwg_gated(op_name: str, decay: str) -> bool:
     # fla routes scalar-gated linear attention (chunk_simple_gla) and gated delta rule through
     # chunk_bwd_dqkwg with a gate; vector gates (chunk_gla, rwkv6) use their own kernels.
@@ -154,11 +160,16 @@ def why_not(name: str, op_name: str, device: torch.device, dtype: torch.dtype | 
             return f"fla's 16-bit chunk_gsa needs even head and slot widths, got {', '.join(odd)}"
     decay = features.get("decay", "none")
     if (features.get("requires_grad", True) and _uses_dqkwg_gated(op_name, decay)
-            and hopper_dqkwg_bug(cuda_capability(device), triton_version())
-            and fla_dispatch_disabled()):
-        return ("known-bad: fla's gated chunk backward is miscompiled on Hopper with Triton "
-                f"{triton_version()} (fla issue #640), and FLA_DISABLE_BACKEND_DISPATCH=1 stops "
-                "linear-moe from plugging in its fixed kernel")
+            and hopper_dqkwg_bug(cuda_capability(device), triton_version())):
+        if fla_dispatch_disabled():
+            return ("known-bad: fla's gated chunk backward is miscompiled on Hopper with Triton "
+                    f"{triton_version()} (fla issue #640), and FLA_DISABLE_BACKEND_DISPATCH=1 stops "
+                    "linear-moe from plugging in its fixed kernel")
+        k_dim = features.get("k_dim")
+        if k_dim is not None and k_dim < DQKWG_MIN_K_DIM:
+            return (f"known-bad: linear-moe's replacement for fla's gated backward step (used on Hopper with Triton "
+                    f"{triton_version()}) made an illegal memory access on the H100 at k_dim=16 in bf16 (Mamba2 with "
+                    f"state_size=16, 2026-11-25); it is used for k_dim >= {DQKWG_MIN_K_DIM} only, got k_dim={k_dim}")
     return None
 
 
