@@ -65,3 +65,26 @@ def test_token_shift_packed_documents_start_from_their_own_previous_token():
     expected = torch.stack([prev[0], x[0, 0], prev[1], x[0, 2], x[0, 3], x[0, 4]])
     assert torch.equal(shifted[0], expected)
     assert torch.equal(last, x[0, [1, 5]])
+
+
+def test_autocast_keeps_the_glue_in_the_projection_dtype_and_decodes_alike():
+    """Under autocast with fp32 weights and an fp32 input (the trainer's setting) the five token-shift lerps and the
+    normed, gated output reach their projections in bf16, not as fp32 tensors the projections cast again; the
+    shift state keeps x's dtype, and prefill + decode steps under autocast equal the full autocast forward."""
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    layer = build_mixer("rwkv6", 64, MixerConfig(num_heads=2), AttentionConfig(num_heads=2), 1, 3)
+    seen = {}
+    for name in ("r_proj", "k_proj", "v_proj", "g_proj", "o_proj"):
+        getattr(layer, name).register_forward_pre_hook(lambda mod, a, n=name: seen.__setitem__(n, a[0].dtype))
+    x = torch.randn(2, 12, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = layer(x)
+        assert set(seen.values()) == {torch.bfloat16}, seen
+        out, state = layer(x[:, :9])
+        assert state["shift"].dtype == torch.float32
+        steps = [out]
+        for t in range(9, 12):
+            out, state = layer(x[:, t:t + 1], state)
+            steps.append(out)
+    stepped = torch.cat(steps, 1).float()
+    assert ((stepped - full.float()).norm() / full.float().norm()).item() < 2e-2

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    ShortConvolution, choose, init_weights, op_options, op_run_options, per_head, repeat_heads, short_conv_enabled,
+    ShortConvolution, choose, init_weights, matmul_dtype, op_options, op_run_options, per_head, repeat_heads, short_conv_enabled,
     state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
@@ -106,8 +106,6 @@ class Mamba2(nn.Module):
         # D skip, z gate, then RMS over each group's channels (Mamba2's group_size = d_inner / ngroups) and one
         # weight per channel: one Triton kernel each way on CUDA. Written in the dtype o_proj computes in (under
         # autocast it would cast to that anyway: the same rounding, one pass less)
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         y = ops.ssm_output(y, xs, self.D, None if self.z_proj is None else self.z_proj(x), self.norm_weight,
-                           groups=G, eps=self.eps, out_dtype=out_dtype)
+                           groups=G, eps=self.eps, out_dtype=matmul_dtype(x))
         return self.o_proj(y), new_state

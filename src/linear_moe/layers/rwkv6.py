@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
-from .common import init_weights, op_options, op_run_options, resolve_dims, state_get
+from .common import init_weights, matmul_dtype, op_options, op_run_options, resolve_dims, state_get, upcast
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
 
@@ -99,11 +99,16 @@ class RWKV6TimeMix(nn.Module):
         """x ``[batch, time, hidden]`` → (y ``[batch, time, hidden]``, state dict)."""
         B, T, C = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        shifted, last = token_shift(x, state_get(state, "shift"), cu_seqlens)
-        delta = shifted - x
-        lora = torch.tanh((x + delta * self.mix_x) @ self.mix_w1).view(B, T, 5, -1)
-        mix = torch.einsum("btfr,frc->btfc", lora, self.mix_w2) + self.mix_bias
-        xw, xk, xv, xr, xg = (x.unsqueeze(2) + delta.unsqueeze(2) * mix).unbind(2)
+        # The token-shift lerps run in the projections' dtype: under autocast an fp32 residual stream and the fp32
+        # μ parameters made the five [B, T, C] mixes fp32 tensors (and their gradients), each cast again by its
+        # projection. The shift state keeps x's dtype and holds the same rounded token the full form used.
+        dt = matmul_dtype(x)
+        xs = x.to(dt)
+        shifted, last = token_shift(xs, state_get(state, "shift"), cu_seqlens)
+        delta = shifted - xs
+        lora = torch.tanh(torch.addcmul(xs, delta, self.mix_x.to(dt)) @ self.mix_w1).view(B, T, 5, -1)
+        mix = torch.einsum("btfr,frc->btfc", lora, self.mix_w2.to(lora.dtype)) + self.mix_bias.to(lora.dtype)
+        xw, xk, xv, xr, xg = torch.addcmul(xs.unsqueeze(2), delta.unsqueeze(2), mix.to(dt)).unbind(2)
 
         r = self.r_proj(xr).view(B, T, H, K)
         k = self.k_proj(xk).view(B, T, H, K)
@@ -116,6 +121,7 @@ class RWKV6TimeMix(nn.Module):
             cu_seqlens=cu_seqlens, **op_run_options(self, T),
         )
         # GroupNorm with one group per head = LayerNorm over each head's channels, then a per-channel affine.
-        o = F.layer_norm(o.float(), (V,), eps=GROUP_NORM_EPS).to(x.dtype).reshape(B, T, H * V)
-        o = (o * self.norm_weight + self.norm_bias) * g
-        return self.o_proj(o), {"shift": last, "wkv": wkv}
+        # (affine in fp32, then one cast to the gate's dtype: o_proj's input)
+        o = F.layer_norm(upcast(o), (V,), eps=GROUP_NORM_EPS).reshape(B, T, H * V)
+        o = torch.addcmul(upcast(self.norm_bias), o, upcast(self.norm_weight)).to(g.dtype) * g
+        return self.o_proj(o), {"shift": last.to(x.dtype), "wkv": wkv}
