@@ -209,7 +209,7 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 # ---- norms and activations -------------------------------------------------------------------------
 
-def matmul_dtype(x: torch.Tensor) -> torch.Tensor:
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype x's projections compute in: autocast's where it is on for x's device, else x's own. Glue written
     in it costs no extra rounding (the next projection would cast to it anyway) and half the traffic of fp32."""
     dev = x.device.type

@@ -21,8 +21,8 @@ from torch import nn
 
 from .. import ops
 from .common import (
-    ShortConvolution, choose, init_weights, matmul_dtype, op_options, op_run_options, per_head, repeat_heads, short_conv_enabled,
-    state_get, upcast,
+    ShortConvolution, choose, init_weights, matmul_dtype, op_options, op_run_options, per_head, repeat_heads,
+    short_conv_enabled, state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
 from .deltanet import init_dt_bias_

@@ -114,8 +114,9 @@ def hopper_dqkwg_bug(capability: tuple[int, int] | None, triton: str | None) -> 
 
 
 # Our `chunk_bwd_dqkwg` (the #640 replacement) is known-good on the H100 at k_dim 64 and 128 (float64-checked, and it
-# trains Gated DeltaNet / Mamba2 there); at k_dim 16 in bf16 it faulted (its [BT, 16] wgmma tiles). Below this the
-# gated ops take the torch backend on the affected devices.
+# trains Gated DeltaNet / Mamba2 there); at k_dim 16 in bf16 it faulted (cause not established: Triton's interpreter
+# runs bf16 wrongly at every shape, and the GPU time ran out). Below this the gated ops take the torch backend on the
+# affected devices; tests/ops/test_backends_dqkwg.py checks 32-128 in bf16 on the GPU.
 DQKWG_MIN_K_DIM = 32
 
 
