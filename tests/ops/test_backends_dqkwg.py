@@ -156,7 +156,7 @@ def test_plugs_into_fla_dispatch(monkeypatch):
 @pytest.mark.parametrize("K", [32, 64, 128])
 def test_dqkwg_bf16_on_cuda(K):
     """bf16 at the key widths the ops send here (>= 32: ``backends.DQKWG_MIN_K_DIM``; 16 faulted on the H100 with
-    Mamba2's state_size 16), scalar gate, a partial last chunk and grouped value heads (Mamba2's layout),
+    Mamba2's state_size 16), scalar gate, a partial last chunk and two value heads per key head,
     against the float64 reference on the same bf16-rounded inputs."""
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     BT, V, H, HV, B, T = 64, 64, 1, 2, 2, 150
