@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs of the issues in one script, part by part (PARTS="tests loss profile moe model scaling mfu decode train mixers ops").
+# The GPU runs of the issues in one script, part by part (PARTS="tests probe loss profile moe model scaling mfu decode train mixers ops").
 # Wheels missing on the GPU image travel in .whl/; Triton's autotuning results travel in .tune/h100.tgz
 # (benchmarks/warm_kernels.py): fla's kernels otherwise spend minutes per mixer tuning on a fresh machine.
 # Each part writes its JSON/log under $OUT; the timeouts keep one slow part from losing the others.
@@ -35,6 +35,8 @@ if has tests; then
   done
   grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | cut -c1-240 | tail -30
 fi
+# which launch configs of our gated backward step fault or err at which key widths (Mamba2 state_size 16 faulted)
+has probe && echo "== dqkwg probe" && timeout ${PROBE_S:-300} python3 benchmarks/dqkwg_probe.py ${PROBE_ARGS:-} 2>&1 | tail -26
 has loss && echo "== LM-head loss" && timeout ${LOSS_S:-120} python3 benchmarks/loss_bench.py 2>&1 | tail -6
 has profile && echo "== op profile" && timeout ${PROFILE_S:-90} python3 benchmarks/op_profile.py ${PROFILE_ARGS:-} 2>&1 | tail -24
 if has moe; then  # bf16 weights, then fp32 weights under autocast (how the trainer runs the layer)
