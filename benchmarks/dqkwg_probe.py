@@ -33,20 +33,14 @@ def child(K: int, dtype: str, warps: int, stages: int, device: str) -> dict:
     import triton
 
     import linear_moe.ops.backends.triton.dqkwg as dq
-    from test_backends_dqkwg import _chunks, reference
+    from test_backends_dqkwg import reference, scalar_gate_inputs
 
     dq._dqkwg_kernel.configs = [triton.Config({}, num_warps=warps, num_stages=stages)]  # one config: no timing
     gen = torch.Generator().manual_seed(0)
-    BT, V, H, B, T = (64, 64, 2, 2, 150) if device == "cuda" else (16, 16, 1, 1, 37)
+    size = dict(B=2, T=150, H=2, HV=2, V=64, BT=64) if device == "cuda" else dict(B=1, T=37, H=1, HV=1, V=16, BT=16)
     dt = getattr(torch, dtype)
-    r = lambda *s: torch.randn(*s, generator=gen).to(dt).float()  # noqa: E731  (the rounded values both sides see)
-    chunks = _chunks(B, T, None, BT)
-    q, k, v, do = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, T, H, V)
-    h, dh = r(len(chunks), H, K, V), r(len(chunks), H, K, V)
-    g = torch.zeros(B, T, H)
-    step = -torch.rand(B, T, H, generator=gen) * 0.3
-    for b, s0, s1, _ in chunks:
-        g[b, s0:s1] = step[b, s0:s1].cumsum(0)
+    q, k, v, do, h, dh, g = scalar_gate_inputs(gen, K, dt, **size)
+    BT = size["BT"]
     put = lambda t: t.to(device=device, dtype=dt)  # noqa: E731
     out = dq.chunk_bwd_dqkwg(*map(put, (q, k, v, do, h, dh)), g=g.to(device), scale=K ** -0.5, chunk_size=BT)
     if device == "cuda":

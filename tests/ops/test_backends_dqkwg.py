@@ -152,6 +152,20 @@ def test_plugs_into_fla_dispatch(monkeypatch):
     assert dw is None
 
 
+def scalar_gate_inputs(gen, K, dtype, B=2, T=150, H=1, HV=2, V=64, BT=64):
+    """Dense inputs with a scalar gate (cumulated inside each chunk, as fla passes it), rounded to ``dtype`` and
+    held in fp32 (the values the kernel and the reference both see): (q, k, v, do, h, dh, g)."""
+    chunks = _chunks(B, T, None, BT)
+    r = lambda *s: torch.randn(*s, generator=gen).to(dtype).float()  # noqa: E731
+    q, k, v, do = r(B, T, H, K), r(B, T, H, K), r(B, T, HV, V), r(B, T, HV, V)
+    h, dh = r(len(chunks), HV, K, V), r(len(chunks), HV, K, V)
+    g = torch.zeros(B, T, HV)
+    step = -torch.rand(B, T, HV, generator=gen) * 0.3
+    for b, s0, s1, _ in chunks:
+        g[b, s0:s1] = step[b, s0:s1].cumsum(0)
+    return q, k, v, do, h, dh, g
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tiles on the GPU (the interpreter's bf16 is not the GPU's)")
 @pytest.mark.parametrize("K", [32, 64, 128])
 def test_dqkwg_bf16_on_cuda(K):
@@ -159,18 +173,10 @@ def test_dqkwg_bf16_on_cuda(K):
     Mamba2's state_size 16), scalar gate, a partial last chunk and two value heads per key head,
     against the float64 reference on the same bf16-rounded inputs."""
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    BT, V, H, HV, B, T = 64, 64, 1, 2, 2, 150
-    chunks = _chunks(B, T, None, BT)
-    r = lambda *s: torch.randn(*s, generator=gen).bfloat16().float()  # noqa: E731
-    q, k, v, do = r(B, T, H, K), r(B, T, H, K), r(B, T, HV, V), r(B, T, HV, V)
-    h, dh = r(len(chunks), HV, K, V), r(len(chunks), HV, K, V)
-    g = torch.zeros(B, T, HV)
-    step = -torch.rand(B, T, HV, generator=gen) * 0.3
-    for b, s0, s1, _ in chunks:
-        g[b, s0:s1] = step[b, s0:s1].cumsum(0)
+    q, k, v, do, h, dh, g = scalar_gate_inputs(gen, K, torch.bfloat16)
     bf = lambda x: x.cuda().bfloat16()  # noqa: E731
-    out = chunk_bwd_dqkwg(*map(bf, (q, k, v, do, h, dh)), g=g.cuda(), scale=K ** -0.5, chunk_size=BT)
+    out = chunk_bwd_dqkwg(*map(bf, (q, k, v, do, h, dh)), g=g.cuda(), scale=K ** -0.5, chunk_size=64)
     torch.cuda.synchronize()
-    ref = reference(q, k, v, do, h, dh, torch.zeros_like(v), g, None, K ** -0.5, False, None, BT)
+    ref = reference(q, k, v, do, h, dh, torch.zeros_like(v), g, None, K ** -0.5, False, None, 64)
     for name, got, want in zip(["dq", "dk", "dg"], (out[0], out[1], out[3]), (ref[0], ref[1], ref[3])):
         assert _rel(got.float(), want) < 2e-2, name
