@@ -209,13 +209,6 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 # ---- norms and activations -------------------------------------------------------------------------
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype x's projections compute in: autocast's where it is on for x's device, else x's own. Glue written
-    in it costs no extra rounding (the next projection would cast to it anyway) and half the traffic of fp32."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """``x`` in at least fp32 (half / bf16 → fp32; fp32 and fp64 unchanged, so fp64 checks stay exact)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._checks import matmul_dtype
 from .common import (
-    ShortConvolution, choose, init_weights, matmul_dtype, op_options, op_run_options, per_head, repeat_heads,
-    short_conv_enabled, state_get, upcast,
+    ShortConvolution, choose, init_weights, op_options, op_run_options, per_head, repeat_heads, short_conv_enabled,
+    state_get, upcast,
 )
 from .config import AttentionConfig, MixerConfig
 from .deltanet import init_dt_bias_

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops  # attribute access at call time (see common.py)
-from .common import init_weights, matmul_dtype, op_options, op_run_options, resolve_dims, state_get, upcast
+from ..ops._checks import matmul_dtype
+from .common import init_weights, op_options, op_run_options, resolve_dims, state_get, upcast
 from .config import AttentionConfig, MixerConfig
 from .registry import register_mixer
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import matmul_dtype
 from ..ops.autograd import contiguous_grad
 from .permute import dispatch, gather_sum
 from .swiglu import swiglu, swiglu_backward_gate_up, swiglu_forward
@@ -226,7 +227,7 @@ class GroupedExperts(nn.Module):
         """
         if (token is None) != (slot_to_row is None):
             raise ValueError("GroupedExperts: pass token and slot_to_row together (or neither)")
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = matmul_dtype(x)
         # grouped_mm is not an autocast op: cast like nn.Linear would (fp32 master weights would otherwise
         # send mixed-precision training down the slow per-expert loop); weights already in dtype: no copy
         x = x if x.dtype == dtype else x.to(dtype)
