@@ -28,11 +28,14 @@ if has tests; then
   echo "== GPU tests"; : > "$OUT/gpu_tests.log"; end=$(( $(date +%s) + ${TESTS_S:-480} ))
   for f in $GPU_TESTS; do
     left=$(( end - $(date +%s) )); [ "$left" -gt 20 ] || { echo "not run (budget): $f" | tee -a "$OUT/gpu_tests.log"; continue; }
-    echo "-- $f" >> "$OUT/gpu_tests.log"
     timeout -s INT -k 20 "$left" python3 -m pytest -v --durations=5 -p no:cacheprovider -rf --tb=short \
-      --timeout ${TEST_TIMEOUT_S:-150} "$f" >> "$OUT/gpu_tests.log" 2>&1
-    echo "$f: $(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran)' "$OUT/gpu_tests.log" | tail -1 | tr -d '=')"
+      --timeout ${TEST_TIMEOUT_S:-150} "$f" > "$OUT/gpu_test_file.log" 2>&1
+    # this file's own summary line (none when it was killed: then say so, not the previous file's)
+    result=$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran)' "$OUT/gpu_test_file.log" | tail -1 | tr -d '=')
+    { echo "-- $f"; cat "$OUT/gpu_test_file.log"; } >> "$OUT/gpu_tests.log"
+    echo "$f: ${result:-no summary (killed at the budget?)}"
   done
+  rm -f "$OUT/gpu_test_file.log"
   grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | cut -c1-240 | tail -30
 fi
 # which launch configs of our gated backward step fault or err at which key widths (Mamba2 state_size 16 faulted)
@@ -59,7 +62,8 @@ if has scaling; then  # the same tokens per step (64K) at every length up to 64K
   mv "$OUT/model_bench.json" "$OUT/model_bench_scaling.json"; mv "$OUT/model_bench.png" "$OUT/model_bench_scaling.png" 2>/dev/null
 fi
 if has mfu; then  # issue 9's 30% MFU target at 2K: the scaling table's full checkpointing reruns every forward (27.0%
-  # counted, ~36% done, 2026-11-25 s8); here selective and none at 32K tokens per step (AdamW amortised over fewer)
+  # counted, ~36% done, 2026-11-25 s8); here selective and none, at 32K tokens per step so that no checkpointing
+  # fits in memory (AdamW's fixed ~27 ms then weighs twice what it did at 64K)
   for ac in ${MFU_AC:-selective none}; do
     echo "== MFU at 2K, checkpointing $ac"
     timeout ${MFU_S:-150} python3 benchmarks/model_bench.py --lengths 2048 --tokens-per-step ${MFU_TOKENS:-32768} \
