@@ -1,11 +1,12 @@
 """Which launch configurations of linear-moe's gated backward step (``ops/backends/triton/dqkwg.py``, the fla #640
-replacement) are correct at which key widths and dtypes: one child process per (K, dtype, num_warps, num_stages).
+replacement) are correct at which key widths and dtypes: one child process per (K, heads, dtype, num_warps,
+num_stages).
 
 Why: on the H100 (Triton 3.6, 2026-11-25) Mamba2 with ``state_size=16`` in bf16 made an illegal memory access in
 this kernel while Triton's autotuner timed its configurations, and the fault took the whole test process with it.
-Since then key widths under ``backends.DQKWG_MIN_K_DIM`` take the torch backend. This probe runs each configuration
-alone (a child process each, so a fault only ends its own row) against the float64 reference of
-``tests/ops/test_backends_dqkwg.py``: if only some configurations fault, pruning them for small K lifts the floor.
+This probe runs each configuration alone (a child process each, so a fault only ends its own row) against
+the float64 reference of ``tests/ops/test_backends_dqkwg.py``. On 2026-11-25 (s9) every 4-warp configuration got dk
+wrong in bf16 at K = 16 and 32 and every 8-warp one was right: the kernel keeps the 8-warp ones.
 
     python benchmarks/dqkwg_probe.py                          # on the GPU: K 16/32/64, bf16 and fp32, 4 configs
     python benchmarks/dqkwg_probe.py --device cpu --ks 16 --dtypes float32 --configs 4:2   # interpreter dry run
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = {"bfloat16": 2e-2, "float32": 5e-3}  # the GPU runs fp32 dots in tf32
 
 
-def child(K: int, dtype: str, warps: int, stages: int, device: str) -> dict:
+def child(K: int, dtype: str, warps: int, stages: int, device: str, H: int = 2, HV: int = 2) -> dict:
     """One kernel run with one configuration; prints and returns the row (run in a fresh process)."""
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "ops")]
     import torch
@@ -37,7 +38,7 @@ def child(K: int, dtype: str, warps: int, stages: int, device: str) -> dict:
 
     dq._dqkwg_kernel.configs = [triton.Config({}, num_warps=warps, num_stages=stages)]  # one config: no timing
     gen = torch.Generator().manual_seed(0)
-    size = dict(B=2, T=150, H=2, HV=2, V=64, BT=64) if device == "cuda" else dict(B=1, T=37, H=1, HV=1, V=16, BT=16)
+    size = dict(B=2, T=150, H=H, HV=HV, V=64, BT=64) if device == "cuda" else dict(B=1, T=37, H=H, HV=HV, V=16, BT=16)
     dt = getattr(torch, dtype)
     q, k, v, do, h, dh, g = scalar_gate_inputs(gen, K, dt, **size)
     BT = size["BT"]
@@ -52,12 +53,12 @@ def child(K: int, dtype: str, warps: int, stages: int, device: str) -> dict:
     return {"status": "ok" if ok else "wrong", "rel_err": {n: float(f"{e:.3g}") for n, e in errors.items()}}
 
 
-def run_row(K: int, dtype: str, warps: int, stages: int, device: str, timeout_s: float) -> dict:
-    row = {"K": K, "dtype": dtype, "num_warps": warps, "num_stages": stages}
+def run_row(K: int, dtype: str, warps: int, stages: int, device: str, timeout_s: float, H: int = 2, HV: int = 2) -> dict:
+    row = {"K": K, "H": H, "HV": HV, "dtype": dtype, "num_warps": warps, "num_stages": stages}
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, __file__, "--child", f"{K}:{dtype}:{warps}:{stages}", "--device", device]
+    cmd = [sys.executable, __file__, "--child", f"{K}:{dtype}:{warps}:{stages}:{H}:{HV}", "--device", device]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -86,14 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ks", default="16,32,64")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--configs", default="4:2,4:3,8:2,8:3", help="num_warps:num_stages pairs (the kernel's autotune list)")
+    p.add_argument("--heads", default="2:2,1:2", help="H:HV pairs (key heads : value heads)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--timeout-s", type=float, default=120.0, help="per child process")
     p.add_argument("--out", default="", help="output folder (default $OUT, else benchmarks/results/)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        K, dtype, warps, stages = args.child.split(":")
-        row = child(int(K), dtype, int(warps), int(stages), args.device)
+        K, dtype, warps, stages, H, HV = args.child.split(":")
+        row = child(int(K), dtype, int(warps), int(stages), args.device, int(H), int(HV))
         print(json.dumps(row), flush=True)
         return row
     for d in args.dtypes.split(","):
@@ -101,13 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--dtypes: {d!r} is not one of {', '.join(TOL)}")
     configs = [tuple(int(n) for n in c.split(":")) for c in args.configs.split(",") if c]
     rows = []
+    heads = [tuple(int(n) for n in pair.split(":")) for pair in args.heads.split(",") if pair]
     for K in (int(k) for k in args.ks.split(",")):
-        for dtype in args.dtypes.split(","):
-            for warps, stages in configs:
-                row = run_row(K, dtype, warps, stages, args.device, args.timeout_s)
-                rows.append(row)
-                print(f"K={K:4d} {dtype:9s} warps={warps} stages={stages}  {row['status']:7s} "
-                      f"{row.get('rel_err') or row.get('message', '')}", flush=True)
+        for H, HV in heads:
+            for dtype in args.dtypes.split(","):
+                for warps, stages in configs:
+                    row = run_row(K, dtype, warps, stages, args.device, args.timeout_s, H, HV)
+                    rows.append(row)
+                    print(f"K={K:4d} H={H} HV={HV} {dtype:9s} warps={warps} stages={stages}  {row['status']:7s} "
+                          f"{row.get('rel_err') or row.get('message', '')}", flush=True)
     result = {"environment": environment(args.device), "args": vars(args), "rows": rows}
     out = Path(args.out or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,10 @@ import dqkwg_probe  # noqa: E402
 
 def test_probe_rows_on_the_interpreter(tmp_path):
     result = dqkwg_probe.main(["--device", "cpu", "--ks", "16", "--dtypes", "float32", "--configs", "4:2,8:3",
-                               "--out", str(tmp_path)])
+                               "--heads", "1:1,1:2", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "dqkwg_probe.json").read_text())["rows"]
-    assert rows == result["rows"] and [(r["num_warps"], r["num_stages"]) for r in rows] == [(4, 2), (8, 3)]
+    assert rows == result["rows"] and [(r["HV"], r["num_warps"], r["num_stages"]) for r in rows] == [
+        (1, 4, 2), (1, 8, 3), (2, 4, 2), (2, 8, 3)]
     for row in rows:
         assert row["status"] == "ok", row
         assert set(row["rel_err"]) == {"dq", "dk", "dg"} and 0 < max(row["rel_err"].values()) < 1e-5

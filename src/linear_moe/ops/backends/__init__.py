@@ -113,11 +113,11 @@ def hopper_dqkwg_bug(capability: tuple[int, int] | None, triton: str | None) -> 
     return (3, 4, 0) <= _version_tuple(triton) < (3, 7, 1)
 
 
-# Our `chunk_bwd_dqkwg` (the #640 replacement) is known-good on the H100 at k_dim 64 and 128 (float64-checked, and it
-# trains Gated DeltaNet / Mamba2 there); at k_dim 16 in bf16 it faulted (cause not established: Triton's interpreter
-# runs bf16 wrongly at every shape, and the GPU time ran out). Below this the gated ops take the torch backend on the
-# affected devices; tests/ops/test_backends_dqkwg.py checks 32-128 in bf16 on the GPU.
-DQKWG_MIN_K_DIM = 32
+# Our `chunk_bwd_dqkwg` (the #640 replacement) runs key tiles of at least 16 columns; it is float64-checked on the
+# H100 in bf16 at k_dim 16 - 128 (tests/ops/test_backends_dqkwg.py). Its 4-warp launch configs were wrong in bf16
+# and faulted while the autotuner timed them (first seen as Mamba2 with state_size=16, 2026-11-25 s8); they are
+# gone. Narrower keys take the torch backend on the affected devices.
+DQKWG_MIN_K_DIM = 16
 
 
 def _uses_dqkwg_gated(op_name: str, decay: str) -> bool:
@@ -168,9 +168,8 @@ def why_not(name: str, op_name: str, device: torch.device, dtype: torch.dtype | 
                     "linear-moe from plugging in its fixed kernel")
         k_dim = features.get("k_dim")
         if k_dim is not None and k_dim < DQKWG_MIN_K_DIM:
-            return (f"known-bad: linear-moe's replacement for fla's gated backward step (used on Hopper with Triton "
-                    f"{triton_version()}) made an illegal memory access on the H100 at k_dim=16 in bf16 (Mamba2 with "
-                    f"state_size=16, 2026-11-25); it is used for k_dim >= {DQKWG_MIN_K_DIM} only, got k_dim={k_dim}")
+            return (f"linear-moe's replacement for fla's gated backward step (used on Hopper with Triton "
+                    f"{triton_version()}) is checked for k_dim >= {DQKWG_MIN_K_DIM} only, got k_dim={k_dim}")
     return None
 
 

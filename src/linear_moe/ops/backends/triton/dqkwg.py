@@ -34,7 +34,12 @@ import triton.language as tl
 _NO_GATE, _GATE_G, _GATE_GAMMA = 0, 1, 2
 
 
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+# 8 warps only. With 4 warps (one warpgroup: the [BT, BT] products lower to wgmma) the H100 with Triton 3.6 computed
+# dk, hence dg, wrongly in bf16 (relative error ~0.95 at K = 16 and 32 while dq was right) and, timed by the
+# autotuner, made illegal memory accesses at K = 16 - 128; every 8-warp config was right to bf16 rounding
+# (benchmarks/dqkwg_probe.py, 2026-11-25 s9). The 8-warp configs were also the autotuner's pick where it could
+# choose (23 vs 17 us at GDN's shapes), so nothing is lost.
+_CONFIGS = [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot time configs
     _CONFIGS = _CONFIGS[:1]
 
