@@ -53,7 +53,8 @@ def child(K: int, dtype: str, warps: int, stages: int, device: str, H: int = 2, 
     return {"status": "ok" if ok else "wrong", "rel_err": {n: float(f"{e:.3g}") for n, e in errors.items()}}
 
 
-def run_row(K: int, dtype: str, warps: int, stages: int, device: str, timeout_s: float, H: int = 2, HV: int = 2) -> dict:
+def run_row(K: int, dtype: str, warps: int, stages: int, device: str, timeout_s: float, H: int = 2,
+            HV: int = 2) -> dict:
     row = {"K": K, "H": H, "HV": HV, "dtype": dtype, "num_warps": warps, "num_stages": stages}
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     if device == "cpu":

@@ -117,10 +117,25 @@ def test_odd_widths_refused_for_fla_in_16_bit(monkeypatch):
     monkeypatch.setattr(backends, "triton_version", lambda: "3.6.0")
     cuda = torch.device("cuda")
     assert backends.why_not("fla", "gsa", cuda, torch.bfloat16, k_dim=64, v_dim=64, m_dim=64) is None
-    assert backends.why_not("fla", "gsa", cuda, torch.float32, k_dim=63, v_dim=64, m_dim=5) is None
+    assert backends.why_not("fla", "gsa", cuda, torch.float32, k_dim=63, v_dim=64, m_dim=5, requires_grad=False) is None
     assert backends.why_not("fla", "gsa", cuda, torch.bfloat16, k_dim=64, v_dim=64, m_dim=5) == (
         "fla's 16-bit chunk_gsa needs even head and slot widths, got m_dim=5")
     assert "m_dim=300" in backends.why_not("fla", "gsa", cuda, torch.bfloat16, k_dim=64, v_dim=64, m_dim=300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eight_slots_or_fewer_train_off_fla(monkeypatch, dtype):
+    """fla's chunk_gsa backward fails to compile at 8 slots (tl.dot needs 16-wide tiles; the H100, s9): training
+    takes the torch form there, inference keeps fla, and 9 slots (a 16-wide tile, masked) keep fla."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "fla_version", lambda: "0.6.0")
+    monkeypatch.setattr(backends, "triton_version", lambda: "3.6.0")
+    dims = dict(k_dim=32, v_dim=32)
+    assert backends.resolve_backend("gsa", None, "cuda", dtype, requires_grad=True, m_dim=8, **dims) == "torch"
+    assert backends.resolve_backend("gsa", None, "cuda", dtype, requires_grad=False, m_dim=8, **dims) == "fla"
+    assert backends.resolve_backend("gsa", None, "cuda", dtype, requires_grad=True, m_dim=10, **dims) == "fla"
+    with pytest.raises(RuntimeError, match="chunk_gsa backward needs more than 8 slots.*got m_dim=8"):
+        backends.resolve_backend("gsa", "fla", "cuda", dtype, requires_grad=True, m_dim=8, **dims)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -128,10 +143,10 @@ def test_odd_widths_refused_for_fla_in_16_bit(monkeypatch):
 def test_fla_chunk_gsa_on_cuda_against_the_reference(dtype, tol):
     """fla's chunk_gsa (forced here; CUDA's pick) against the float64 loop: output, both states and every
     gradient, in fp32 (Triton's TF32 dots) and bf16, each error printed by name. Even widths, as fla's 16-bit
-    path requires."""
+    path requires, and 16 slots (its backward's matmul tiles need more than 8)."""
     g = generator()
-    args = _split(gsa_inputs(g, B=2, T=100, H=2, K=16, V=16, M=8))
-    weights = [randn(g, 2, 100, 2, 16).double(), randn(g, 2, 2, 16, 8).double(), randn(g, 2, 2, 8, 16).double()]
+    args = _split(gsa_inputs(g, B=2, T=100, H=2, K=16, V=16, M=16))
+    weights = [randn(g, 2, 100, 2, 16).double(), randn(g, 2, 2, 16, 16).double(), randn(g, 2, 2, 16, 16).double()]
     ref_outs, ref_grads = grads_of(_flat(lambda **a: reference.gsa_ref(**a, scale=0.25)),
                                    {n: x.double() for n, x in args.items()}, weights)
     cuda = {n: x.to("cuda", torch.float32 if n == "log_decay" else dtype) for n, x in args.items()}

@@ -159,6 +159,11 @@ def why_not(name: str, op_name: str, device: torch.device, dtype: torch.dtype | 
         odd = [f"{key}={features[key]}" for key in ("k_dim", "v_dim", "m_dim") if features.get(key, 0) % 2]
         if odd:  # gla pads odd widths with zero columns; chunk_gsa's softmax over the slots cannot take a pad slot
             return f"fla's 16-bit chunk_gsa needs even head and slot widths, got {', '.join(odd)}"
+    if op_name == "gsa" and features.get("requires_grad", True) and 0 < features.get("m_dim", 16) <= 8:
+        # chunk_gsa_bwd_kernel_dA multiplies tiles next_power_of_2(M) wide, and Triton's tl.dot needs 16 (the H100,
+        # num_slots=8, 2026-11-25 s9: "Input shapes should have ... K >= 16"); the forward alone runs
+        return ("fla's chunk_gsa backward needs more than 8 slots (Triton's matmul tiles), "
+                f"got m_dim={features['m_dim']}")
     decay = features.get("decay", "none")
     if (features.get("requires_grad", True) and _uses_dqkwg_gated(op_name, decay)
             and hopper_dqkwg_bug(cuda_capability(device), triton_version())):
