@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from provenance import git_commit, source_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {"bfloat16": 2e-2, "float32": 5e-3}  # the GPU runs fp32 dots in tf32
 
@@ -78,8 +80,7 @@ def environment(device: str) -> dict:
 
     env = {"torch": torch.__version__, "triton": triton.__version__,
            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (Triton interpreter)"}
-    env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                   cwd=ROOT).stdout.strip() or os.environ.get("GIT_COMMIT", "")
+    env["commit"], env["source_digest"] = git_commit(), source_digest()
     return env
 
 

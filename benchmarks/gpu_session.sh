@@ -3,6 +3,8 @@
 # Wheels missing on the GPU image travel in .whl/; Triton's autotuning results travel in .tune/h100.tgz
 # (benchmarks/warm_kernels.py): fla's kernels otherwise spend minutes per mixer tuning on a fresh machine.
 # Each part writes its JSON/log under $OUT; the timeouts keep one slow part from losing the others.
+# Pass GIT_COMMIT=<hash of the tree sent> on the device command line: that copy's git metadata lags its files, and
+# the results files take their commit from GIT_COMMIT first (benchmarks/provenance.py).
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

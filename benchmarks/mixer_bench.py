@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import pstats
-import subprocess
 import sys
 import time
 import traceback
@@ -39,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_commit, source_digest  # noqa: E402
 
 from linear_moe.layers.config import AttentionConfig  # noqa: E402
 from linear_moe.layers.registry import available_mixers, build_mixer  # noqa: E402
@@ -55,10 +55,9 @@ def environment(device: torch.device) -> dict:
         from model_bench import environment as gpu_environment
 
         return gpu_environment()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     return {"device": f"cpu ({platform.processor() or platform.machine()})", "torch": torch.__version__,
-            "triton": backends.triton_version(), "fla": backends.fla_version(), "commit": commit}
+            "triton": backends.triton_version(), "fla": backends.fla_version(), "commit": git_commit(),
+            "source_digest": source_digest()}
 
 
 class Timer:

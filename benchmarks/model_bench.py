@@ -23,7 +23,6 @@ import dataclasses
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance.py beside this file
+from provenance import git_commit, source_digest  # noqa: E402
 
 from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
@@ -204,26 +205,8 @@ def environment() -> dict:
         env["fla"] = getattr(fla, "__version__", "?")
     except ImportError:
         env["fla"] = None
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).parent).stdout.strip() or os.environ.get("GIT_COMMIT", "")
-    except OSError:
-        env["commit"] = os.environ.get("GIT_COMMIT", "")
-    env["source_digest"] = source_digest()
+    env["commit"], env["source_digest"] = git_commit(), source_digest()
     return env
-
-
-def source_digest() -> str:
-    """sha256 of the package's sources: identifies the code that ran even where a copied tree's git
-    metadata lags behind its files (as on the device machine). Recompute locally to match a commit."""
-    import hashlib
-
-    h = hashlib.sha256()
-    src = Path(__file__).resolve().parents[1] / "src"
-    for f in sorted(src.rglob("*.py")):
-        h.update(str(f.relative_to(src)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from linear_moe import ops
 from linear_moe.ops.backends import fla_version, triton_version
+from provenance import git_commit, source_digest
 
 # name -> (op, decay kind, bonus, normalize, varlen, mode)
 CASES = {
@@ -277,7 +278,7 @@ def main():
     seed = int.from_bytes(os.urandom(4), "little")
     result = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
               "torch": torch.__version__, "triton": triton_version(), "fla": fla_version(),
-              "python": platform.python_version(), "git_commit": os.environ.get("GIT_COMMIT"),
+              "python": platform.python_version(), "git_commit": git_commit(), "source_digest": source_digest(),
               "seed": seed, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "check": {}, "time_ms": {}, "targets": {}}
     if a.resume:

@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance.py beside this file
+from provenance import git_commit, source_digest  # noqa: E402
 
 from linear_moe.model.causal_lm import LinearMoEForCausalLM  # noqa: E402
 from linear_moe.model.config import ModelConfig  # noqa: E402
@@ -248,11 +249,7 @@ def environment(device: torch.device) -> dict:
         import triton
 
         env["triton"] = triton.__version__
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).parent).stdout.strip() or os.environ.get("GIT_COMMIT", "")
-    except OSError:
-        env["commit"] = os.environ.get("GIT_COMMIT", "")
+    env["commit"], env["source_digest"] = git_commit(), source_digest()
     return env
 
 
