@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -17,6 +18,12 @@ def test_each_timed_step_starts_from_empty_gradients(monkeypatch):
     monkeypatch.setattr(moe_bench, "_params", list(lin.parameters()))
     lin(x).float().sum().backward()
     once = (lin.weight.grad.clone(), x.grad.clone())
-    moe_bench.bench(lin, x, n_warm=1, n=2)
+    moe_bench.bench(lambda: moe_bench.fwd_bwd(lin, x), x.device, n_warm=1, n=2)
     torch.testing.assert_close(lin.weight.grad, once[0])
     torch.testing.assert_close(x.grad, once[1])
+
+
+def test_graph_timing_needs_cuda(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["moe_bench.py", "--device", "cpu", "--graph"])
+    with pytest.raises(SystemExit, match="--graph captures CUDA graphs: it needs --device cuda, got --device cpu"):
+        moe_bench.main()
