@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs of the issues in one script, part by part (PARTS="tests probe loss profile moe model scaling mfu decode train mixers ops").
+# The GPU runs of the issues in one script, part by part (PARTS="tests probe loss profile moe gemm model scaling mfu decode train mixers ops").
 # Wheels missing on the GPU image travel in .whl/; Triton's autotuning results travel in .tune/h100.tgz
 # (benchmarks/warm_kernels.py): fla's kernels otherwise spend minutes per mixer tuning on a fresh machine.
 # Each part writes its JSON/log under $OUT; the timeouts keep one slow part from losing the others.
@@ -50,6 +50,8 @@ if has moe; then  # bf16 weights, then fp32 weights under autocast (how the trai
   echo "== MoE layer, autocast" && timeout 90 python3 benchmarks/moe_bench.py --autocast --skip-loop 2>&1 | tail -12
   mv "$OUT/moe_bench.json" "$OUT/moe_bench_autocast.json" 2>/dev/null
 fi
+# issue 5: does a Triton grouped GEMM that gathers its own rows beat the row gather + cutlass grouped GEMM?
+has gemm && echo "== gathered grouped GEMM" && timeout ${GEMM_S:-120} python3 benchmarks/moe_gather_gemm_probe.py 2>&1 | tail -12
 if has model; then  # 8K tokens per step: the peer (HF Qwen2-MoE) fits at this size only (fp32 logits)
   echo "== model throughput beside the peer"
   timeout ${MODEL_S:-480} python3 benchmarks/model_bench.py --lengths 2048,8192 --tokens-per-step 8192 --kinds ${MODEL_KINDS:-gdn@graph,gdn@graph+torch_ce,gla@graph,hybrid@graph,attention@graph} \

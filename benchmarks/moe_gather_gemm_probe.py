@@ -1,0 +1,189 @@
+"""Can one Triton grouped GEMM that gathers its own input rows beat a row gather plus torch's cutlass grouped GEMM?
+
+Issue 5's MoE layer is at 0.72x the dense layer's FLOP rate (target 0.8x) on the H100: its six grouped GEMMs
+(``torch._grouped_mm``, cutlass, ~650 TFLOP/s) take 3.33 of 5.72 ms and three row gathers into expert order take
+0.47 ms, each at about the bandwidth its bytes need. A gather can only go away inside the GEMM that reads it,
+which ``torch._grouped_mm`` offers no hook for. This probe answers the question that decides whether writing such
+a kernel for the layer is worth it, on the first GEMM of the layer at its real shape (16K tokens x top-8 =
+131072 rows, hidden 1024 -> gate+up 1792, 64 experts):
+
+    gather + cutlass:  rows = x[token]; torch._grouped_mm(rows, W^T, offs)
+    fused:             _gathered_grouped_mm(x, token, offs, W)   (below: rows loaded by index, no [n, C] copy)
+
+Predicted on the H100: cutlass 0.74 ms (481 GFLOP at ~650 TFLOP/s) + gather 0.16 ms = 0.90 ms; the fused kernel
+breaks even at ~535 TFLOP/s. Triton cannot use TMA for gathered rows on sm90, so it is expected near 500-600.
+
+    python benchmarks/moe_gather_gemm_probe.py                   # on the GPU
+    python benchmarks/moe_gather_gemm_probe.py --device cpu --tokens 64 --experts 4 --hidden 32 --out-width 48
+                                                                 # Triton interpreter dry run
+
+Writes ``$OUT/moe_gather_gemm_probe.json`` (or ``benchmarks/results/``): environment, shape, both times, TFLOP/s and
+the fused result's relative error against the gather + grouped_mm result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_commit, source_digest  # noqa: E402
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4)]]
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs; small tiles keep it quick
+    _CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16})]
+
+
+@triton.autotune(configs=_CONFIGS, key=["C", "N_OUT", "E"])
+@triton.jit
+def _gathered_grouped_mm_kernel(x, token, offs, w, out, C: tl.constexpr, N_OUT: tl.constexpr, E: tl.constexpr, BM: tl.constexpr,
+                                BN: tl.constexpr, BK: tl.constexpr):
+    """out[r] = x[token[r]] @ w[e(r)]^T for the rows r of expert e (rows sorted by expert, offs = cumulative ends).
+
+    Program (n tile, m tile): the m tiles are numbered across experts (expert e owns ceil(count_e / BM) of them,
+    found by walking offs); programs past the last tile exit. The n tiles are the fast grid axis, so consecutive
+    programs reuse one gathered row tile from L2 and walk one expert's weights."""
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(1)
+    expert = -1
+    start = 0
+    end = 0
+    prev = 0
+    tiles_before = 0
+    for e in range(E):
+        end_e = tl.load(offs + e).to(tl.int32)
+        n_tiles = (end_e - prev + BM - 1) // BM
+        hit = (tile >= tiles_before) & (tile < tiles_before + n_tiles)
+        expert = tl.where(hit, e, expert)
+        start = tl.where(hit, prev + (tile - tiles_before) * BM, start)
+        end = tl.where(hit, end_e, end)
+        tiles_before += n_tiles
+        prev = end_e
+    if expert < 0:
+        return
+    rows = start + tl.arange(0, BM)
+    m_rows = rows < end
+    src = tl.load(token + rows, mask=m_rows, other=0).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    m_cols = cols < N_OUT
+    w_e = w + expert.to(tl.int64) * N_OUT * C
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, C, BK):
+        ks = k0 + tl.arange(0, BK)
+        m_k = ks < C
+        a = tl.load(x + src[:, None] * C + ks[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
+        b = tl.load(w_e + cols[None, :].to(tl.int64) * C + ks[:, None], mask=m_k[:, None] & m_cols[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    dst = out + rows.to(tl.int64)[:, None] * N_OUT + cols[None, :]
+    tl.store(dst, acc.to(out.dtype.element_ty), mask=m_rows[:, None] & m_cols[None, :])
+
+
+def gathered_grouped_mm(x: torch.Tensor, token: torch.Tensor, offs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [N, C], token [n] (source row of each expert-sorted row), offs [E] int32 cumulative row ends, w [E, out, C]
+    -> [n, out] in x's dtype. The launch grid is a bound (n / BM + E tiles): no host sync."""
+    E, N_OUT, C = w.shape
+    n = token.numel()
+    out = x.new_empty(n, N_OUT)
+    grid = lambda meta: (triton.cdiv(N_OUT, meta["BN"]), triton.cdiv(n, meta["BM"]) + E)  # noqa: E731
+    _gathered_grouped_mm_kernel[grid](x, token, offs, w, out, C=C, N_OUT=N_OUT, E=E)
+    return out
+
+
+def reference(x, token, offs, w) -> torch.Tensor:
+    """The same product expert by expert in float64 (host loop: a reference only)."""
+    ends = offs.tolist()
+    out, prev = [], 0
+    for e, end in enumerate(ends):
+        out.append(x[token[prev:end]].double() @ w[e].double().T)
+        prev = end
+    return torch.cat(out)
+
+
+def routed_problem(tokens: int, top_k: int, experts: int, hidden: int, out_width: int, device, dtype, seed=0):
+    """Random top-k routing of ``tokens`` rows, sorted by expert: (x, token, offs, w, counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    w = (torch.randn(experts, out_width, hidden, generator=gen) * hidden ** -0.5).to(device, dtype)
+    choice = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices.reshape(-1)
+    order = torch.argsort(choice, stable=True)
+    counts = torch.bincount(choice, minlength=experts)
+    return x, (order // top_k).to(device), torch.cumsum(counts, 0).to(device, torch.int32), w, counts
+
+
+def time_ms(fn, device, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    if device.type != "cuda":
+        import time
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return 1e3 * (time.perf_counter() - t0) / iters
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / iters
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--out-width", type=int, default=1792, help="gate + up rows of each expert (2 x 896)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default="", help="output folder (default $OUT, else benchmarks/results/)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, token, offs, w, counts = routed_problem(a.tokens, a.top_k, a.experts, a.hidden, a.out_width, device, dtype)
+    flop = 2 * token.numel() * a.hidden * a.out_width
+    fused = gathered_grouped_mm(x, token, offs, w)
+    want = reference(x.cpu(), token.cpu(), offs.cpu(), w.cpu())
+    rel_err = ((fused.double().cpu() - want).norm() / want.norm()).item()
+    row = {"rel_err_vs_float64": rel_err, "fused_ms": time_ms(lambda: gathered_grouped_mm(x, token, offs, w), device,
+                                                             a.iters)}
+    if device.type == "cuda":
+        wt = w.transpose(-2, -1)
+        rows = x.index_select(0, token)
+        row["gather_ms"] = time_ms(lambda: x.index_select(0, token), device, a.iters)
+        row["grouped_mm_ms"] = time_ms(lambda: torch._grouped_mm(rows, wt, offs=offs), device, a.iters)
+        row["gather_plus_grouped_mm_ms"] = time_ms(
+            lambda: torch._grouped_mm(x.index_select(0, token), wt, offs=offs), device, a.iters)
+        row["grouped_mm_tflops"] = flop / row["grouped_mm_ms"] / 1e9
+        row["fused_speedup"] = row["gather_plus_grouped_mm_ms"] / row["fused_ms"]
+        row["best_config"] = str(_gathered_grouped_mm_kernel.best_config)
+    row["fused_tflops"] = flop / row["fused_ms"] / 1e9
+    env = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (Triton interpreter)",
+           "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
+           "source_digest": source_digest()}
+    result = {"environment": env, "shape": {"rows": token.numel(), "tokens": a.tokens, "top_k": a.top_k,
+              "experts": a.experts, "hidden": a.hidden, "out_width": a.out_width,
+              "empty_experts": int((counts == 0).sum())}, "result": row}
+    for key, value in row.items():
+        print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}", flush=True)
+    out = Path(a.out or os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moe_gather_gemm_probe.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
