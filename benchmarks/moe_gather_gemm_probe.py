@@ -7,11 +7,17 @@ which ``torch._grouped_mm`` offers no hook for. This probe answers the question 
 a kernel for the layer is worth it, on the first GEMM of the layer at its real shape (16K tokens x top-8 =
 131072 rows, hidden 1024 -> gate+up 1792, 64 experts):
 
-    gather + cutlass:  rows = x[token]; torch._grouped_mm(rows, W^T, offs)
-    fused:             _gathered_grouped_mm(x, token, offs, W)   (below: rows loaded by index, no [n, C] copy)
+    forward ("fwd"):   out[r] = x[token[r]] @ W[e]^T
+        gather + cutlass:  torch._grouped_mm(x[token], W^T, offs)
+        fused:             gathered_grouped_mm(x, token, offs, W)       rows loaded by index, no [n, C] copy
+    weight gradient ("wgrad"):  dW[e] = G[rows of e]^T @ x[token[rows of e]]
+        gather + cutlass:  torch._grouped_mm(G^T, x[token], offs)
+        fused:             gathered_grouped_wgrad(G, x, token, offs)    the reduction's rows loaded by index
 
-Predicted on the H100: cutlass 0.74 ms (481 GFLOP at ~650 TFLOP/s) + gather 0.16 ms = 0.90 ms; the fused kernel
-breaks even at ~535 TFLOP/s. Triton cannot use TMA for gathered rows on sm90, so it is expected near 500-600.
+The layer's three gathers feed one GEMM of each kind (forward, its recompute for the gate/up weight gradient, and
+the combine's backward for the down projection), so both must win for the gathers to go. Predicted on the H100:
+cutlass 0.74 ms each (481 GFLOP at ~650 TFLOP/s) + gather 0.16 ms = 0.90 ms; a fused kernel breaks even at ~535
+TFLOP/s. Triton cannot use TMA for gathered rows on sm90, so it is expected near 500-600.
 
     python benchmarks/moe_gather_gemm_probe.py                   # on the GPU
     python benchmarks/moe_gather_gemm_probe.py --device cpu --tokens 64 --experts 4 --hidden 32 --out-width 48
@@ -40,15 +46,16 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 _CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4)]]
+            for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
+                                 (128, 64, 4, 4)]]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs; small tiles keep it quick
     _CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16})]
 
 
 @triton.autotune(configs=_CONFIGS, key=["C", "N_OUT", "E"])
 @triton.jit
-def _gathered_grouped_mm_kernel(x, token, offs, w, out, C: tl.constexpr, N_OUT: tl.constexpr, E: tl.constexpr, BM: tl.constexpr,
-                                BN: tl.constexpr, BK: tl.constexpr):
+def _gathered_grouped_mm_kernel(x, token, offs, w, out, C: tl.constexpr, N_OUT: tl.constexpr, E: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """out[r] = x[token[r]] @ w[e(r)]^T for the rows r of expert e (rows sorted by expert, offs = cumulative ends).
 
     Program (n tile, m tile): the m tiles are numbered across experts (expert e owns ceil(count_e / BM) of them,
@@ -98,6 +105,56 @@ def gathered_grouped_mm(x: torch.Tensor, token: torch.Tensor, offs: torch.Tensor
     grid = lambda meta: (triton.cdiv(N_OUT, meta["BN"]), triton.cdiv(n, meta["BM"]) + E)  # noqa: E731
     _gathered_grouped_mm_kernel[grid](x, token, offs, w, out, C=C, N_OUT=N_OUT, E=E)
     return out
+
+
+_WGRAD_CONFIGS = [triton.Config({"BI": bi, "BJ": bj, "BK": 64}, num_warps=w, num_stages=s)
+                  for bi, bj, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _WGRAD_CONFIGS = [triton.Config({"BI": 16, "BJ": 16, "BK": 16})]
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["C", "N_OUT"])
+@triton.jit
+def _gathered_grouped_wgrad_kernel(g, x, token, offs, dw, C: tl.constexpr, N_OUT: tl.constexpr, BI: tl.constexpr,
+                                   BJ: tl.constexpr, BK: tl.constexpr):
+    """dw[e] = g[start_e:end_e]^T @ x[token[start_e:end_e]]: one [BI, BJ] tile of one expert per program, the loop
+    over that expert's rows (an empty expert writes zeros)."""
+    n_j: tl.constexpr = (C + BJ - 1) // BJ
+    i0 = (tl.program_id(0) // n_j) * BI
+    j0 = (tl.program_id(0) % n_j) * BJ
+    e = tl.program_id(1)
+    end = tl.load(offs + e).to(tl.int32)
+    start = tl.where(e > 0, tl.load(offs + e - 1, mask=e > 0, other=0).to(tl.int32), 0)
+    ii = i0 + tl.arange(0, BI)
+    jj = j0 + tl.arange(0, BJ)
+    m_i = ii < N_OUT
+    m_j = jj < C
+    acc = tl.zeros([BI, BJ], dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + tl.arange(0, BK)
+        m_r = rows < end
+        src = tl.load(token + rows, mask=m_r, other=0).to(tl.int64)
+        g_t = tl.load(g + rows.to(tl.int64)[None, :] * N_OUT + ii[:, None], mask=m_i[:, None] & m_r[None, :], other=0.0)
+        x_t = tl.load(x + src[:, None] * C + jj[None, :], mask=m_r[:, None] & m_j[None, :], other=0.0)
+        acc = tl.dot(g_t, x_t, acc)
+    dst = dw + e.to(tl.int64) * N_OUT * C + ii[:, None].to(tl.int64) * C + jj[None, :]
+    tl.store(dst, acc.to(dw.dtype.element_ty), mask=m_i[:, None] & m_j[None, :])
+
+
+def gathered_grouped_wgrad(g: torch.Tensor, x: torch.Tensor, token: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """g [n, out] (gradients of the expert-sorted rows), x [N, C], token [n], offs [E] -> dW [E, out, C] (g's dtype)."""
+    n, N_OUT = g.shape
+    C, E = x.shape[1], offs.numel()
+    dw = g.new_empty(E, N_OUT, C)
+    grid = lambda meta: (triton.cdiv(N_OUT, meta["BI"]) * triton.cdiv(C, meta["BJ"]), E)  # noqa: E731
+    _gathered_grouped_wgrad_kernel[grid](g, x, token, offs, dw, C=C, N_OUT=N_OUT)
+    return dw
+
+
+def reference_wgrad(g, x, token, offs) -> torch.Tensor:
+    """dW expert by expert in float64 (host loop: a reference only)."""
+    bounds = [0, *offs.tolist()]
+    return torch.stack([g[s:e].double().T @ x[token[s:e]].double() for s, e in zip(bounds[:-1], bounds[1:])])
 
 
 def reference(x, token, offs, w) -> torch.Tensor:
@@ -155,30 +212,40 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x, token, offs, w, counts = routed_problem(a.tokens, a.top_k, a.experts, a.hidden, a.out_width, device, dtype)
     flop = 2 * token.numel() * a.hidden * a.out_width
-    fused = gathered_grouped_mm(x, token, offs, w)
-    want = reference(x.cpu(), token.cpu(), offs.cpu(), w.cpu())
-    rel_err = ((fused.double().cpu() - want).norm() / want.norm()).item()
-    row = {"rel_err_vs_float64": rel_err, "fused_ms": time_ms(lambda: gathered_grouped_mm(x, token, offs, w), device,
-                                                             a.iters)}
+    grad = (torch.randn(token.numel(), a.out_width, generator=torch.Generator().manual_seed(1))).to(device, dtype)
+    rel = lambda got, want: ((got.double().cpu() - want).norm() / want.norm()).item()  # noqa: E731
+    cpu = [t.cpu() for t in (x, token, offs, w, grad)]
+    fused = {"fwd": lambda: gathered_grouped_mm(x, token, offs, w),
+             "wgrad": lambda: gathered_grouped_wgrad(grad, x, token, offs)}
+    rows = {"fwd": {"rel_err_vs_float64": rel(fused["fwd"](), reference(*cpu[:4]))},
+            "wgrad": {"rel_err_vs_float64": rel(fused["wgrad"](), reference_wgrad(cpu[4], *cpu[:3]))}}
     if device.type == "cuda":
-        wt = w.transpose(-2, -1)
-        rows = x.index_select(0, token)
-        row["gather_ms"] = time_ms(lambda: x.index_select(0, token), device, a.iters)
-        row["grouped_mm_ms"] = time_ms(lambda: torch._grouped_mm(rows, wt, offs=offs), device, a.iters)
-        row["gather_plus_grouped_mm_ms"] = time_ms(
-            lambda: torch._grouped_mm(x.index_select(0, token), wt, offs=offs), device, a.iters)
-        row["grouped_mm_tflops"] = flop / row["grouped_mm_ms"] / 1e9
-        row["fused_speedup"] = row["gather_plus_grouped_mm_ms"] / row["fused_ms"]
-        row["best_config"] = str(_gathered_grouped_mm_kernel.best_config)
-    row["fused_tflops"] = flop / row["fused_ms"] / 1e9
+        wt, gathered = w.transpose(-2, -1), x.index_select(0, token)
+        cutlass = {"fwd": lambda x_rows: torch._grouped_mm(x_rows, wt, offs=offs),
+                   "wgrad": lambda x_rows: torch._grouped_mm(grad.t(), x_rows, offs=offs)}
+        gather_ms = time_ms(lambda: x.index_select(0, token), device, a.iters)
+        for kind, row in rows.items():
+            row["gather_ms"] = gather_ms
+            row["grouped_mm_ms"] = time_ms(lambda: cutlass[kind](gathered), device, a.iters)
+            row["gather_plus_grouped_mm_ms"] = time_ms(lambda: cutlass[kind](x.index_select(0, token)), device, a.iters)
+            row["grouped_mm_tflops"] = flop / row["grouped_mm_ms"] / 1e9
+    for kind, row in rows.items():
+        row["fused_ms"] = time_ms(fused[kind], device, a.iters)
+        row["fused_tflops"] = flop / row["fused_ms"] / 1e9
+        if device.type == "cuda":
+            row["fused_speedup"] = row["gather_plus_grouped_mm_ms"] / row["fused_ms"]
+            kernel = _gathered_grouped_mm_kernel if kind == "fwd" else _gathered_grouped_wgrad_kernel
+            row["best_config"] = str(kernel.best_config)
     env = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (Triton interpreter)",
            "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
            "source_digest": source_digest()}
     result = {"environment": env, "shape": {"rows": token.numel(), "tokens": a.tokens, "top_k": a.top_k,
               "experts": a.experts, "hidden": a.hidden, "out_width": a.out_width,
-              "empty_experts": int((counts == 0).sum())}, "result": row}
-    for key, value in row.items():
-        print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}", flush=True)
+              "empty_experts": int((counts == 0).sum())}, "result": rows}
+    for kind, row in rows.items():
+        for key, value in row.items():
+            print(f"{kind:6s} {key:28s} {value:.4g}" if isinstance(value, float) else f"{kind:6s} {key:28s} {value}",
+                  flush=True)
     out = Path(a.out or os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "moe_gather_gemm_probe.json").write_text(json.dumps(result, indent=1))
