@@ -2,7 +2,7 @@
 forward + backward in bf16, against a dense SwiGLU of the same active FLOPs (width 8 × 896) and against a
 per-expert loop (how HF transformers' Qwen2-MoE block computes experts), in one run.
 
-    python benchmarks/moe_bench.py [--tokens 16384] [--profile] [--autocast] [--skip-loop] [--graph]
+    python benchmarks/moe_bench.py [--tokens 16384] [--profile] [--autocast] [--skip-loop] [--graph] [--fused-gather]
     python benchmarks/moe_bench.py --device cpu --tokens 256 --skip-loop     # dry run off the GPU
 
 Writes ``$OUT/moe_bench.json`` (or ``benchmarks/results/``): device, versions, commit, shapes, times,
@@ -10,6 +10,8 @@ FLOP rates, activation memory saved for backward and peak memory of one fwd+bwd,
 layer's FLOP rate, ≥ 5× the loop). ``--graph`` also times the grouped and dense layers' fwd+bwd replayed as CUDA
 graphs, as the trainer runs its steps: the eager grouped layer's GPU sat idle 0.28 of its 5.72 ms between ~100
 kernel launches on the H100 (s7), the dense layer launches a handful. The targets then read the graphed pair.
+``--fused-gather`` adds the same layer on the expert backend ``fused_gather`` (Triton GEMMs that read the routed
+rows by index: no gathered copies), eager and, with ``--graph``, graphed.
 """
 from __future__ import annotations
 
@@ -141,6 +143,7 @@ def main() -> None:
     p.add_argument("--skip-loop", action="store_true", help="leave out the per-expert loop (slow)")
     p.add_argument("--profile", action="store_true", help="print the grouped layer's top kernels for one fwd+bwd")
     p.add_argument("--graph", action="store_true", help="also time the grouped and dense layers as CUDA graphs (CUDA)")
+    p.add_argument("--fused-gather", action="store_true", help="also time the layer on expert backend fused_gather")
     args = p.parse_args()
     if args.graph and args.device != "cuda":
         raise SystemExit(f"--graph captures CUDA graphs: it needs --device cuda, got --device {args.device}")
@@ -160,12 +163,20 @@ def main() -> None:
             return fn
         return lambda t: _autocast_call(fn, t, device)
 
+    def on_backend(name):
+        def run(t):  # the same layer and weights; the backend is read when the layer runs (or is captured)
+            moe.experts.backend = name
+            return moe(t)[0]
+        return run
+
     rows = {}
-    cases = [("moe_grouped", lambda t: moe(t)[0]), ("dense_same_active_flops", dense)]
+    cases = [("moe_grouped", on_backend(cfg.expert_backend)), ("dense_same_active_flops", dense)]
+    if args.fused_gather:
+        cases.append(("moe_fused_gather", on_backend("fused_gather")))
     if not args.skip_loop:
         cases.append(("moe_loop", loop))
     if args.graph:  # the loop reads its routing on the host (torch.where): not capturable
-        cases += [(f"{name}@graph", fn) for name, fn in cases[:2]]
+        cases += [(f"{name}@graph", fn) for name, fn in cases if name != "moe_loop"]
     for name, fn in cases:
         fn = amp(fn)
         step = graphed_step(fn, x) if name.endswith("@graph") else (lambda fn=fn: fwd_bwd(fn, x))
@@ -181,10 +192,13 @@ def main() -> None:
     env = environment() if device.type == "cuda" else {"device": "cpu", "torch": torch.__version__}
     result = {"environment": env, "shape": {"tokens": args.tokens, "hidden": C, "experts": E, "top_k": K, "expert_width": H},
               "autocast": args.autocast, "rows": rows, "targets_read": f"moe_grouped{tag} vs dense_same_active_flops{tag}",
-              "grouped_vs_dense_flop_rate": vs_dense, "grouped_speedup_vs_loop": vs_loop,
+              "grouped_vs_dense_flop_rate": vs_dense,
+              "fused_gather_vs_dense_flop_rate": (rows[f"moe_fused_gather{tag}"]["tflops"]
+                                                  / rows[f"dense_same_active_flops{tag}"]["tflops"]
+                                                  if args.fused_gather else None), "grouped_speedup_vs_loop": vs_loop,
               "targets": {"vs_dense>=0.8": vs_dense >= 0.8, "vs_loop>=5": None if vs_loop is None else vs_loop >= 5}}
     if args.profile and device.type == "cuda":
-        result["top_kernels"] = top_kernels(lambda: fwd_bwd(amp(lambda t: moe(t)[0]), x), 25)
+        result["top_kernels"] = top_kernels(lambda: fwd_bwd(amp(on_backend(cfg.expert_backend)), x), 25)
         for name, ms, calls in result["top_kernels"]:
             print(f"{ms:9.3f} ms {calls:5d}x  {name}")
     loop_note = "" if vs_loop is None else f", {vs_loop:.1f}x faster than the loop"

@@ -10,6 +10,7 @@ a kernel for the layer is worth it, on the first GEMM of the layer at its real s
     forward ("fwd"):   out[r] = x[token[r]] @ W[e]^T
         gather + cutlass:  torch._grouped_mm(x[token], W^T, offs)
         fused:             gathered_grouped_mm(x, token, offs, W)       rows loaded by index, no [n, C] copy
+                           (linear_moe/moe/kernels.py, the expert backend "fused_gather")
     weight gradient ("wgrad"):  dW[e] = G[rows of e]^T @ x[token[rows of e]]
         gather + cutlass:  torch._grouped_mm(G^T, x[token], offs)
         fused:             gathered_grouped_wgrad(G, x, token, offs)    the reduction's rows loaded by index
@@ -43,113 +44,14 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
-_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
-                                 (128, 64, 4, 4)]]
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs; small tiles keep it quick
-    _CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16})]
-
-
-@triton.autotune(configs=_CONFIGS, key=["C", "N_OUT", "E"])
-@triton.jit
-def _gathered_grouped_mm_kernel(x, token, offs, w, out, C: tl.constexpr, N_OUT: tl.constexpr, E: tl.constexpr,
-                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[r] = x[token[r]] @ w[e(r)]^T for the rows r of expert e (rows sorted by expert, offs = cumulative ends).
-
-    Program (n tile, m tile): the m tiles are numbered across experts (expert e owns ceil(count_e / BM) of them,
-    found by walking offs); programs past the last tile exit. The n tiles are the fast grid axis, so consecutive
-    programs reuse one gathered row tile from L2 and walk one expert's weights."""
-    pid_n = tl.program_id(0)
-    tile = tl.program_id(1)
-    expert = -1
-    start = 0
-    end = 0
-    prev = 0
-    tiles_before = 0
-    for e in range(E):
-        end_e = tl.load(offs + e).to(tl.int32)
-        n_tiles = (end_e - prev + BM - 1) // BM
-        hit = (tile >= tiles_before) & (tile < tiles_before + n_tiles)
-        expert = tl.where(hit, e, expert)
-        start = tl.where(hit, prev + (tile - tiles_before) * BM, start)
-        end = tl.where(hit, end_e, end)
-        tiles_before += n_tiles
-        prev = end_e
-    if expert < 0:
-        return
-    rows = start + tl.arange(0, BM)
-    m_rows = rows < end
-    src = tl.load(token + rows, mask=m_rows, other=0).to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    m_cols = cols < N_OUT
-    w_e = w + expert.to(tl.int64) * N_OUT * C
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, C, BK):
-        ks = k0 + tl.arange(0, BK)
-        m_k = ks < C
-        a = tl.load(x + src[:, None] * C + ks[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
-        b = tl.load(w_e + cols[None, :].to(tl.int64) * C + ks[:, None], mask=m_k[:, None] & m_cols[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-    dst = out + rows.to(tl.int64)[:, None] * N_OUT + cols[None, :]
-    tl.store(dst, acc.to(out.dtype.element_ty), mask=m_rows[:, None] & m_cols[None, :])
-
-
-def gathered_grouped_mm(x: torch.Tensor, token: torch.Tensor, offs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [N, C], token [n] (source row of each expert-sorted row), offs [E] int32 cumulative row ends, w [E, out, C]
-    -> [n, out] in x's dtype. The launch grid is a bound (n / BM + E tiles): no host sync."""
-    E, N_OUT, C = w.shape
-    n = token.numel()
-    out = x.new_empty(n, N_OUT)
-    grid = lambda meta: (triton.cdiv(N_OUT, meta["BN"]), triton.cdiv(n, meta["BM"]) + E)  # noqa: E731
-    _gathered_grouped_mm_kernel[grid](x, token, offs, w, out, C=C, N_OUT=N_OUT, E=E)
-    return out
-
-
-_WGRAD_CONFIGS = [triton.Config({"BI": bi, "BJ": bj, "BK": 64}, num_warps=w, num_stages=s)
-                  for bi, bj, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]]
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _WGRAD_CONFIGS = [triton.Config({"BI": 16, "BJ": 16, "BK": 16})]
-
-
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["C", "N_OUT"])
-@triton.jit
-def _gathered_grouped_wgrad_kernel(g, x, token, offs, dw, C: tl.constexpr, N_OUT: tl.constexpr, BI: tl.constexpr,
-                                   BJ: tl.constexpr, BK: tl.constexpr):
-    """dw[e] = g[start_e:end_e]^T @ x[token[start_e:end_e]]: one [BI, BJ] tile of one expert per program, the loop
-    over that expert's rows (an empty expert writes zeros)."""
-    n_j: tl.constexpr = (C + BJ - 1) // BJ
-    i0 = (tl.program_id(0) // n_j) * BI
-    j0 = (tl.program_id(0) % n_j) * BJ
-    e = tl.program_id(1)
-    end = tl.load(offs + e).to(tl.int32)
-    start = tl.where(e > 0, tl.load(offs + e - 1, mask=e > 0, other=0).to(tl.int32), 0)
-    ii = i0 + tl.arange(0, BI)
-    jj = j0 + tl.arange(0, BJ)
-    m_i = ii < N_OUT
-    m_j = jj < C
-    acc = tl.zeros([BI, BJ], dtype=tl.float32)
-    for r0 in range(start, end, BK):
-        rows = r0 + tl.arange(0, BK)
-        m_r = rows < end
-        src = tl.load(token + rows, mask=m_r, other=0).to(tl.int64)
-        g_t = tl.load(g + rows.to(tl.int64)[None, :] * N_OUT + ii[:, None], mask=m_i[:, None] & m_r[None, :], other=0.0)
-        x_t = tl.load(x + src[:, None] * C + jj[None, :], mask=m_r[:, None] & m_j[None, :], other=0.0)
-        acc = tl.dot(g_t, x_t, acc)
-    dst = dw + e.to(tl.int64) * N_OUT * C + ii[:, None].to(tl.int64) * C + jj[None, :]
-    tl.store(dst, acc.to(dw.dtype.element_ty), mask=m_i[:, None] & m_j[None, :])
-
-
-def gathered_grouped_wgrad(g: torch.Tensor, x: torch.Tensor, token: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """g [n, out] (gradients of the expert-sorted rows), x [N, C], token [n], offs [E] -> dW [E, out, C] (g's dtype)."""
-    n, N_OUT = g.shape
-    C, E = x.shape[1], offs.numel()
-    dw = g.new_empty(E, N_OUT, C)
-    grid = lambda meta: (triton.cdiv(N_OUT, meta["BI"]) * triton.cdiv(C, meta["BJ"]), E)  # noqa: E731
-    _gathered_grouped_wgrad_kernel[grid](g, x, token, offs, dw, C=C, N_OUT=N_OUT)
-    return dw
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from linear_moe.moe.kernels import (  # noqa: E402
+    _gathered_grouped_mm_kernel,
+    _gathered_grouped_wgrad_kernel,
+    gathered_grouped_mm,
+    gathered_grouped_wgrad,
+)
 
 def reference_wgrad(g, x, token, offs) -> torch.Tensor:
     """dW expert by expert in float64 (host loop: a reference only)."""

@@ -101,3 +101,73 @@ def test_layer_with_kernels_matches_reference(monkeypatch, capacity_factor):
     _close(y, ry, tol)
     for a, b in zip(grads, rgrads):
         _close(a, b, tol)
+
+
+def _routed(counts, N=20, C=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = int(sum(counts))
+    x = torch.randn(N, C, generator=g)
+    token = torch.randint(0, N, (n,), generator=g)  # any source rows, repeats included
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    return g, x, token, offs
+
+
+def _per_expert(offs):
+    bounds = [0, *offs.tolist()]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# tiles of 16 under the interpreter: expert 0 one partial tile, 1 none, 2 three (the last partial), 3 one
+COUNTS = [5, 0, 37, 3]
+TOL = 1e-5 if DEVICE == "cpu" else 5e-3  # the GPU's fp32 dots run in tf32
+
+
+@pytest.mark.parametrize("layout", ["stacked", "transposed_view"])
+@pytest.mark.parametrize("gather", [True, False])
+def test_gathered_grouped_mm_matches_the_expert_loop(layout, gather):
+    """x[token[r]] @ w[e]^T per expert (x[r] without token), w [E, out, C] stacked or a transposed view of [E, C, out]
+    (how backward reads the down projection), against the float64 loop."""
+    g, x, token, offs = _routed(COUNTS)
+    if not gather:
+        x = x[token]
+    out = 40
+    w = torch.randn(len(COUNTS), out, x.shape[1], generator=g)
+    if layout == "transposed_view":
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    tok = token.to(DEVICE) if gather else None
+    got = kernels.gathered_grouped_mm(x.to(DEVICE), tok, offs.to(DEVICE), w.to(DEVICE)).cpu()  # .to keeps strides
+    rows = x[token] if gather else x
+    want = torch.cat([rows[s:e].double() @ w[i].double().T for i, (s, e) in enumerate(_per_expert(offs))])
+    assert got.shape == (len(token), out)
+    assert ((got.double() - want).norm() / want.norm()).item() < TOL
+
+
+@pytest.mark.parametrize("into_view", [False, True])
+def test_gathered_grouped_wgrad_matches_the_expert_loop(into_view):
+    """g[rows of e]^T @ x[token[rows of e]] per expert: an empty expert gets zeros, a multi-block expert sums its
+    blocks; written into a fresh [E, out, C] tensor or through the transposed view of a [E, C, out] one."""
+    gen, x, token, offs = _routed(COUNTS, seed=1)
+    out_w = 40
+    grad = torch.randn(len(token), out_w, generator=gen)
+    if into_view:
+        target = torch.full((len(COUNTS), x.shape[1], out_w), float("nan"), device=DEVICE)
+        kernels.gathered_grouped_wgrad(*(t.to(DEVICE) for t in (grad, x, token, offs)), out=target.transpose(1, 2))
+        got = target.transpose(1, 2).cpu()
+    else:
+        got = kernels.gathered_grouped_wgrad(*(t.to(DEVICE) for t in (grad, x, token, offs))).cpu()
+    want = torch.stack([grad[s:e].double().T @ x[token[s:e]].double() for s, e in _per_expert(offs)])
+    assert got.shape == (len(COUNTS), out_w, x.shape[1]) and torch.equal(got[1], torch.zeros(out_w, x.shape[1]))
+    assert ((got.double() - want).norm() / want.norm()).item() < TOL
+
+
+def test_fused_gather_backend_names_what_it_needs(monkeypatch):
+    from linear_moe.moe import experts
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="'fused_gather' runs Triton kernels on CUDA tensors, got a cpu tensor"):
+            experts._fused_gather_kernels(torch.zeros(2, 2))
+    monkeypatch.setattr(experts, "fused_kernels", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="'fused_gather' needs Triton"):
+        experts._fused_gather_kernels(torch.zeros(2, 2, device=DEVICE))

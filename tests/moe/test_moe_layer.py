@@ -1,6 +1,7 @@
 """MoELayer against the per-token reference (outputs and every gradient), capacity dropping, aux
 outputs and stats, family shapes and config validation."""
 import dataclasses
+import importlib.util
 import math
 
 import pytest
@@ -36,7 +37,12 @@ def _grads(layer, x, fn):
     return y.detach(), x.grad, grads
 
 
-@pytest.mark.parametrize("backend", ["auto", "loop"])
+# fused_gather: Triton GEMMs reading the routed rows by index (on CPU through the interpreter, see conftest)
+FUSED = pytest.param("fused_gather", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                                              reason="needs Triton"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "loop", FUSED])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("training", [True, False])
 def test_layer_matches_per_token_reference(name, backend, training):

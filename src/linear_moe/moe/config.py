@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROUTERS = ("softmax", "deepseek", "sigmoid_bias")
-EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop", "fused_gather")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class MoEConfig:
     eval_capacity_factor: float = 0.0      # same for evaluation
     first_k_dense: int = 0                 # the first k layers use a dense MLP instead of MoE
     expert_backend: str = "auto"           # auto (torch._grouped_mm where it runs, else loop) | grouped_mm | loop
+    #                                        | fused_gather (CUDA: Triton GEMMs that read routed rows by index)
 
     def shared_hidden_size(self) -> int:
         """Width of the single SwiGLU that holds all shared experts (0: no shared expert)."""

@@ -11,10 +11,17 @@ first, as transformers-5 stores them), which gives the GEMM twice the width and 
 the rows each way. It keeps only that ``[n, 2H]`` output per routed row. The
 loop path builds the same math from differentiable pieces, gate and up apart, and is the reference the
 tests hold it to.
+
+The opt-in backend ``fused_gather`` (CUDA, Triton) takes the tokens in token order and returns them combined
+(``_GatheredSwiGLU``): its gate/up GEMM reads each routed row by index, and backward's down-projection GEMMs read
+the output gradient's rows by index, so none of the three ``[n, C]`` gathered copies of the grouped_mm path is
+written. Those GEMMs are Triton kernels (``kernels.py``) instead of cutlass; whether that nets a gain is what
+``benchmarks/moe_gather_gemm_probe.py`` and ``moe_bench.py`` measure on the GPU.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +29,9 @@ from torch import nn
 
 from ..ops._checks import matmul_dtype
 from ..ops.autograd import contiguous_grad
-from .permute import dispatch, gather_sum
-from .swiglu import swiglu, swiglu_backward_gate_up, swiglu_forward
+from .config import EXPERT_BACKENDS
+from .permute import combine, dispatch, gather_sum
+from .swiglu import fused_kernels, swiglu, swiglu_backward_gate_up, swiglu_forward
 
 # Recent torch (2.11 and 2.13 here) has the public F.grouped_mm; older builds only torch._grouped_mm (same kernels).
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -66,9 +74,9 @@ def _aligned(t: torch.Tensor) -> bool:
 def _use_grouped_mm(x: torch.Tensor, weights: tuple[torch.Tensor, ...], backend: str) -> bool:
     """Whether ``backend`` takes grouped_mm for rows ``x`` and these ``[G, out, in]`` weights; raises for an
     unknown backend, or when ``grouped_mm`` is forced but the rows are not 16-byte aligned."""
-    if backend not in ("auto", "grouped_mm", "loop"):
-        raise ValueError(f"expert backend {backend!r} is not one of: auto, grouped_mm, loop")
-    if backend == "loop" or (backend == "auto" and not (
+    if backend not in EXPERT_BACKENDS:
+        raise ValueError(f"expert backend {backend!r} is not one of: {', '.join(EXPERT_BACKENDS)}")
+    if backend == "loop" or (backend in ("auto", "fused_gather") and not (
             _grouped_mm_runs(x.device, x.dtype) and all(w.dtype == x.dtype for w in weights))):
         return False
     if all(_aligned(t) for t in (x, *weights)):
@@ -143,6 +151,68 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx, d_gate_up_w, d_down, None, dweight, None, None
 
 
+def _fused_gather_kernels(x: torch.Tensor):
+    """The Triton module for backend ``fused_gather`` (CUDA tensors, or Triton's CPU interpreter), in eager mode;
+    None under torch.compile (the grouped_mm path is traced instead); raises where it cannot run."""
+    if torch.compiler.is_compiling():
+        return None
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (x.is_cuda or interpreting):
+        raise ValueError(f"expert backend 'fused_gather' runs Triton kernels on CUDA tensors, got a {x.device.type} "
+                         "tensor (use expert_backend auto or grouped_mm there)")
+    kernels = fused_kernels()
+    if kernels is None:
+        raise ValueError("expert backend 'fused_gather' needs Triton, which does not import here")
+    return kernels
+
+
+class _GatheredSwiGLU(torch.autograd.Function):
+    """Backend ``fused_gather``: tokens x [N, C] -> combined output [N, C], the rows never copied out.
+
+    forward:  gate_up = x[token] @ Wgu^T (rows read by index), h = swiglu(gate_up, w), y_rows = h @ Wd^T (grouped_mm),
+              y = sum of each token's rows (gather_sum over slot_to_row)
+    backward: dh = grad[token] @ Wd and dWd = grad[token]^T h (the gradient's rows read by index), the SwiGLU's
+              backward, dWgu = dgate_up^T x[token] (rows read by index), dx = gather_sum(dgate_up @ Wgu).
+    Saves what ``_GroupedSwiGLU`` saves: x, gate_up, the row weights."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up_w, down_w, offs, row_weight, token, slot_to_row, kernels):
+        gate_up = kernels.gathered_grouped_mm(x, token, offs, gate_up_w)                   # [n, 2H]
+        h = gate_up.shape[1] // 2
+        y = _rows_mm(swiglu_forward(gate_up[:, :h], gate_up[:, h:], row_weight), down_w, offs, kernels)
+        ctx.kernels = kernels
+        ctx.save_for_backward(x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row)
+        return gather_sum(y, slot_to_row)                                                   # [N, C]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row = ctx.saved_tensors
+        kernels, need = ctx.kernels, ctx.needs_input_grad
+        grad = grad.contiguous()
+        dh = kernels.gathered_grouped_mm(grad, token, offs, down_w.transpose(1, 2))          # [n, H]
+        d_gate_up, dweight, h = swiglu_backward_gate_up(gate_up, row_weight, dh, want_output=need[2])
+        d_down = d_gate_up_w = dx = None
+        if need[2]:  # written through the transposed view: [E, C, H] as the parameter
+            d_down = torch.empty_like(down_w)
+            kernels.gathered_grouped_wgrad(h, grad, token, offs, out=d_down.transpose(1, 2))
+        del h
+        if need[1]:
+            d_gate_up_w = kernels.gathered_grouped_wgrad(d_gate_up, x, token, offs)         # [E, 2H, C]
+        if need[0]:
+            dx = gather_sum(_rows_mm(d_gate_up, gate_up_w.transpose(1, 2), offs, kernels), slot_to_row)
+        if dweight is not None:
+            dweight = dweight.to(row_weight.dtype)
+        return dx, d_gate_up_w, d_down, None, dweight, None, None, None
+
+
+def _rows_mm(rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, kernels) -> torch.Tensor:
+    """Per-expert ``rows @ weight[e]^T`` for rows already in expert order: grouped_mm where it runs on these
+    operands (cutlass on the GPU), else the Triton kernel without a gather."""
+    if _use_grouped_mm(rows, (weight,), "auto"):
+        return _grouped_mm(rows, weight.transpose(-2, -1), offs=offs)
+    return kernels.gathered_grouped_mm(rows, None, offs, weight)
+
+
 class _CachedCast(torch.autograd.Function):
     """``weight.to(dtype)`` whose forward hands back a copy made earlier (``cast``); backward casts the
     gradient to the weight's dtype, as the backward of ``.to`` would."""
@@ -215,24 +285,36 @@ class GroupedExperts(nn.Module):
                 nn.init.normal_(w, std=std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor | None = None,
-                token: torch.Tensor | None = None, slot_to_row: torch.Tensor | None = None) -> torch.Tensor:
-        """Routed rows through their experts -> [n, C].
+                token: torch.Tensor | None = None, slot_to_row: torch.Tensor | None = None,
+                combine_tokens: bool = False) -> torch.Tensor:
+        """Routed rows through their experts -> [n, C] (``combine_tokens``: each token's rows summed -> [N, C]).
 
         x [n, C] rows sorted by expert, counts [E] rows per expert, row_weight [n] (the routing weight of
         each row, folded into the SwiGLU so the caller's combine is a plain sum) or None. Or, with
         ``token [n]`` and ``slot_to_row [N, k]`` (see ``permute.py``), x [N, C] holds the tokens and row
         ``i`` is ``x[token[i]]``: the gather into expert order happens inside, where backward can redo it
         rather than keep the ``[n, C]`` rows. Saved for backward on the grouped_mm path: the gate and up
-        outputs (one ``[n, 2H]`` tensor), row_weight and x.
+        outputs (one ``[n, 2H]`` tensor), row_weight and x. ``combine_tokens`` (with token) returns the tokens'
+        sums, the form backend ``fused_gather`` computes without gathered copies (the others combine after).
         """
         if (token is None) != (slot_to_row is None):
             raise ValueError("GroupedExperts: pass token and slot_to_row together (or neither)")
+        if combine_tokens and token is None:
+            raise ValueError("GroupedExperts: combine_tokens needs token and slot_to_row")
         dtype = matmul_dtype(x)
         # grouped_mm is not an autocast op: cast like nn.Linear would (fp32 master weights would otherwise
         # send mixed-precision training down the slow per-expert loop); weights already in dtype: no copy
         x = x if x.dtype == dtype else x.to(dtype)
         gate_up_w, down_w = self._cast("gate_up_proj", dtype), self._cast("down_proj", dtype)
         n = x.shape[0] if token is None else token.shape[0]
+        if combine_tokens and n > 0 and self.backend == "fused_gather":
+            kernels = _fused_gather_kernels(x)
+            if kernels is not None:
+                offs = torch.cumsum(counts, 0, dtype=torch.int32)
+                return _GatheredSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row,
+                                             kernels)
+        if combine_tokens:
+            return combine(self.forward(x, counts, row_weight, token, slot_to_row), token, slot_to_row)
         if n > 0 and self.backend != "loop" and _use_grouped_mm(x.contiguous(), (gate_up_w, down_w), self.backend):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             y = _GroupedSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row)

@@ -1,5 +1,6 @@
 """Triton kernels for the MoE layer's memory-bound steps: the SwiGLU (forward and backward, with the routing
-weight folded in) and the gather-sum that combines each token's ``k`` expert rows.
+weight folded in) and the gather-sum that combines each token's ``k`` expert rows; and, for the opt-in expert
+backend ``fused_gather``, grouped GEMMs that read their token rows by index instead of from a gathered copy.
 
 Imported lazily (only for CUDA tensors, or by tests under ``TRITON_INTERPRET=1`` on CPU), so the package
 imports without Triton. The pure-PyTorch forms in ``swiglu.py`` and ``permute.py`` are the references.
@@ -7,6 +8,8 @@ Every kernel reads 16-bit or fp32 inputs, computes in fp32 and writes the output
 index rows by stride, so gate and up (and their gradients) may be the two halves of one ``[M, 2H]`` tensor.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -161,3 +164,126 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | No
     _gather_sum_kernel[grid](src, index, weight.contiguous() if weight is not None else src, out, src.shape[0], c,
                              src.stride(0), out.stride(0), K=k, HAS_W=weight is not None, BLOCK_C=bc)
     return out
+
+
+# --- grouped GEMMs with gathered rows (expert backend "fused_gather") -------------------------------------------
+# Rows are sorted by expert (offs: cumulative row ends, int32, on the device): no host sync, so the launch grids
+# are bounds (n / BM + E row tiles; programs past the last tile return).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot time configs: one small one
+_MM_CONFIGS = [triton.Config({"BM": 16, "BN": 16, "BK": 16})] if _INTERPRET else [
+    triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4)]]
+_WGRAD_CONFIGS = [triton.Config({"BI": 16, "BJ": 16, "BK": 16})] if _INTERPRET else [
+    triton.Config({"BI": bi, "BJ": bj, "BK": 64}, num_warps=w, num_stages=st)
+    for bi, bj, w, st in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]]
+
+
+@triton.autotune(configs=_MM_CONFIGS, key=["C", "N_OUT", "E", "GATHER"])
+@triton.jit
+def _gathered_grouped_mm_kernel(x, token, offs, w, out, stride_we, stride_wo, stride_wi, C: tl.constexpr,
+                                N_OUT: tl.constexpr, E: tl.constexpr, GATHER: tl.constexpr, BM: tl.constexpr,
+                                BN: tl.constexpr, BK: tl.constexpr):
+    """out[r] = x[token[r]] @ w[e(r)]^T (x[r] without GATHER) for the rows r of expert e.
+
+    Program (n tile, m tile): the m tiles are numbered across experts (expert e owns ceil(count_e / BM) of them,
+    found by walking offs). The n tiles are the fast grid axis, so consecutive programs reuse one row tile from
+    L2 and walk one expert's weights. w may be a strided view (the down projection read transposed)."""
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(1)
+    expert = -1
+    start = 0
+    end = 0
+    prev = 0
+    tiles_before = 0
+    for e in range(E):
+        end_e = tl.load(offs + e).to(tl.int32)
+        n_tiles = (end_e - prev + BM - 1) // BM
+        hit = (tile >= tiles_before) & (tile < tiles_before + n_tiles)
+        expert = tl.where(hit, e, expert)
+        start = tl.where(hit, prev + (tile - tiles_before) * BM, start)
+        end = tl.where(hit, end_e, end)
+        tiles_before += n_tiles
+        prev = end_e
+    if expert < 0:
+        return
+    rows = start + tl.arange(0, BM)
+    m_rows = rows < end
+    if GATHER:
+        src = tl.load(token + rows, mask=m_rows, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    m_cols = cols < N_OUT
+    w_e = w + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wo
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, C, BK):
+        ks = k0 + tl.arange(0, BK)
+        m_k = ks < C
+        a = tl.load(x + src[:, None] * C + ks[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
+        b = tl.load(w_e + ks[:, None] * stride_wi, mask=m_k[:, None] & m_cols[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc)
+    dst = out + rows.to(tl.int64)[:, None] * N_OUT + cols[None, :]
+    tl.store(dst, acc.to(out.dtype.element_ty), mask=m_rows[:, None] & m_cols[None, :])
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["C", "N_OUT"])
+@triton.jit
+def _gathered_grouped_wgrad_kernel(g, x, token, offs, dw, stride_de, stride_di, stride_dj, C: tl.constexpr,
+                                   N_OUT: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """dw[e] = g[rows of e]^T @ x[token[rows of e]]: one [BI, BJ] tile of one expert per program, looping over
+    that expert's rows (an empty expert writes zeros). dw may be a strided view (a transposed weight gradient)."""
+    n_j: tl.constexpr = (C + BJ - 1) // BJ
+    i0 = (tl.program_id(0) // n_j) * BI
+    j0 = (tl.program_id(0) % n_j) * BJ
+    e = tl.program_id(1)
+    end = tl.load(offs + e).to(tl.int32)
+    start = tl.where(e > 0, tl.load(offs + e - 1, mask=e > 0, other=0).to(tl.int32), 0)
+    ii = i0 + tl.arange(0, BI)
+    jj = j0 + tl.arange(0, BJ)
+    m_i = ii < N_OUT
+    m_j = jj < C
+    acc = tl.zeros([BI, BJ], dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + tl.arange(0, BK)
+        m_r = rows < end
+        src = tl.load(token + rows, mask=m_r, other=0).to(tl.int64)
+        g_t = tl.load(g + rows.to(tl.int64)[None, :] * N_OUT + ii[:, None], mask=m_i[:, None] & m_r[None, :],
+                      other=0.0)
+        x_t = tl.load(x + src[:, None] * C + jj[None, :], mask=m_r[:, None] & m_j[None, :], other=0.0)
+        acc = tl.dot(g_t, x_t.to(g_t.dtype), acc)
+    dst = dw + e.to(tl.int64) * stride_de + ii[:, None].to(tl.int64) * stride_di + jj[None, :].to(tl.int64) * stride_dj
+    tl.store(dst, acc.to(dw.dtype.element_ty), mask=m_i[:, None] & m_j[None, :])
+
+
+def gathered_grouped_mm(x: torch.Tensor, token: torch.Tensor | None, offs: torch.Tensor,
+                        w: torch.Tensor) -> torch.Tensor:
+    """Per-expert ``x[token[r]] @ w[e]^T`` over rows sorted by expert, without the gathered ``[n, C]`` copy.
+
+    x [N, C] (contiguous rows), token [n] int (source row of each sorted row; None: row r is x[r], n = N), offs
+    [E] int32 cumulative row ends, w [E, out, C] (any strides: a transposed view reads the other layout) ->
+    [n, out] in x's dtype, accumulated in fp32."""
+    E, n_out, C = w.shape
+    x = x.contiguous()
+    n = x.shape[0] if token is None else token.numel()
+    out = x.new_empty(n, n_out)
+    if n == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(n_out, meta["BN"]), triton.cdiv(n, meta["BM"]) + E)  # noqa: E731
+    _gathered_grouped_mm_kernel[grid](x, token if token is not None else offs, offs, w, out, w.stride(0),
+                                      w.stride(1), w.stride(2), C=C, N_OUT=n_out, E=E, GATHER=token is not None)
+    return out
+
+
+def gathered_grouped_wgrad(g: torch.Tensor, x: torch.Tensor, token: torch.Tensor, offs: torch.Tensor,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert ``g[rows of e]^T @ x[token[rows of e]]`` (a weight gradient) without the gathered copy of x.
+
+    g [n, out] (the sorted rows' output gradients), x [N, C], token [n], offs [E] -> [E, out, C] in g's dtype,
+    written into ``out`` when given (any strides, e.g. the transposed view of a ``[E, C, out]`` gradient)."""
+    g, x = g.contiguous(), x.contiguous()
+    n_out, C, E = g.shape[1], x.shape[1], offs.numel()
+    dw = g.new_empty(E, n_out, C) if out is None else out
+    grid = lambda meta: (triton.cdiv(n_out, meta["BI"]) * triton.cdiv(C, meta["BJ"]), E)  # noqa: E731
+    _gathered_grouped_wgrad_kernel[grid](g, x, token, offs, dw, dw.stride(0), dw.stride(1), dw.stride(2), C=C,
+                                         N_OUT=n_out)
+    return dw

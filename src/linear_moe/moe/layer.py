@@ -110,8 +110,8 @@ class MoELayer(nn.Module):
             # the experts gather the rows themselves (and redo it in backward instead of keeping them), and
             # the routing weight rides into their SwiGLU, so the combine is a plain sum
             row_weight = permute(r.topk_weight.reshape(-1), order, slot_to_row)
-            y_sorted = self.experts(flat, counts, row_weight, token=token, slot_to_row=slot_to_row.view(-1, k))
-            y = combine(y_sorted, token, slot_to_row.view(-1, k))
+            y = self.experts(flat, counts, row_weight, token=token, slot_to_row=slot_to_row.view(-1, k),
+                             combine_tokens=True)
         else:
             # the experts' forward is wrapped by parallel/expert.py (gradient scaling): it sees rows only
             x_sorted = dispatch(flat, token, slot_to_row.view(-1, k))
