@@ -25,8 +25,9 @@ from parallel_testing import rel_err, run_distributed
 
 VOCAB, BATCH, T, TOL = 64, 2, 8, 1e-5
 # GSA computes its forget gates and slot softmax in float32 even for float64 inputs (``.float()``), so
-# a different summation order (split projections) shows at float32's rounding there.
-TOLERANCE = {"gsa": 1e-4}
+# a different summation order (split projections) shows at float32's rounding there: up to 1.03e-4 seen in a
+# k_proj gradient (seed 1253994198, sequence-parallel, 2026-11-25); a wrong plan errs by O(1).
+TOLERANCE = {"gsa": 5e-4}
 MIXER = MixerConfig(num_heads=4, chunk_size=4, mode="chunk", num_slots=4, state_size=8, num_memories=3,
                     topk_memories=2, gate_low_rank_dim=4, conv_size=3)
 # tensor-parallel layouts: (vocab_parallel, sequence_parallel)

@@ -313,21 +313,19 @@ class GroupedExperts(nn.Module):
                 offs = torch.cumsum(counts, 0, dtype=torch.int32)
                 return _GatheredSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row,
                                              kernels)
-        if combine_tokens:
-            return combine(self.forward(x, counts, row_weight, token, slot_to_row), token, slot_to_row)
         if n > 0 and self.backend != "loop" and _use_grouped_mm(x.contiguous(), (gate_up_w, down_w), self.backend):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             y = _GroupedSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row)
-            return contiguous_grad(y)
-        # the fallback (loop backend, unaligned rows, no rows): the same math from differentiable pieces, gate
-        # and up apart; grouped_linear still takes grouped_mm where it runs
-        if token is not None:
-            x = dispatch(x, token, slot_to_row)
-        h = self.intermediate_size
-        gate = grouped_linear(x, gate_up_w[:, :h].contiguous(), counts, self.backend)
-        up = grouped_linear(x, gate_up_w[:, h:].contiguous(), counts, self.backend)
-        y = grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend)
-        return contiguous_grad(y)
+        else:
+            # the fallback (loop backend, unaligned rows, no rows): the same math from differentiable pieces, gate
+            # and up apart; grouped_linear still takes grouped_mm where it runs
+            rows = x if token is None else dispatch(x, token, slot_to_row)
+            h = self.intermediate_size
+            gate = grouped_linear(rows, gate_up_w[:, :h].contiguous(), counts, self.backend)
+            up = grouped_linear(rows, gate_up_w[:, h:].contiguous(), counts, self.backend)
+            y = grouped_linear(swiglu(gate, up, row_weight), down_w, counts, self.backend)
+        y = contiguous_grad(y)
+        return combine(y, token, slot_to_row) if combine_tokens else y
 
     def _cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Weight ``name`` in ``dtype``: itself, a fresh cast, or (``cast_weights_once``) the cached one."""
