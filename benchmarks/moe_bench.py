@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from linear_moe.moe import MoEConfig, MoELayer, SwiGLUMLP  # noqa: E402
+from linear_moe.train.cuda_graph import capture  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_bench import environment, top_kernels  # noqa: E402
@@ -88,17 +89,8 @@ def bench(step, device: torch.device, n_warm=3, n=10) -> float:
 
 def graphed_step(fn, x):
     """``fwd_bwd(fn, x)`` captured once as a CUDA graph: returns its replay (same x, gradients rewritten in place).
-    Warm-up runs on a side stream first, as capture requires (the MoE layer's one-time grouped_mm probe among them)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fwd_bwd(fn, x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fwd_bwd(fn, x)
-    return graph.replay
+    Three warm-up runs first (the MoE layer's one-time grouped_mm probe and Triton autotuning among them)."""
+    return capture(lambda: fwd_bwd(fn, x), warmup=3)
 
 
 def saved_activation_mib(fn, x) -> float:

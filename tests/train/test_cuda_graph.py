@@ -7,7 +7,7 @@ from linear_moe.layers.config import AttentionConfig
 from linear_moe.model.causal_lm import LinearMoEForCausalLM
 from linear_moe.model.config import ModelConfig
 from linear_moe.moe.config import MoEConfig
-from linear_moe.train.cuda_graph import capture_step
+from linear_moe.train.cuda_graph import capture, capture_step
 
 KINDS = {"gdn": ("gated_deltanet", "LL"), "attention": ("attention", "NN"), "hybrid": ("gated_deltanet", "LN")}
 
@@ -62,3 +62,32 @@ def test_replayed_steps_match_eager_steps(kind, monkeypatch):
     (eager_losses, eager_params), (graph_losses, graph_params) = runs[False], runs[True]
     assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(eager_params, graph_params))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
+def test_capture_needs_cuda():
+    with pytest.raises(RuntimeError, match="capture needs a CUDA device"):
+        capture(lambda: torch.zeros(()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_forward_backward_replays_with_new_inputs():
+    """capture (no optimizer): a layer's forward and backward recorded once; each replay reads the static input's
+    current values and rewrites the loss and gradient tensors it returns, as eager runs compute them."""
+    lin = torch.nn.Linear(16, 8).cuda()
+    x = torch.randn(4, 16, device="cuda")
+
+    def fwd_bwd():
+        lin.weight.grad = None  # backward allocates it afresh (in the graph's pool when captured)
+        out = lin(x).square().sum()
+        out.backward()
+        return out.detach(), lin.weight.grad
+
+    replay = capture(fwd_bwd, warmup=2)
+    for seed in range(2):
+        x.copy_(torch.randn(4, 16, generator=torch.Generator().manual_seed(seed)).cuda())
+        loss, grad = replay()
+        got = (float(loss), grad.clone())
+        want = fwd_bwd()
+        torch.testing.assert_close(got[0], float(want[0]))
+        torch.testing.assert_close(got[1], want[1])

@@ -47,6 +47,25 @@ def capture_step(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimi
     return replay
 
 
+def capture(fn: Callable[[], object], warmup: int = 2) -> Callable[[], object]:
+    """``fn`` run ``warmup`` times eagerly on a side stream, then recorded in a CUDA graph; returns a function that
+    replays it and returns the outputs the graph writes. For a step without an optimizer (a layer's forward and
+    backward in a benchmark); a training step goes through ``capture_step``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("capture needs a CUDA device (CUDA graphs)")
+    side = torch.cuda.Stream()
+    for _ in range(max(1, warmup)):
+        _on_side_stream(side, fn)
+    graph, out = _record(fn)
+
+    def replay():
+        graph.replay()
+        return out
+
+    replay.graph = graph  # kept alive with the function
+    return replay
+
+
 class GraphedStep:
     """The trainer's step as a CUDA graph: ``body(batches) -> tuple of tensors`` runs eagerly on a side stream
     for the first ``warmup`` calls (lazy initialisation, Triton autotuning; these are real steps), is captured
