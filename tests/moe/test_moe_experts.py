@@ -179,14 +179,15 @@ def _run(ex, x, counts, w, g, token=None, slot_to_row=None, autocast=False):
 
 @pytest.mark.skipif(not HAS_CPU_GROUPED, reason="torch._grouped_mm does not run on this CPU build")
 @pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("cast_once", [False, True])
-def test_stacked_gate_up_matches_the_loop_in_output_and_every_gradient(gather, cast_once):
+@pytest.mark.parametrize("cast_once,recompute", [(False, True), (True, True), (False, False)])
+def test_stacked_gate_up_matches_the_loop_in_output_and_every_gradient(gather, cast_once, recompute):
     """One GEMM for gate and up each way (stacked weight, one [n, 2H] output and gradient) against the loop,
     which runs gate and up apart; with ``token`` the rows are gathered from the tokens, some slots dropped,
-    and the input gradient is summed per token. ``cast_once``: the stacked fp32 weight comes from the cache."""
+    and the input gradient is summed per token. ``cast_once``: the stacked fp32 weight comes from the cache;
+    ``recompute=False``: backward reads the rows and SwiGLU output kept from forward."""
     gen = torch.Generator().manual_seed(5)
     grouped, loop = _experts_and_loop(6, 16, 12)
-    grouped.cast_weights_once = cast_once
+    grouped.cast_weights_once, grouped.recompute = cast_once, recompute
     if gather:
         counts, token, slot_to_row = _routing(9, 2, 6, drop=3, gen=gen)
         x = torch.randn(9, 16, generator=gen, requires_grad=True)

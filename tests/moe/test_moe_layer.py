@@ -225,3 +225,31 @@ def test_layer_keeps_only_gate_and_up_per_routed_row():
     params = {p.data_ptr() for p in layer.parameters()}
     per_row = [tuple(t.shape) for t in saved if t.data_ptr() not in params and t.dim() == 2 and t.shape[0] == 20]
     assert per_row == [(20, 2 * 8)]
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_expert_recompute_off_keeps_rows_and_swiglu_output_and_changes_no_number(recompute):
+    """moe.expert_recompute=False: backward reads the gathered rows [N * k, C] and the SwiGLU output [N * k, H]
+    kept from forward instead of redoing them; output and every gradient equal the recomputing layer's."""
+    from linear_moe.moe.experts import _grouped_mm_runs
+
+    if not _grouped_mm_runs(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    torch.manual_seed(3)
+    base = MoELayer(C, MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8, capacity_factor=0.75)).train()
+    layer = MoELayer(C, dataclasses.replace(base.cfg, expert_recompute=recompute)).train()
+    layer.load_state_dict(base.state_dict())
+    x = torch.randn(2, 5, C)
+    want = _grads(base, x, lambda v: base(v)[0])
+    got = _grads(layer, x, lambda v: layer(v)[0])
+    assert _rel(got[0], want[0]) < 1e-6 and _rel(got[1], want[1]) < 1e-6
+    for n in want[2]:
+        assert _rel(got[2][n], want[2][n]) < 1e-6, n
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x.requires_grad_())
+    params = {p.data_ptr() for p in layer.parameters()}
+    rows = round(float(layer.last_stats["tokens_per_expert"].sum() * (1 - layer.last_stats["dropped_fraction"])))
+    per_row = sorted(t.shape[1] for t in saved if t.data_ptr() not in params and t.dim() == 2 and t.shape[0] == rows)
+    assert per_row == ([2 * 8] if recompute else [8, 2 * 8, C])
+

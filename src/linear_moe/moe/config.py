@@ -50,6 +50,8 @@ class MoEConfig:
     first_k_dense: int = 0                 # the first k layers use a dense MLP instead of MoE
     expert_backend: str = "auto"           # auto (torch._grouped_mm where it runs, else loop) | grouped_mm | loop
     #                                        | fused_gather (CUDA: Triton GEMMs that read routed rows by index)
+    expert_recompute: bool = True          # backward re-gathers the routed rows and recomputes the SwiGLU output;
+    #                                        False keeps them: faster, top_k * (hidden + expert width) more saved per token
 
     def shared_hidden_size(self) -> int:
         """Width of the single SwiGLU that holds all shared experts (0: no shared expert)."""

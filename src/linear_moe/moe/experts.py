@@ -115,31 +115,38 @@ class _GroupedSwiGLU(torch.autograd.Function):
     ``[N, C]`` token rows and ``rows = x[token]`` is gathered here (again in backward instead of being kept),
     and the input gradient is summed per token by one gather (``slot_to_row``). Per routed row a layer then
     keeps ``2H`` values (plus ``C / k`` for the token), against ``2C + 4H`` for plain autograd over the same
-    ops. Weight gradients come out of grouped_mm directly in the ``[E, out, in]`` layout.
+    ops. ``recompute=False`` keeps the gathered rows and the SwiGLU output instead (``2H + C + H`` per row):
+    backward then skips one ``[n, C]`` gather and one ``[n, H]`` write. Weight gradients come out of
+    grouped_mm directly in the ``[E, out, in]`` layout.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up_w, down_w, offs, row_weight, token, slot_to_row):
+    def forward(ctx, x, gate_up_w, down_w, offs, row_weight, token, slot_to_row, recompute=True):
         rows = x if token is None else x.index_select(0, token)
         gate_up = _grouped_mm(rows, gate_up_w.transpose(-2, -1), offs=offs)                # [n, 2H]
         h = gate_up.shape[1] // 2
-        y = _grouped_mm(swiglu_forward(gate_up[:, :h], gate_up[:, h:], row_weight), down_w.transpose(-2, -1), offs=offs)
-        ctx.save_for_backward(x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row)
+        act = swiglu_forward(gate_up[:, :h], gate_up[:, h:], row_weight)                   # [n, H]
+        y = _grouped_mm(act, down_w.transpose(-2, -1), offs=offs)
+        # recompute=False keeps the gathered rows and the SwiGLU output instead of redoing them in backward
+        kept_rows, kept_act = (None, None) if recompute else (rows if token is not None else None, act)
+        ctx.save_for_backward(x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row, kept_rows, kept_act)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row = ctx.saved_tensors
+        x, gate_up, row_weight, gate_up_w, down_w, offs, token, slot_to_row, kept_rows, kept_act = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad = grad.contiguous()
         dh = _grouped_mm(grad, down_w, offs=offs)                                           # [n, H]
-        d_gate_up, dweight, h = swiglu_backward_gate_up(gate_up, row_weight, dh, want_output=need[2])  # [n, 2H]
+        d_gate_up, dweight, h = swiglu_backward_gate_up(gate_up, row_weight, dh,
+                                                        want_output=need[2] and kept_act is None)  # [n, 2H]
+        h = kept_act if kept_act is not None else h
         # weight gradients: per expert, the rows' outer products (grouped_mm over the row dimension)
         d_down = _grouped_mm(grad.t(), h, offs=offs) if need[2] else None                 # [E, C, H]
         del h
         d_gate_up_w = dx = None
         if need[1]:
-            rows = x if token is None else x.index_select(0, token)
+            rows = kept_rows if kept_rows is not None else x if token is None else x.index_select(0, token)
             d_gate_up_w = _grouped_mm(d_gate_up.t(), rows, offs=offs)                       # [E, 2H, C]
             del rows
         if need[0]:
@@ -148,7 +155,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 dx = gather_sum(dx, slot_to_row)
         if dweight is not None:
             dweight = dweight.to(row_weight.dtype)
-        return dx, d_gate_up_w, d_down, None, dweight, None, None
+        return dx, d_gate_up_w, d_down, None, dweight, None, None, None
 
 
 def _fused_gather_kernels(x: torch.Tensor):
@@ -246,14 +253,19 @@ class GroupedExperts(nn.Module):
     updates the weights without bumping it. Pays off when the experts run several times per optimizer
     step (gradient accumulation, pipeline micro-batches, recomputation under full activation
     checkpointing); costs one compute-dtype copy of the weights held between steps.
+
+    ``recompute`` (default True; ``moe.expert_recompute``): on the grouped_mm path, backward gathers the routed
+    rows again and recomputes the SwiGLU output; False keeps both from forward (faster, ``C + H`` more saved
+    values per routed row).
     """
 
     cast_weights_once = False
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto"):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto",
+                 recompute: bool = True):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.backend = backend
+        self.backend, self.recompute = backend, recompute
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self._cast_cache: dict[str, tuple] = {}
@@ -315,7 +327,8 @@ class GroupedExperts(nn.Module):
                                              kernels)
         if n > 0 and self.backend != "loop" and _use_grouped_mm(x.contiguous(), (gate_up_w, down_w), self.backend):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            y = _GroupedSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row)
+            y = _GroupedSwiGLU.apply(x.contiguous(), gate_up_w, down_w, offs, row_weight, token, slot_to_row,
+                                     self.recompute)
         else:
             # the fallback (loop backend, unaligned rows, no rows): the same math from differentiable pieces, gate
             # and up apart; grouped_linear still takes grouped_mm where it runs
@@ -351,7 +364,7 @@ class GroupedExperts(nn.Module):
         if self.num_experts % world != 0:
             raise ValueError(f"num_experts={self.num_experts} is not divisible by the expert-parallel size {world}")
         n = self.num_experts // world
-        local = GroupedExperts(n, self.hidden_size, self.intermediate_size, self.backend).to(
+        local = GroupedExperts(n, self.hidden_size, self.intermediate_size, self.backend, self.recompute).to(
             self.gate_up_proj.device, self.gate_up_proj.dtype)
         with torch.no_grad():
             for name in ("gate_up_proj", "down_proj"):

@@ -63,7 +63,8 @@ class MoELayer(nn.Module):
         cfg.validate()
         self.cfg, self.hidden_size = cfg, hidden_size
         self.router = Router(hidden_size, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_hidden_size, cfg.expert_backend)
+        self.experts = GroupedExperts(cfg.num_experts, hidden_size, cfg.expert_hidden_size, cfg.expert_backend,
+                                      cfg.expert_recompute)
         shared = cfg.shared_hidden_size()
         self.shared_expert = SwiGLUMLP(hidden_size, shared) if shared else None
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
