@@ -121,3 +121,19 @@ def test_enable_expert_parallel_rejects_uneven_split(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by the expert-parallel size 4"):
         layer.enable_expert_parallel(None)
+
+
+@pytest.mark.parametrize("num_experts,key_dtype", [(64, torch.uint8), (256, torch.uint8), (300, torch.int16),
+                                                   (70000, torch.int32)])
+def test_sort_by_expert_sorts_on_the_narrowest_key_and_keeps_token_order(num_experts, key_dtype):
+    """The radix sort's key is the narrowest integer type holding every expert id (one pass per key byte on the
+    GPU); the order is the stable int64 sort's: token order within each expert, the highest ids included."""
+    from linear_moe.moe.dispatch import _narrow_keys, sort_by_expert
+
+    gen = torch.Generator().manual_seed(num_experts)
+    idx = torch.randint(0, num_experts, (500, 4), generator=gen)
+    idx[0, 0], idx[1, 1] = num_experts - 1, num_experts - 1
+    assert _narrow_keys(idx.reshape(-1), num_experts).dtype == key_dtype
+    order, counts, _ = sort_by_expert(idx, num_experts)
+    assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
+    assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=num_experts))
