@@ -76,3 +76,22 @@ def test_fused_gather_backend_matches_the_reference_on_cuda(dtype, tol, capacity
     assert _rel(x.grad, xr.grad) < 2 * tol
     for (name, p), q in zip(layer.named_parameters(), ref_layer.parameters()):
         assert torch.isfinite(p.grad).all() and _rel(p.grad, q.grad) < 2 * tol, name
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_split_bf16_router_gemm_on_cuda(weight_dtype):
+    """bf16 activations on CUDA route through three-term bf16 tensor-core GEMMs (``out_dtype=float32``): logits
+    and weight gradients to fp32 accuracy against float64, and the layer's router takes that path."""
+    import test_moe_router
+    from linear_moe.moe import router as router_mod
+
+    test_moe_router._split_router_check("cuda", weight_dtype)
+    calls = []
+    real = router_mod._SplitRouterLogits.apply
+    router_mod._SplitRouterLogits.apply = lambda *a: calls.append(a) or real(*a)
+    try:
+        r = router_mod.Router(32, MoEConfig(num_experts=4, top_k=2)).cuda()
+        r(torch.randn(5, 32, device="cuda").bfloat16())
+    finally:
+        router_mod._SplitRouterLogits.apply = real
+    assert len(calls) == 1

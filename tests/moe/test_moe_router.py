@@ -121,3 +121,45 @@ def test_update_bias_is_noop_for_other_routers_and_zero_rate():
     r(torch.randn(10, 8))
     r.update_bias()
     assert torch.equal(r.expert_bias, torch.zeros(4))
+
+
+def _split_router_check(device: str, weight_dtype: torch.dtype) -> None:
+    """The split-bf16 router GEMM (``_SplitRouterLogits``) against float64: logits and the weight gradient to fp32
+    accuracy, the bf16 input gradient to bf16's own rounding."""
+    from linear_moe.moe.router import _SplitRouterLogits
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 96, generator=gen).bfloat16().to(device).requires_grad_()
+    w = (0.1 * torch.randn(16, 96, generator=gen)).to(device, weight_dtype).requires_grad_()
+    g = torch.randn(300, 16, generator=gen).to(device)
+    logits = _SplitRouterLogits.apply(x, w)
+    logits.backward(g)
+    x64, w64, g64 = x.detach().double(), w.detach().double(), g.double()
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
+    assert logits.dtype == torch.float32 and rel(logits, x64 @ w64.T) < 1e-6
+    assert w.grad.dtype == weight_dtype
+    assert rel(w.grad, g64.T @ x64) < (1e-6 if weight_dtype == torch.float32 else 4e-3)
+    want_dx = g64 @ w64
+    assert x.grad.dtype == torch.bfloat16
+    # no worse than rounding the exact gradient to bf16 (plus a little)
+    assert rel(x.grad, want_dx) < 1.2 * rel(want_dx.bfloat16(), want_dx) + 1e-4
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_split_bf16_router_gemm_keeps_fp32_accuracy(weight_dtype):
+    _split_router_check("cpu", weight_dtype)
+
+
+def test_router_takes_the_fp32_gemm_off_cuda_and_for_fp32_activations():
+    from linear_moe.moe import router as router_mod
+
+    calls = []
+    real = router_mod._SplitRouterLogits.apply
+    router_mod._SplitRouterLogits.apply = lambda *a: calls.append(a) or real(*a)
+    try:
+        r = Router(32, MoEConfig(num_experts=4, top_k=2))
+        r(torch.randn(5, 32).bfloat16())
+        r(torch.randn(5, 32))
+    finally:
+        router_mod._SplitRouterLogits.apply = real
+    assert calls == []
