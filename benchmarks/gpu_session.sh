@@ -46,7 +46,7 @@ has loss && echo "== LM-head loss" && timeout ${LOSS_S:-120} python3 benchmarks/
 has profile && echo "== op profile" && timeout ${PROFILE_S:-90} python3 benchmarks/op_profile.py ${PROFILE_ARGS:-} 2>&1 | tail -24
 if has moe; then  # bf16 weights, then fp32 weights under autocast (how the trainer runs the layer); MOE_ARGS="... --fused-gather"
   # adds the Triton gathered-GEMM backend (0.92x of the default layer's speed on 2026-11-25, s10)
-  echo "== MoE layer" && timeout 150 python3 benchmarks/moe_bench.py ${MOE_ARGS:---profile --graph --keep} 2>&1 | grep -v "^ *[0-9.]* ms .*x  [a-z_]" | tail -30
+  echo "== MoE layer" && timeout 150 python3 benchmarks/moe_bench.py ${MOE_ARGS:---profile --graph --recompute} 2>&1 | grep -v "^ *[0-9.]* ms .*x  [a-z_]" | tail -30
   mv "$OUT/moe_bench.json" "$OUT/moe_bench_bf16.json" 2>/dev/null
   echo "== MoE layer, autocast" && timeout 90 python3 benchmarks/moe_bench.py --autocast --skip-loop 2>&1 | tail -12
   mv "$OUT/moe_bench.json" "$OUT/moe_bench_autocast.json" 2>/dev/null

@@ -48,11 +48,12 @@ KINDS = {  # name -> (mixer, layer pattern)
 }
 
 
-def our_config(kind: str, shared_expert: bool, expert_backend: str = "auto", expert_recompute: bool = True) -> ModelConfig:
+def our_config(kind: str, shared_expert: bool, expert_backend: str = "auto", expert_recompute: bool | None = None) -> ModelConfig:
     mixer, pattern = KINDS[kind]
     cfg = ModelConfig.from_preset("A0.3B-2B", base_model="qwen2", mixer=mixer, layer_pattern=pattern)
-    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_backend=expert_backend,
-                                                           expert_recompute=expert_recompute))
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_backend=expert_backend))
+    if expert_recompute is not None:
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, expert_recompute=expert_recompute))
     if shared_expert:  # the peer's Qwen2-MoE block has one gated shared expert of width 896
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=1, shared_expert_hidden_size=896,
                                                                shared_expert_gate=True))
@@ -147,7 +148,8 @@ def run_one(kind: str, T: int, tokens_per_step: int, args) -> dict:
         else:
             with torch.device("cuda"):  # as the trainer builds it (CPU init: ~90 s of a device call per row)
                 model = LinearMoEForCausalLM(our_config(base, args.shared_expert, args.expert_backend,
-                                                             args.expert_recompute == "on"))
+                                                             None if args.expert_recompute is None
+                                                             else args.expert_recompute == "on"))
             apply_activation_checkpointing(model, args.checkpointing if T >= args.checkpoint_from else "none")
             if args.pure_bf16:
                 model = model.to(torch.bfloat16)
@@ -287,8 +289,9 @@ def main() -> None:
     p.add_argument("--pure-bf16", action="store_true")
     p.add_argument("--expert-backend", default="auto", choices=["auto", "grouped_mm", "fused_gather"],
                    help="our rows' MoE expert backend (fused_gather: Triton GEMMs reading the routed rows by index)")
-    p.add_argument("--expert-recompute", default="on", choices=["on", "off"],
-                   help="moe.expert_recompute of our rows (off: backward reads the routed rows and SwiGLU output kept from forward)")
+    p.add_argument("--expert-recompute", default=None, choices=["on", "off"],
+                   help="moe.expert_recompute of our rows (default: the preset's; on: backward re-gathers the routed rows "
+                        "and recomputes the SwiGLU output)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--profile-lengths", default="", help="comma list of lengths to profile one step at (top kernels)")
     p.add_argument("--profile-top", type=int, default=15)

@@ -2,7 +2,7 @@
 forward + backward in bf16, against a dense SwiGLU of the same active FLOPs (width 8 × 896) and against a
 per-expert loop (how HF transformers' Qwen2-MoE block computes experts), in one run.
 
-    python benchmarks/moe_bench.py [--tokens 16384] [--profile] [--autocast] [--skip-loop] [--graph] [--fused-gather] [--keep]
+    python benchmarks/moe_bench.py [--tokens 16384] [--profile] [--autocast] [--skip-loop] [--graph] [--fused-gather] [--recompute]
     python benchmarks/moe_bench.py --device cpu --tokens 256 --skip-loop     # dry run off the GPU
 
 Writes ``$OUT/moe_bench.json`` (or ``benchmarks/results/``): device, versions, commit, shapes, times,
@@ -11,8 +11,8 @@ layer's FLOP rate, ≥ 5× the loop). ``--graph`` also times the grouped and den
 graphs, as the trainer runs its steps: the eager grouped layer's GPU sat idle 0.28 of its 5.72 ms between ~100
 kernel launches on the H100 (s7), the dense layer launches a handful. The targets then read the graphed pair.
 ``--fused-gather`` adds the same layer on the expert backend ``fused_gather`` (Triton GEMMs that read the routed
-rows by index: no gathered copies), eager and, with ``--graph``, graphed; ``--keep`` adds it with
-``moe.expert_recompute=False`` (backward reads the rows and SwiGLU output kept from forward).
+rows by index: no gathered copies), eager and, with ``--graph``, graphed; ``--recompute`` adds it with
+``moe.expert_recompute=True`` (backward re-gathers the rows and recomputes the SwiGLU output: less memory).
 """
 from __future__ import annotations
 
@@ -140,8 +140,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print the grouped layer's top kernels for one fwd+bwd")
     p.add_argument("--graph", action="store_true", help="also time the grouped and dense layers as CUDA graphs (CUDA)")
     p.add_argument("--fused-gather", action="store_true", help="also time the layer on expert backend fused_gather")
-    p.add_argument("--keep", action="store_true",
-                   help="also time the layer with moe.expert_recompute=False (rows and SwiGLU output kept for backward)")
+    p.add_argument("--recompute", action="store_true",
+                   help="also time the layer with moe.expert_recompute=True (rows re-gathered, SwiGLU output recomputed in backward)")
     args = p.parse_args()
     if args.graph and args.device != "cuda":
         raise SystemExit(f"--graph captures CUDA graphs: it needs --device cuda, got --device {args.device}")
@@ -161,7 +161,7 @@ def main() -> None:
             return fn
         return lambda t: _autocast_call(fn, t, device)
 
-    def on_backend(name, recompute=True):
+    def on_backend(name, recompute=cfg.expert_recompute):
         def run(t):  # the same layer and weights; backend and recompute are read when the layer runs (or is captured)
             moe.experts.backend, moe.experts.recompute = name, recompute
             return moe(t)[0]
@@ -171,8 +171,8 @@ def main() -> None:
     cases = [("moe_grouped", on_backend(cfg.expert_backend)), ("dense_same_active_flops", dense)]
     if args.fused_gather:
         cases.append(("moe_fused_gather", on_backend("fused_gather")))
-    if args.keep:
-        cases.append(("moe_grouped_keep", on_backend(cfg.expert_backend, recompute=False)))
+    if args.recompute:
+        cases.append(("moe_grouped_recompute", on_backend(cfg.expert_backend, recompute=True)))
     if not args.skip_loop:
         cases.append(("moe_loop", loop))
     if args.graph:  # the loop reads its routing on the host (torch.where): not capturable
@@ -196,15 +196,16 @@ def main() -> None:
               "fused_gather_vs_dense_flop_rate": (rows[f"moe_fused_gather{tag}"]["tflops"]
                                                   / rows[f"dense_same_active_flops{tag}"]["tflops"]
                                                   if args.fused_gather else None),
-              "keep_vs_dense_flop_rate": (rows[f"moe_grouped_keep{tag}"]["tflops"] / rows[f"dense_same_active_flops{tag}"]["tflops"]
-                                          if args.keep else None), "grouped_speedup_vs_loop": vs_loop,
+              "recompute_vs_dense_flop_rate": (rows[f"moe_grouped_recompute{tag}"]["tflops"]
+                                               / rows[f"dense_same_active_flops{tag}"]["tflops"] if args.recompute else None),
+              "grouped_speedup_vs_loop": vs_loop,
               "targets": {"vs_dense>=0.8": vs_dense >= 0.8, "vs_loop>=5": None if vs_loop is None else vs_loop >= 5}}
     if args.profile and device.type == "cuda":
         result["top_kernels"] = top_kernels(lambda: fwd_bwd(amp(on_backend(cfg.expert_backend)), x), 25)
         for name, ms, calls in result["top_kernels"]:
             print(f"{ms:9.3f} ms {calls:5d}x  {name}")
-        if args.keep:
-            result["top_kernels_keep"] = top_kernels(lambda: fwd_bwd(amp(on_backend(cfg.expert_backend, False)), x), 25)
+        if args.recompute:
+            result["top_kernels_recompute"] = top_kernels(lambda: fwd_bwd(amp(on_backend(cfg.expert_backend, True)), x), 25)
     loop_note = "" if vs_loop is None else f", {vs_loop:.1f}x faster than the loop"
     print(f"grouped MoE at {vs_dense:.2f}x the dense FLOP rate{loop_note}")
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")

@@ -210,13 +210,13 @@ def test_moe_layer_trains_under_bf16_autocast_with_fp32_weights():
 
 
 def test_layer_keeps_only_gate_and_up_per_routed_row():
-    """Dropless single rank: of the [N * k, ...] activations, backward keeps the gate and up outputs only, as
-    one [N * k, 2H] tensor (no gathered inputs, no SwiGLU output, no expert outputs)."""
+    """Dropless single rank, moe.expert_recompute on: of the [N * k, ...] activations, backward keeps the gate and up
+    outputs only, as one [N * k, 2H] tensor (no gathered inputs, no SwiGLU output, no expert outputs)."""
     from linear_moe.moe.experts import _grouped_mm_runs
 
     if not _grouped_mm_runs(torch.device("cpu"), torch.float32):
         pytest.skip("torch._grouped_mm does not run on this CPU build")
-    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8)
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8, expert_recompute=True)
     layer = MoELayer(C, cfg).train()
     x = torch.randn(10, C, requires_grad=True)
     saved = []
@@ -229,14 +229,15 @@ def test_layer_keeps_only_gate_and_up_per_routed_row():
 
 @pytest.mark.parametrize("recompute", [True, False])
 def test_expert_recompute_off_keeps_rows_and_swiglu_output_and_changes_no_number(recompute):
-    """moe.expert_recompute=False: backward reads the gathered rows [N * k, C] and the SwiGLU output [N * k, H]
-    kept from forward instead of redoing them; output and every gradient equal the recomputing layer's."""
+    """moe.expert_recompute=False (the default): backward reads the gathered rows [N * k, C] and the SwiGLU output
+    [N * k, H] kept from forward instead of redoing them; output and every gradient equal the recomputing layer's."""
     from linear_moe.moe.experts import _grouped_mm_runs
 
     if not _grouped_mm_runs(torch.device("cpu"), torch.float32):
         pytest.skip("torch._grouped_mm does not run on this CPU build")
     torch.manual_seed(3)
-    base = MoELayer(C, MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8, capacity_factor=0.75)).train()
+    base = MoELayer(C, MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8, capacity_factor=0.75,
+                                 expert_recompute=True)).train()
     layer = MoELayer(C, dataclasses.replace(base.cfg, expert_recompute=recompute)).train()
     layer.load_state_dict(base.state_dict())
     x = torch.randn(2, 5, C)

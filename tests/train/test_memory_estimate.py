@@ -8,8 +8,10 @@ from linear_moe.train.memory import estimate_memory
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 def test_kept_expert_inputs_add_top_k_rows_and_swiglu_outputs_per_token_unless_fully_checkpointed(checkpointing):
     job = JobConfig()
+    assert job.model.moe.expert_recompute is False  # the default keeps the rows
     job.train.activation_checkpointing = checkpointing
     m = job.model
+    m.moe.expert_recompute = True
     base = estimate_memory(job, 10**6).activations_gib
     m.moe.expert_recompute = False
     kept = estimate_memory(job, 10**6).activations_gib

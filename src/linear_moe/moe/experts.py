@@ -121,7 +121,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up_w, down_w, offs, row_weight, token, slot_to_row, recompute=True):
+    def forward(ctx, x, gate_up_w, down_w, offs, row_weight, token, slot_to_row, recompute=False):
         rows = x if token is None else x.index_select(0, token)
         gate_up = _grouped_mm(rows, gate_up_w.transpose(-2, -1), offs=offs)                # [n, 2H]
         h = gate_up.shape[1] // 2
@@ -254,15 +254,16 @@ class GroupedExperts(nn.Module):
     step (gradient accumulation, pipeline micro-batches, recomputation under full activation
     checkpointing); costs one compute-dtype copy of the weights held between steps.
 
-    ``recompute`` (default True; ``moe.expert_recompute``): on the grouped_mm path, backward gathers the routed
-    rows again and recomputes the SwiGLU output; False keeps both from forward (faster, ``C + H`` more saved
-    values per routed row).
+    ``recompute`` (``moe.expert_recompute``, default False): on the grouped_mm path, backward reads the routed rows
+    and the SwiGLU output kept from forward; True gathers the rows again and recomputes the SwiGLU output instead
+    (``C + H`` fewer saved values per routed row; on the H100 the A0.3B-2B layer's fwd+bwd took 5.32 ms against
+    5.11 ms keeping them, 2026-11-25).
     """
 
     cast_weights_once = False
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "auto",
-                 recompute: bool = True):
+                 recompute: bool = False):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.backend, self.recompute = backend, recompute

@@ -30,7 +30,7 @@ def estimate_memory(job: JobConfig, num_parameters: int, world_size: int = 1) ->
     (FSDP) and split over tp/pp. Activations in bf16 per token per layer: ~16 hidden-size vectors for the
     norms, residuals and mixer projections, plus top_k expert intermediates (3 per routed expert); selective
     checkpointing drops the mixer's share, full checkpointing keeps one hidden vector per layer.
-    ``moe.expert_recompute=False`` adds the kept routed rows and SwiGLU outputs (top_k * (hidden + expert width))."""
+    Unless ``moe.expert_recompute`` is on, the kept routed rows and SwiGLU outputs add top_k * (hidden + expert width)."""
     m, t, p = job.model, job.train, job.parallel
     dp = p.dp_replicate * (world_size // max(1, p.dp_replicate * p.tp * p.pp * p.sp) if p.dp_shard == -1 else p.dp_shard)
     shard = max(1, dp // p.dp_replicate) * p.tp * p.pp
