@@ -126,3 +126,19 @@ def test_a_too_short_validation_split_fails_before_training_or_is_skipped(tmp_pa
     result = train(job_for(tmp_path, data_dir, steps=2, **{"train.seq_len": val_tokens, "train.batch_size": 1,
                                                              "train.eval_batches": 0}))
     assert result.step == 2 and result.checkpoint is not None and result.eval_loss != result.eval_loss  # nan
+
+
+def test_out_of_memory_names_the_memory_knobs(tmp_path, data_dir, monkeypatch):
+    """A step that runs out of device memory re-raises the same error type with the step and what to change:
+    the MoE's kept rows, checkpointing, a smaller batch with accumulation, the dry run's estimate."""
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.32 GiB")
+
+    monkeypatch.setattr(trainer_mod, "forward_backward", oom)
+    job = job_for(tmp_path, data_dir, steps=3, **{"train.run_name": "oom", "train.batch_size": 4})
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        train(job, quiet=True)
+    msg = str(err.value)
+    assert msg.startswith("step 1: CUDA out of memory. Tried to allocate 2.32 GiB")
+    assert "--model.moe.expert_recompute true" in msg and "--train.activation_checkpointing selective" in msg
+    assert "--train.batch_size 2 --train.grad_accum 2" in msg and "--dry-run" in msg

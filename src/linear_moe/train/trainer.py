@@ -190,6 +190,23 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, finite: torch.Tensor
     return ok
 
 
+def out_of_memory_hint(job: JobConfig) -> str:
+    """What to change when a training step runs out of device memory, cheapest in speed first."""
+    t, m = job.train, job.model
+    hints = []
+    if t.activation_checkpointing != "full" and m.moe.num_experts > 1 and not m.moe.expert_recompute:
+        hints.append(f"--model.moe.expert_recompute true (the MoE layers re-gather their routed rows in backward: "
+                     f"{m.moe.top_k * (m.hidden_size + m.moe.expert_hidden_size)} fewer saved values per token and MoE "
+                     "layer, ~4% slower layers)")
+    if t.activation_checkpointing != "full":
+        nxt = "selective" if t.activation_checkpointing == "none" else "full"
+        hints.append(f"--train.activation_checkpointing {nxt} (now {t.activation_checkpointing})")
+    if t.batch_size > 1:
+        hints.append(f"--train.batch_size {t.batch_size // 2} --train.grad_accum {2 * t.grad_accum} (the same tokens per step)")
+    hints.append("`linear-moe train --dry-run` with the same options prints the memory estimate")
+    return "to fit, try: " + "; or ".join(hints)
+
+
 def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
           stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training, in one process or under torchrun (every rank calls this). ``stop_after``
@@ -318,11 +335,15 @@ def train(job: JobConfig, resume: str | Path | None = None, quiet: bool = False,
             lr = lr_at(step, t, steps)
             set_lr(optimizer, lr)
             batches = [_to_device(local(data.train_batch(step * t.grad_accum + micro)), device) for micro in range(t.grad_accum)]
-            if graphed is not None:  # the same step, replayed as one CUDA graph (_graphed_step)
-                loss, aux, grad_norm, finite = graphed(batches)
-                stepped = None
-            else:
-                loss, aux = forward_backward(model, batches, amp)
+            try:
+                if graphed is not None:  # the same step, replayed as one CUDA graph (_graphed_step)
+                    loss, aux, grad_norm, finite = graphed(batches)
+                    stepped = None
+                else:
+                    loss, aux = forward_backward(model, batches, amp)
+            except torch.OutOfMemoryError as e:
+                raise torch.OutOfMemoryError(f"step {step + 1}: {e}\n{out_of_memory_hint(job)}") from e
+            if graphed is None:
                 grad_norm = (clip_grad_norm_(model, max_norm, mesh) if ctx.enabled
                              else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                 # The norm is reduced over every mesh and stage, so this flag is the same on every rank and
