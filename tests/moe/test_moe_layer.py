@@ -228,7 +228,7 @@ def test_layer_keeps_only_gate_and_up_per_routed_row():
 
 
 @pytest.mark.parametrize("recompute", [True, False])
-def test_expert_recompute_off_keeps_rows_and_swiglu_output_and_changes_no_number(recompute):
+def test_expert_recompute_off_keeps_rows_and_swiglu_output_and_changes_no_number(recompute, monkeypatch):
     """moe.expert_recompute=False (the default): backward reads the gathered rows [N * k, C] and the SwiGLU output
     [N * k, H] kept from forward instead of redoing them; output and every gradient equal the recomputing layer's."""
     from linear_moe.moe.experts import _grouped_mm_runs
@@ -242,7 +242,13 @@ def test_expert_recompute_off_keeps_rows_and_swiglu_output_and_changes_no_number
     layer.load_state_dict(base.state_dict())
     x = torch.randn(2, 5, C)
     want = _grads(base, x, lambda v: base(v)[0])
+    from linear_moe.moe import experts as experts_mod
+
+    asked, real = [], experts_mod.swiglu_backward_gate_up
+    monkeypatch.setattr(experts_mod, "swiglu_backward_gate_up",
+                        lambda *a, **k: asked.append(k.get("want_output")) or real(*a, **k))
     got = _grads(layer, x, lambda v: layer(v)[0])
+    assert asked == [recompute]  # the backward pass rewrites the SwiGLU output only when it was not kept
     assert _rel(got[0], want[0]) < 1e-6 and _rel(got[1], want[1]) < 1e-6
     for n in want[2]:
         assert _rel(got[2][n], want[2][n]) < 1e-6, n
