@@ -74,7 +74,7 @@ def test_load_balancing_loss_matches_definition(seq_len):
 
 
 def test_balance_loss_is_one_when_uniform_and_z_loss_definition():
-    e, k = 4, 2
+    e = 4
     idx = torch.tensor([[0, 1], [2, 3]])
     assert math.isclose(load_balancing_loss(torch.full((2, e), 0.25), idx, e).item(), 1.0, rel_tol=1e-6)
     logits = torch.randn(7, e, dtype=torch.float64)
