@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import MoEConfig
 
@@ -150,8 +151,8 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 router logits ``x @ weight.T`` (x [N, C], weight [E, C]). bf16 activations on CUDA take the split-bf16
     tensor-core form (fp32 accuracy, see ``_SplitRouterLogits``); everything else an fp32 GEMM."""
     if x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype in (torch.float32, torch.bfloat16) \
-            and not torch.compiler.is_compiling():
-        return _SplitRouterLogits.apply(x, weight)
+            and not torch.compiler.is_compiling() and not isinstance(x, DTensor) and not isinstance(weight, DTensor):
+        return _SplitRouterLogits.apply(x, weight)  # (DTensors: mm with out_dtype has no sharding rule to rely on)
     return F.linear(x.float(), weight.float())
 
 
