@@ -15,6 +15,10 @@ has() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"
 TUNE=${TUNE:-.tune/h100.tgz}; [ -f "$TUNE" ] || TUNE=src/linear_moe/ops/backends/autotune_results/sm90-triton3.6.0-fla0.6.0.tgz
 [ -f "$TUNE" ] && python3 benchmarks/warm_kernels.py --mixers "" --unpack "$TUNE"
+# save the tuning results every minute too: a call cut at its time limit still returns what $OUT holds, and fla's
+# first-use tuning of one shape can outlast a call (GSA bf16 ran 440 s and its results were lost, 2026-11-25 s10)
+( while sleep 60; do python3 benchmarks/warm_kernels.py --mixers "" --pack "$OUT/tune.tgz" > /dev/null 2>&1; done ) &
+PACKER=$!
 # The fp32 checks of fla's own kernels (test_ops_cuda, test_ops_gsa) go last: fla tunes each new fp32 shape for
 # minutes (chunk_gsa fp32 passed 150 s on 2026-11-25 s8, fla gla fp32 took 200 s in all).
 GPU_TESTS=${GPU_TESTS:-"tests/moe/test_moe_cuda.py tests/ops/test_ssm_output.py tests/ops/test_backends_dqkwg.py tests/layers/test_linear_mixers_cuda.py
@@ -96,5 +100,6 @@ has mixers && echo "== every mixer layer" && timeout ${MIXERS_S:-300} python3 be
   --budget-s $(( ${MIXERS_S:-300} - 30 )) $(resume mixer_bench.json) ${MIXERS_ARGS:---profile-lengths 32768 --host-profile-lengths 32768} 2>&1 | grep -v '^{' | tail -40
 has ops && echo "== ops" && timeout ${OPS_S:-240} python3 benchmarks/ops_bench.py --out "$OUT/ops_bench.json" \
   --budget-s $(( ${OPS_S:-240} - 20 )) $(resume ops_bench.json) ${OPS_ARGS:-} 2>&1 | tail -30
+kill $PACKER 2> /dev/null
 python3 benchmarks/warm_kernels.py --mixers "" --pack "$OUT/tune.tgz"
 ls "$OUT"

@@ -33,10 +33,17 @@ DEFAULT_MIXERS = ("gated_deltanet,gla,attention,deltanet,linear_attention,retent
 
 
 def pack(path: Path) -> int:
+    """Write the cache's autotuning results to ``path`` whole or not at all (a temporary file, then a rename: a
+    call cut mid-write keeps the last tarball); an empty cache leaves an existing tarball alone (a pack from
+    another TRITON_CACHE_DIR once replaced 446 results with none, 2026-11-25 s10)."""
     files = sorted(cache_dir().rglob("*.autotune.json"))
-    with tarfile.open(path, "w:gz") as tar:
+    if not files and path.exists():
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
         for f in files:
             tar.add(f, arcname=str(f.relative_to(cache_dir())))
+    tmp.replace(path)
     return len(files)
 
 

@@ -27,3 +27,24 @@ def test_graph_timing_needs_cuda(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["moe_bench.py", "--device", "cpu", "--graph"])
     with pytest.raises(SystemExit, match="--graph captures CUDA graphs: it needs --device cuda, got --device cpu"):
         moe_bench.main()
+
+
+def test_measuring_saved_activations_frees_the_graph():
+    """The saved-tensor probe must not keep the forward's graph alive: a pack hook that handed back the tensor
+    itself tied saved outputs to their own grad_fn, and the leaked AccumulateGrad nodes (made on the default
+    stream) later broke the graphed rows' CUDA-graph capture on the H100."""
+    import gc
+    import weakref
+
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    refs = []
+
+    def fn(t):
+        y = torch.sigmoid(lin(t))  # sigmoid saves its own output
+        refs.append(weakref.ref(y))
+        return y
+
+    assert moe_bench.saved_activation_mib(fn, x) > 0
+    gc.collect()
+    assert refs[0]() is None
