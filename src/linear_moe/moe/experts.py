@@ -110,14 +110,13 @@ class _GroupedSwiGLU(torch.autograd.Function):
     Gate and up are one GEMM each way against ``gate_up_w [E, 2H, C]`` (gate rows first): forward writes
     ``gate_up [n, 2H]``, the SwiGLU reads its two halves, and backward writes one ``[n, 2H]`` gradient that
     one GEMM turns into the input gradient and one into the ``[E, 2H, C]`` weight gradient. Saves gate_up,
-    w and the input; the SwiGLU output (the down projection's input, needed for its weight gradient) is
-    recomputed in backward by the same pass that differentiates the SwiGLU. With ``token`` the input is the
-    ``[N, C]`` token rows and ``rows = x[token]`` is gathered here (again in backward instead of being kept),
-    and the input gradient is summed per token by one gather (``slot_to_row``). Per routed row a layer then
-    keeps ``2H`` values (plus ``C / k`` for the token), against ``2C + 4H`` for plain autograd over the same
-    ops. ``recompute=False`` keeps the gathered rows and the SwiGLU output instead (``2H + C + H`` per row):
-    backward then skips one ``[n, C]`` gather and one ``[n, H]`` write. Weight gradients come out of
-    grouped_mm directly in the ``[E, out, in]`` layout.
+    w and the input. With ``token`` the input is the ``[N, C]`` token rows and ``rows = x[token]`` is gathered
+    here, and the input gradient is summed per token by one gather (``slot_to_row``). The gathered rows and the
+    SwiGLU output (the down projection's input, needed for its weight gradient) are kept for backward
+    (``2H + C + H`` values per routed row, against ``2C + 4H`` for plain autograd over the same ops); with
+    ``recompute`` backward gathers the rows again and recomputes the SwiGLU output in the pass that
+    differentiates it (``2H`` per row, plus ``C / k`` for the token), one ``[n, C]`` gather and one ``[n, H]``
+    write more. Weight gradients come out of grouped_mm directly in the ``[E, out, in]`` layout.
     """
 
     @staticmethod
@@ -306,8 +305,9 @@ class GroupedExperts(nn.Module):
         each row, folded into the SwiGLU so the caller's combine is a plain sum) or None. Or, with
         ``token [n]`` and ``slot_to_row [N, k]`` (see ``permute.py``), x [N, C] holds the tokens and row
         ``i`` is ``x[token[i]]``: the gather into expert order happens inside, where backward can redo it
-        rather than keep the ``[n, C]`` rows. Saved for backward on the grouped_mm path: the gate and up
-        outputs (one ``[n, 2H]`` tensor), row_weight and x. ``combine_tokens`` (with token) returns the tokens'
+        rather than keep the ``[n, C]`` rows (``recompute``). Saved for backward on the grouped_mm path: the gate
+        and up outputs (one ``[n, 2H]`` tensor), row_weight and x, and unless ``recompute`` the gathered rows and
+        the SwiGLU output. ``combine_tokens`` (with token) returns the tokens'
         sums, the form backend ``fused_gather`` computes without gathered copies (the others combine after).
         """
         if (token is None) != (slot_to_row is None):

@@ -108,8 +108,8 @@ class MoELayer(nn.Module):
         if torch.is_autocast_enabled(flat.device.type):  # cast the N token rows, not the N * k copies
             flat = flat.to(torch.get_autocast_dtype(flat.device.type))
         if self.ep_size == 1:
-            # the experts gather the rows themselves (and redo it in backward instead of keeping them), and
-            # the routing weight rides into their SwiGLU, so the combine is a plain sum
+            # the experts gather the rows themselves (moe.expert_recompute: and redo it in backward instead of
+            # keeping them), and the routing weight rides into their SwiGLU, so the combine is a plain sum
             row_weight = permute(r.topk_weight.reshape(-1), order, slot_to_row)
             y = self.experts(flat, counts, row_weight, token=token, slot_to_row=slot_to_row.view(-1, k),
                              combine_tokens=True)
