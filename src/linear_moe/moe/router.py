@@ -137,10 +137,9 @@ class _SplitRouterLogits(torch.autograd.Function):
         e = grad.shape[1]
         g_hi, g_mid, g_lo = _bf16_parts(grad, 3)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            w_hi = w_parts[0]
-            w_mid = w_parts[1] if len(w_parts) > 1 else torch.zeros_like(w_hi)
-            dx = torch.cat([g_hi, g_mid, g_hi], 1) @ torch.cat([w_hi, w_hi, w_mid])     # bf16, fp32-accumulated
+        if ctx.needs_input_grad[0]:  # hi*hi + mid*hi (+ hi*mid when the weight has a mid term)
+            w_hi, w_mid = w_parts[0], w_parts[1:2]
+            dx = torch.cat([g_hi, g_mid, g_hi][:2 + len(w_mid)], 1) @ torch.cat([w_hi, w_hi, *w_mid])  # bf16, fp32-accumulated
         if ctx.needs_input_grad[1]:
             partial = _mm_fp32(torch.cat([g_lo, g_mid, g_hi], 1).t(), x)                 # [3E, C]
             dw = (partial[:e] + partial[e:2 * e] + partial[2 * e:]).to(ctx.weight_dtype)
