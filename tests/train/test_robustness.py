@@ -142,3 +142,13 @@ def test_out_of_memory_names_the_memory_knobs(tmp_path, data_dir, monkeypatch):
     assert msg.startswith("step 1: CUDA out of memory. Tried to allocate 2.32 GiB")
     assert "--model.moe.expert_recompute true" in msg and "--train.activation_checkpointing selective" in msg
     assert "--train.batch_size 2 --train.grad_accum 2" in msg and "--dry-run" in msg
+
+
+def test_out_of_memory_hint_names_the_moe_knob_only_for_models_with_moe_layers():
+    from linear_moe.config import JobConfig
+
+    job = JobConfig()
+    assert "expert_recompute" in trainer_mod.out_of_memory_hint(job)
+    job.model.ffn_pattern = "D" * job.model.num_layers  # dense MLPs only: the MoE knob changes nothing
+    assert "expert_recompute" not in trainer_mod.out_of_memory_hint(job)
+    assert "--train.activation_checkpointing" in trainer_mod.out_of_memory_hint(job)

@@ -194,7 +194,7 @@ def out_of_memory_hint(job: JobConfig) -> str:
     """What to change when a training step runs out of device memory, cheapest in speed first."""
     t, m = job.train, job.model
     hints = []
-    if t.activation_checkpointing != "full" and m.moe.num_experts > 1 and not m.moe.expert_recompute:
+    if t.activation_checkpointing != "full" and "E" in m.resolved_ffn_pattern() and not m.moe.expert_recompute:
         hints.append(f"--model.moe.expert_recompute true (the MoE layers re-gather their routed rows in backward: "
                      f"{m.moe.top_k * (m.hidden_size + m.moe.expert_hidden_size)} fewer saved values per token and MoE "
                      "layer, ~4% slower layers)")
