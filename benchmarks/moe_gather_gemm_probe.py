@@ -61,12 +61,8 @@ def reference_wgrad(g, x, token, offs) -> torch.Tensor:
 
 def reference(x, token, offs, w) -> torch.Tensor:
     """The same product expert by expert in float64 (host loop: a reference only)."""
-    ends = offs.tolist()
-    out, prev = [], 0
-    for e, end in enumerate(ends):
-        out.append(x[token[prev:end]].double() @ w[e].double().T)
-        prev = end
-    return torch.cat(out)
+    bounds = [0, *offs.tolist()]
+    return torch.cat([x[token[s:e]].double() @ w[i].double().T for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
 
 
 def routed_problem(tokens: int, top_k: int, experts: int, hidden: int, out_width: int, device, dtype, seed=0):
